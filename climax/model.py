@@ -1,0 +1,272 @@
+"""The ClimaX architecture (Nguyen et al., 2023, arXiv 2301.10343), checkpoint-compatible.
+
+One file, in the spirit of timm's ``vision_transformer.py``: the model, its initialisation and its
+embedding tables live here; checkpoint loading and filtering live beside it in ``checkpoint.py``.
+
+Data flow for ``model(x, lead_times, in_vars, out_vars)`` with x of shape (B, V, H, W):
+
+1. every variable is cut into p x p patches and embedded on its own (one 1-channel conv per
+   default variable, kernel = stride = p)                                   -> (B, V, L, D)
+2. the learned embedding of each variable is added                          -> (B, V, L, D)
+3. variable aggregation: one learned query cross-attends over the V tokens of each patch
+                                                                            -> (B, L, D)
+4. position embedding + lead-time embedding (Linear(1, D) of hours / 100), dropout
+5. ``depth`` pre-norm transformer blocks (timm ``Block``, fused SDPA attention), final LayerNorm
+6. head: ``decoder_depth`` x (Linear(D, D), GELU), Linear(D, V * p * p); unpatchify to
+   (B, V_default, H, W) and select the output variables.
+
+State-dict names equal those of the released ClimaX checkpoints (``token_embeds.{i}.proj``,
+``var_embed``, ``var_query``, ``var_agg``, ``pos_embed``, ``lead_time_embed``, ``blocks``, ``norm``,
+``head``), so the original weights load without renaming.
+
+Exact fast variable aggregation
+-------------------------------
+``var_agg`` is a ``torch.nn.MultiheadAttention`` whose query is one learned vector q shared by
+every patch. For head h with projections W_q, W_k, W_v (rows of ``in_proj_weight``) the score of
+token x_v is ``(W_q q + b_q)_h . (W_k,h x_v + b_k,h) / sqrt(d) = u_h . x_v + c_h``, where
+``u_h = W_k,h^T (W_q q + b_q)_h / sqrt(d)`` and c_h does not depend on v (so it cancels in the
+softmax). The value projection is linear and the attention weights sum to one, hence
+``sum_v a_hv (W_v,h x_v + b_v,h) = W_v,h (sum_v a_hv x_v) + b_v,h``. We therefore compute one
+D-vector u_h per head, the scores u_h . x_v, the attention-weighted sum of the *raw* tokens per
+head, and apply the value and output projections once per patch. That replaces the 2 V D^2 FLOPs
+per patch of projecting every key and value by about 2 H V D + D^2, and never materialises the
+projected keys and values. ``fast_var_agg=False`` runs the straightforward ``nn.MultiheadAttention``
+call; the tests keep it as the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block, PatchEmbed
+from torch import nn
+
+__all__ = ["ClimaX", "get_1d_sincos_embed", "get_2d_sincos_pos_embed"]
+
+
+def get_1d_sincos_embed(embed_dim: int, positions: np.ndarray) -> np.ndarray:
+    """MAE's 1-D sin-cos table: (len(positions), embed_dim), sin half then cos half, base 10000."""
+    if embed_dim % 2:
+        raise ValueError(f"embed_dim must be even for a sin-cos table, got {embed_dim}")
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    out = np.einsum("m,d->md", np.asarray(positions, dtype=np.float64).reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """MAE's 2-D sin-cos table (grid_h * grid_w, embed_dim): half the channels per axis.
+
+    Row-major over (h, w) like the patch order; the first half encodes the w coordinate and the
+    second the h coordinate, exactly as MAE/ClimaX build it (``np.meshgrid(grid_w, grid_h)``).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be a multiple of 4 for a 2-D sin-cos table, got {embed_dim}")
+    gw, gh = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))
+    emb_w = get_1d_sincos_embed(embed_dim // 2, gw)
+    emb_h = get_1d_sincos_embed(embed_dim // 2, gh)
+    return np.concatenate([emb_w, emb_h], axis=1)
+
+
+class ClimaX(nn.Module):
+    """ClimaX: a vision transformer over a variable set, forecasting at a given lead time.
+
+    Args:
+        default_vars: names of every variable the model knows, in embedding order. Inputs may be
+            any subset in any order; outputs are selected by name.
+        img_size: (H, W) of the lat/lon grid, e.g. (32, 64) at 5.625 deg, (128, 256) at 1.40625 deg.
+        patch_size: side p of the square patches; H and W must be multiples of p.
+        embed_dim: token width D.
+        depth: number of transformer blocks.
+        decoder_depth: number of (Linear(D, D), GELU) pairs in the head before the output layer.
+        num_heads: attention heads in the blocks and in the variable aggregation.
+        mlp_ratio: hidden width of the block MLPs relative to D.
+        drop_path: stochastic-depth rate of the last block (rising linearly from 0 in the first).
+        drop_rate: dropout after the embeddings and inside the blocks (projection and MLP).
+        fast_var_agg: use the exact factorised variable aggregation (see module docstring).
+    """
+
+    def __init__(
+        self,
+        default_vars: Sequence[str],
+        img_size: Sequence[int] = (32, 64),
+        patch_size: int = 2,
+        embed_dim: int = 1024,
+        depth: int = 8,
+        decoder_depth: int = 2,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.1,
+        drop_rate: float = 0.1,
+        fast_var_agg: bool = True,
+    ):
+        super().__init__()
+        if len(set(default_vars)) != len(default_vars):
+            raise ValueError(f"default_vars has duplicates: {list(default_vars)}")
+        h, w = (int(s) for s in img_size)
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"img_size {(h, w)} is not a multiple of patch_size {patch_size}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.default_vars = list(default_vars)
+        self.var_map = {v: i for i, v in enumerate(self.default_vars)}
+        self.img_size = (h, w)
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.fast_var_agg = fast_var_agg
+        # Recorded so that checkpoints can rebuild the model (see checkpoint.save_checkpoint).
+        self.config = dict(
+            default_vars=self.default_vars, img_size=[h, w], patch_size=patch_size,
+            embed_dim=embed_dim, depth=depth, decoder_depth=decoder_depth, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, drop_path=drop_path, drop_rate=drop_rate,
+        )
+
+        V = len(self.default_vars)
+        self.token_embeds = nn.ModuleList(
+            [PatchEmbed(self.img_size, patch_size, 1, embed_dim) for _ in range(V)]
+        )
+        self.grid_size = (h // patch_size, w // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.var_embed = nn.Parameter(torch.zeros(1, V, embed_dim))
+        self.var_query = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.var_agg = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
+        self.lead_time_embed = nn.Linear(1, embed_dim)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        dpr = [x.item() for x in torch.linspace(0, drop_path, depth)]
+        self.blocks = nn.ModuleList(
+            [
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i],
+                      norm_layer=nn.LayerNorm, proj_drop=drop_rate)
+                for i in range(depth)
+            ]
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+        head: list[nn.Module] = []
+        for _ in range(decoder_depth):
+            head += [nn.Linear(embed_dim, embed_dim), nn.GELU()]
+        head.append(nn.Linear(embed_dim, V * patch_size**2))
+        self.head = nn.Sequential(*head)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ initialisation
+    def initialize_weights(self) -> None:
+        """All initialisation in one place (ClimaX/MAE conventions)."""
+        pos = get_2d_sincos_pos_embed(self.embed_dim, *self.grid_size)
+        self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
+        var = get_1d_sincos_embed(self.embed_dim, np.arange(len(self.default_vars)))
+        self.var_embed.data.copy_(torch.from_numpy(var).float().unsqueeze(0))
+        self.var_query.data.zero_()
+        for emb in self.token_embeds:
+            w = emb.proj.weight.data
+            trunc_normal_(w.view(w.shape[0], -1), std=0.02)
+            nn.init.zeros_(emb.proj.bias)
+        self.apply(self._init_module)
+
+    @staticmethod
+    def _init_module(m: nn.Module) -> None:
+        # var_agg's in_proj is a bare Parameter, not a Linear: it keeps torch's xavier-uniform
+        # init (zero bias), as in the original; its out_proj is a Linear and is covered here.
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ helpers
+    def var_ids(self, variables: Sequence[str]) -> list[int]:
+        """Indices of ``variables`` in ``default_vars``; unknown names raise with the known list."""
+        unknown = [v for v in variables if v not in self.var_map]
+        if unknown:
+            raise KeyError(
+                f"unknown variable(s) {unknown}; this model knows {self.default_vars}. Use names "
+                "from that list, or finetune with the new variables added to default_vars."
+            )
+        return [self.var_map[v] for v in variables]
+
+    def embed_tokens(self, x: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """Per-variable patch embedding, (B, V, H, W) -> (B, V, L, D).
+
+        Kernel = stride = p, so each conv is a matmul over flattened patches; we gather the
+        selected variables' conv weights and do all of them in one batched einsum instead of V
+        separate convolutions (same parameters, same result).
+        """
+        B, V, H, W = x.shape
+        if (H, W) != self.img_size:
+            raise ValueError(f"input grid {(H, W)} does not match the model's img_size {self.img_size}")
+        p = self.patch_size
+        patches = x.reshape(B, V, H // p, p, W // p, p).permute(0, 1, 2, 4, 3, 5)
+        patches = patches.reshape(B, V, self.num_patches, p * p)
+        weight = torch.stack([self.token_embeds[i].proj.weight.reshape(self.embed_dim, p * p) for i in ids])
+        bias = torch.stack([self.token_embeds[i].proj.bias for i in ids])
+        return torch.einsum("bvlk,vdk->bvld", patches, weight) + bias[None, :, None, :]
+
+    def aggregate_variables(self, x: torch.Tensor) -> torch.Tensor:
+        """Cross-attention of the learned query over the V tokens of each patch: (B,V,L,D)->(B,L,D)."""
+        if not self.fast_var_agg:
+            return self._aggregate_reference(x)
+        B, V, L, D = x.shape
+        H, dh = self.num_heads, D // self.num_heads
+        w_q, w_k, w_v = self.var_agg.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.var_agg.in_proj_bias.chunk(3)
+        q = F.linear(self.var_query.reshape(1, D), w_q, b_q).reshape(H, dh)  # projected query
+        u = torch.einsum("he,hed->hd", q, w_k.reshape(H, dh, D)) / math.sqrt(dh)  # (H, D)
+        attn = torch.einsum("bvld,hd->blhv", x, u).softmax(dim=-1)  # key bias cancels in softmax
+        mixed = torch.einsum("blhv,bvld->blhd", attn, x)  # weighted sum of raw tokens, per head
+        out = torch.einsum("blhd,hed->blhe", mixed, w_v.reshape(H, dh, D)) + b_v.reshape(H, dh)
+        return self.var_agg.out_proj(out.reshape(B, L, D))
+
+    def _aggregate_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The straightforward formulation of the original code (projects all V x L tokens)."""
+        B, V, L, D = x.shape
+        x = x.permute(0, 2, 1, 3).reshape(B * L, V, D)
+        query = self.var_query.expand(B * L, -1, -1)
+        out, _ = self.var_agg(query, x, x, need_weights=False)
+        return out.reshape(B, L, D)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, p*p*V) -> (B, V, H, W); channel order (p, q, c) as in the original head."""
+        p, (h, w), c = self.patch_size, self.grid_size, len(self.default_vars)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    # ------------------------------------------------------------------ forward
+    def forward_encoder(self, x: torch.Tensor, lead_times: torch.Tensor, in_vars: Sequence[str]) -> torch.Tensor:
+        """Tokens after the final norm, (B, L, D)."""
+        if x.shape[1] != len(in_vars):
+            raise ValueError(f"x has {x.shape[1]} channels but {len(in_vars)} variable names were given")
+        ids = self.var_ids(in_vars)
+        tokens = self.embed_tokens(x, ids)
+        tokens = tokens + self.var_embed[:, ids].unsqueeze(2)
+        tokens = self.aggregate_variables(tokens)
+        tokens = tokens + self.pos_embed
+        lead = lead_times.to(tokens.dtype).reshape(-1, 1) / 100.0  # hours / 100, as the original
+        tokens = tokens + self.lead_time_embed(lead).unsqueeze(1)
+        tokens = self.pos_drop(tokens)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return self.norm(tokens)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        lead_times: torch.Tensor,
+        in_vars: Sequence[str],
+        out_vars: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Predict ``out_vars`` (default: all default variables) at ``lead_times`` hours ahead.
+
+        x: (B, len(in_vars), H, W) normalised fields; lead_times: (B,) in hours.
+        Returns (B, len(out_vars), H, W).
+        """
+        out_ids = self.var_ids(out_vars) if out_vars is not None else None
+        preds = self.unpatchify(self.head(self.forward_encoder(x, lead_times, in_vars)))
+        return preds if out_ids is None else preds[:, out_ids]
