@@ -30,8 +30,15 @@ softmax). The value projection is linear and the attention weights sum to one, h
 D-vector u_h per head, the scores u_h . x_v, the attention-weighted sum of the *raw* tokens per
 head, and apply the value and output projections once per patch. That replaces the 2 V D^2 FLOPs
 per patch of projecting every key and value by about 2 H V D + D^2, and never materialises the
-projected keys and values. ``fast_var_agg=False`` runs the straightforward ``nn.MultiheadAttention``
-call; the tests keep it as the reference.
+projected keys and values (``aggregate_variables``).
+
+The forward pass goes one step further (``embed_and_aggregate``): the patch embedding is linear
+too, x_v = P_v p_v + c_v with p_v the p*p pixels of the patch and c_v the conv bias plus the
+variable embedding. So the scores are ``(P_v^T u_h) . p_v + u_h . c_v`` and the per-head output is
+``sum_v a_hv (W_v,h P_v) p_v + sum_v a_hv W_v,h c_v + b_v,h``; the small products P_v^T u_h and
+W_v,h P_v are formed once per step from the weights. The (B, V, L, D) token tensor, the largest
+activation of the original model, is never built. ``fast_var_agg=False`` runs the straightforward
+``nn.MultiheadAttention`` call on the embedded tokens; the tests keep it as the reference.
 """
 
 from __future__ import annotations
@@ -223,6 +230,33 @@ class ClimaX(nn.Module):
         out = torch.einsum("blhd,hed->blhe", mixed, w_v.reshape(H, dh, D)) + b_v.reshape(H, dh)
         return self.var_agg.out_proj(out.reshape(B, L, D))
 
+    def embed_and_aggregate(self, x: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """Patch embedding, variable embedding and aggregation fused: (B, V, H, W) -> (B, L, D).
+
+        Exactly ``aggregate_variables(embed_tokens(x, ids) + var_embed)`` (see the module
+        docstring), without materialising the (B, V, L, D) tokens.
+        """
+        B, V, Hh, Ww = x.shape
+        if (Hh, Ww) != self.img_size:
+            raise ValueError(f"input grid {(Hh, Ww)} does not match the model's img_size {self.img_size}")
+        p, D, nh = self.patch_size, self.embed_dim, self.num_heads
+        dh, k, L = D // nh, p * p, self.num_patches
+        patches = x.reshape(B, V, Hh // p, p, Ww // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B * L, V, k)
+        w_p = torch.stack([self.token_embeds[i].proj.weight.reshape(D, k) for i in ids])  # (V, D, k)
+        c = torch.stack([self.token_embeds[i].proj.bias for i in ids]) + self.var_embed[0, ids]  # (V, D)
+        w_q, w_k, w_v = self.var_agg.in_proj_weight.chunk(3)
+        b_q, _, b_v = self.var_agg.in_proj_bias.chunk(3)  # the key bias cancels in the softmax
+        q = F.linear(self.var_query.reshape(1, D), w_q, b_q).reshape(nh, dh)
+        u = torch.einsum("he,hed->hd", q, w_k.reshape(nh, dh, D)) / math.sqrt(dh)  # (nh, D)
+        scores = torch.einsum("nvk,vkh->nhv", patches, torch.einsum("vdk,hd->vkh", w_p, u))
+        attn = (scores + torch.einsum("vd,hd->hv", c, u)).softmax(dim=-1)  # (N, nh, V)
+        w_vh = w_v.reshape(nh, dh, D)
+        m = torch.einsum("hed,vdk->hvke", w_vh, w_p).reshape(nh, V * k, dh)  # value proj of pixels
+        mixed = (attn.unsqueeze(-1) * patches.unsqueeze(1)).reshape(B * L, nh, V * k)
+        out = torch.einsum("nhj,hje->nhe", mixed, m)
+        out = out + torch.einsum("nhv,hve->nhe", attn, torch.einsum("hed,vd->hve", w_vh, c)) + b_v.reshape(nh, dh)
+        return self.var_agg.out_proj(out.reshape(B, L, D))
+
     def _aggregate_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The straightforward formulation of the original code (projects all V x L tokens)."""
         B, V, L, D = x.shape
@@ -244,9 +278,10 @@ class ClimaX(nn.Module):
         if x.shape[1] != len(in_vars):
             raise ValueError(f"x has {x.shape[1]} channels but {len(in_vars)} variable names were given")
         ids = self.var_ids(in_vars)
-        tokens = self.embed_tokens(x, ids)
-        tokens = tokens + self.var_embed[:, ids].unsqueeze(2)
-        tokens = self.aggregate_variables(tokens)
+        if self.fast_var_agg:
+            tokens = self.embed_and_aggregate(x, ids)
+        else:
+            tokens = self._aggregate_reference(self.embed_tokens(x, ids) + self.var_embed[:, ids].unsqueeze(2))
         tokens = tokens + self.pos_embed
         lead = lead_times.to(tokens.dtype).reshape(-1, 1) / 100.0  # hours / 100, as the original
         tokens = tokens + self.lead_time_embed(lead).unsqueeze(1)

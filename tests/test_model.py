@@ -64,7 +64,13 @@ def test_fast_aggregation_equals_reference(num_heads):
     ref = model.aggregate_variables(tokens)
     assert fast.shape == ref.shape == (2, model.num_patches, model.embed_dim)
     assert (fast - ref).abs().max().item() < 1e-4
-    # ... and through the whole model, with gradients
+    # the fused embedding + aggregation equals embedding then the reference aggregation
+    x = torch.randn(2, 3, 16, 32)
+    ids = model.var_ids(VARS[:3])
+    fused = model.embed_and_aggregate(x, ids)
+    staged = model._aggregate_reference(model.embed_tokens(x, ids) + model.var_embed[:, ids].unsqueeze(2))
+    assert (fused - staged).abs().max().item() < 1e-4
+    # ... and through the whole model
     x = torch.randn(2, 3, 16, 32)
     out_ref = model(x, torch.tensor([6.0, 6.0]), VARS[:3])
     model.fast_var_agg = True
@@ -98,3 +104,22 @@ def test_initialisation():
     d = model.embed_dim
     assert torch.allclose(model.var_embed[0, 0, : d // 2], torch.zeros(d // 2))
     assert torch.allclose(model.var_embed[0, 0, d // 2 :], torch.ones(d // 2))
+
+
+def test_fast_path_gradients_equal_reference():
+    torch.manual_seed(0)
+    model = tiny_model(VARS).train()
+    with torch.no_grad():
+        model.var_query.normal_()
+        model.var_agg.in_proj_bias.normal_(0, 0.1)
+    x, lead = torch.randn(2, len(VARS), 16, 32), torch.tensor([6.0, 24.0])
+    grads = []
+    for fast in (True, False):
+        model.fast_var_agg = fast
+        model.zero_grad()
+        torch.manual_seed(1)  # same dropout masks (none here) and same everything else
+        model(x, lead, VARS).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        ref = grads[1][name]
+        assert (g - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item()), name
