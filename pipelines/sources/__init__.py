@@ -1,0 +1,131 @@
+"""Data-source readers: GRIB, NetCDF (ERA5 / CMIP6) and WeatherBench folders, one module each.
+
+Public entry point: :func:`open_source`. The returned Dataset's contract (the preprocessing
+pipeline relies on it):
+
+* data variables named by ClimaX names (see :mod:`pipelines.variables`), only those requested
+  (all that map when ``variables`` is None); anything missing raises :class:`SourceError`;
+* dims ``("time", "lat", "lon")`` for time-varying fields, ``("lat", "lon")`` for constants;
+  float32, canonical units; attrs ``units``, ``source_name``, ``source_file``;
+* ``time`` datetime64[ns] valid times (forecast base time + step), unique; ``lat`` as in the
+  file (float64, either order); ``lon`` in [0, 360) ascending; Dataset attrs ``calendar``
+  (the file's original calendar), ``source_file``, ``source_format``;
+* lazy: ``ds.isel(time=slice(a, b)).load()`` reads only those steps (no dask).
+
+This package imports neither torch nor ray.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import xarray as xr
+
+from pipelines.sources.base import Candidate, DataSource, SourceError, assemble
+from pipelines.sources.grib import GribSource
+from pipelines.sources.netcdf import NetCDFSource
+from pipelines.sources.weatherbench import (
+    WeatherBenchSource,
+    is_weatherbench_file,
+    list_files,
+    open_weatherbench,
+    years,
+)
+
+__all__ = [
+    "Candidate", "DataSource", "SourceError", "assemble", "open_source", "detect_format",
+    "SOURCES", "GribSource", "NetCDFSource", "WeatherBenchSource", "list_files",
+    "open_weatherbench", "years", "GRIB_EXTENSIONS", "NETCDF_EXTENSIONS",
+]
+
+SOURCES: dict[str, DataSource] = {
+    "grib": GribSource(),
+    "netcdf": NetCDFSource(),
+    "weatherbench": WeatherBenchSource(),
+}
+
+GRIB_EXTENSIONS = (".grib", ".grib1", ".grib2", ".grb", ".grb1", ".grb2")
+NETCDF_EXTENSIONS = (".nc", ".nc4", ".netcdf", ".cdf")
+
+_FORMAT_ALIASES = {
+    "auto": "auto", "grib": "grib", "grib1": "grib", "grib2": "grib", "grb": "grib",
+    "netcdf": "netcdf", "nc": "netcdf", "netcdf4": "netcdf", "era5": "netcdf",
+    "era5-netcdf": "netcdf", "cmip6": "netcdf", "weatherbench": "weatherbench", "wb": "weatherbench",
+}
+
+
+def _normalise_format(fmt: str) -> str:
+    key = str(fmt or "auto").strip().lower()
+    if key not in _FORMAT_ALIASES:
+        raise SourceError(f"unknown source format {fmt!r}; use one of auto, grib, netcdf, "
+                          "cmip6, weatherbench")
+    return _FORMAT_ALIASES[key]
+
+
+def detect_format(path: str) -> str:
+    """grib / netcdf / weatherbench for a local path: by extension, a directory is a
+    WeatherBench root, else by magic bytes (b"GRIB", b"CDF", b"\\x89HDF")."""
+    p = Path(path)
+    if p.is_dir():
+        return "weatherbench"
+    name = p.name.lower()
+    if name.endswith(GRIB_EXTENSIONS):
+        return "grib"
+    if name.endswith(NETCDF_EXTENSIONS):
+        return "weatherbench" if is_weatherbench_file(p) else "netcdf"
+    try:
+        with open(p, "rb") as f:
+            head = f.read(1024)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read it ({exc})") from None
+    if head.startswith(b"CDF") or head.startswith(b"\x89HDF"):
+        return "netcdf"
+    if b"GRIB" in head:
+        return "grib"
+    raise SourceError(
+        f"{path}: cannot tell the format (extension {p.suffix or 'none'}, first bytes "
+        f"{head[:4]!r}); pass format='grib', 'netcdf' or 'weatherbench'"
+    )
+
+
+def open_source(path: str, format: str = "auto", *, variables: list[str] | None = None,
+                member: int | None = None, storage_options: dict | None = None) -> xr.Dataset:
+    """Open one source file (GRIB, NetCDF) or WeatherBench root as a contract Dataset.
+
+    ``path`` may be local or ``s3://bucket/key`` (downloaded once to a process-lifetime
+    temporary file, since ecCodes reads files; see :mod:`pipelines.storage`).
+    """
+    from pipelines import storage  # imported here: storage imports sources.base
+
+    fmt = _normalise_format(format)
+    path = str(path)
+    if variables is not None and isinstance(variables, str):
+        variables = [variables]
+    if storage.is_remote(path):
+        if fmt == "weatherbench":
+            raise SourceError(f"{path}: WeatherBench roots must be local folders; copy it first "
+                              "(e.g. `aws s3 sync`) or list its files with expand_paths")
+        local = storage.fetch(path, storage_options)
+        try:
+            ds = _open_local(local, fmt, variables, member)
+        except SourceError as exc:
+            raise SourceError(str(exc).replace(local, path)) from None
+        ds.attrs["source_file"] = path
+        for v in ds.data_vars.values():
+            v.attrs["source_file"] = path
+        return ds
+    local = path[len("file://"):] if path.startswith("file://") else path
+    if not os.path.exists(local):
+        raise SourceError(f"{path}: no such file or directory")
+    return _open_local(local, fmt, variables, member)
+
+
+def _open_local(path: str, fmt: str, variables, member) -> xr.Dataset:
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt in ("grib", "netcdf") and os.path.isdir(path):
+        raise SourceError(f"{path}: is a directory; format {fmt!r} needs a file")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise SourceError(f"{path}: is empty; the file is truncated or corrupt; re-download it")
+    return SOURCES[fmt].open(path, variables=variables, member=member)

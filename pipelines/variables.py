@@ -1,0 +1,506 @@
+"""One home for ClimaX variable names, producer names and units.
+
+Everything that turns "what a file calls a field, in its units" into "the ClimaX variable, in
+canonical units" lives here:
+
+* :func:`parse_variable` understands ClimaX names (``2m_temperature``, ``geopotential_500``, ...).
+* :data:`DEFAULT_VARS` is the 48-variable ClimaX pretraining list, in the original order.
+* :func:`grib_base` / :func:`netcdf_base` map producer short names (ECMWF/GRIB, CDS NetCDF, CMIP6)
+  to ClimaX base names.
+* :func:`to_canonical` converts a DataArray to canonical units, lazily, as float32, and refuses
+  anything ambiguous with an error naming the file, variable and units.
+
+This module imports neither torch nor ray.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from xarray.backends import BackendArray
+from xarray.core import indexing
+
+#: Standard gravity (m s-2), used for geopotential <-> geopotential height and orography.
+G = 9.80665
+
+# ----------------------------------------------------------------------------------------------
+# ClimaX names and canonical units
+# ----------------------------------------------------------------------------------------------
+
+#: Single-level, time-varying variables and their canonical units.
+SINGLE_LEVEL: dict[str, str] = {
+    "2m_temperature": "K",
+    "10m_u_component_of_wind": "m s**-1",
+    "10m_v_component_of_wind": "m s**-1",
+    "mean_sea_level_pressure": "Pa",
+    "surface_pressure": "Pa",
+    "total_precipitation": "m",
+    "toa_incident_solar_radiation": "J m**-2",
+    "total_cloud_cover": "(0 - 1)",
+}
+
+#: Constant (time-invariant) fields and their canonical units. ``latitude`` is computed from the
+#: grid, never read from a file.
+CONSTANTS: dict[str, str] = {
+    "land_sea_mask": "(0 - 1)",
+    "orography": "m",
+    "latitude": "degrees_north",
+    "soil_type": "1",
+}
+
+#: Pressure-level bases (variables are named ``<base>_<hPa>``) and their canonical units.
+PRESSURE_LEVEL: dict[str, str] = {
+    "geopotential": "m**2 s**-2",
+    "temperature": "K",
+    "u_component_of_wind": "m s**-1",
+    "v_component_of_wind": "m s**-1",
+    "specific_humidity": "kg kg**-1",
+    "relative_humidity": "%",
+    "vertical_velocity": "Pa s**-1",
+}
+
+#: Spellings accepted for historical reasons, normalised on the way in.
+ALIASES: dict[str, str] = {"lattitude": "latitude"}
+
+#: ClimaX pretraining levels (hPa).
+DEFAULT_LEVELS: tuple[int, ...] = (50, 250, 500, 600, 700, 850, 925)
+
+#: The 48 ClimaX pretraining variables, in the order of the original ``configs/pretrain_climax.yaml``
+#: (with ``latitude`` for the original's ``lattitude``).
+DEFAULT_VARS: list[str] = [
+    "land_sea_mask",
+    "orography",
+    "latitude",
+    "2m_temperature",
+    "10m_u_component_of_wind",
+    "10m_v_component_of_wind",
+    *[
+        f"{base}_{level}"
+        for base in (
+            "geopotential",
+            "u_component_of_wind",
+            "v_component_of_wind",
+            "temperature",
+            "relative_humidity",
+            "specific_humidity",
+        )
+        for level in DEFAULT_LEVELS
+    ],
+]
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    """A parsed ClimaX variable name."""
+
+    name: str
+    base: str
+    level_hpa: int | None
+    units: str
+    is_constant: bool
+
+    @property
+    def is_pressure_level(self) -> bool:
+        return self.level_hpa is not None
+
+
+def known_bases() -> list[str]:
+    return [*SINGLE_LEVEL, *CONSTANTS, *PRESSURE_LEVEL]
+
+
+def normalise_name(name: str) -> str:
+    """Map accepted aliases (``lattitude``) to our canonical spelling."""
+    return ALIASES.get(name, name)
+
+
+def parse_variable(name: str) -> VariableSpec:
+    """Parse a ClimaX variable name; an unknown name raises ValueError listing the known bases."""
+    if not isinstance(name, str):
+        raise ValueError(f"variable name must be a string, got {name!r}")
+    name = normalise_name(name.strip())
+    if name in SINGLE_LEVEL:
+        return VariableSpec(name, name, None, SINGLE_LEVEL[name], False)
+    if name in CONSTANTS:
+        return VariableSpec(name, name, None, CONSTANTS[name], True)
+    m = re.fullmatch(r"(?P<base>[a-z_]+?)_(?P<level>\d+)", name)
+    if m and m.group("base") in PRESSURE_LEVEL:
+        level = int(m.group("level"))
+        if level <= 0:
+            raise ValueError(f"variable {name!r}: pressure level must be a positive number of hPa")
+        return VariableSpec(name, m.group("base"), level, PRESSURE_LEVEL[m.group("base")], False)
+    if name in PRESSURE_LEVEL:
+        raise ValueError(
+            f"variable {name!r} is a pressure-level base: name a level in hPa, "
+            f"e.g. {name}_500 (ClimaX levels: {', '.join(map(str, DEFAULT_LEVELS))})"
+        )
+    raise ValueError(
+        f"unknown ClimaX variable {name!r}. Known single-level: {', '.join(SINGLE_LEVEL)}; "
+        f"constants: {', '.join(CONSTANTS)}; pressure-level bases (name them <base>_<hPa>, "
+        f"e.g. geopotential_500): {', '.join(PRESSURE_LEVEL)}"
+    )
+
+
+def level_name(base: str, level_hpa: float) -> str:
+    return f"{base}_{int(round(float(level_hpa)))}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Producer names -> ClimaX bases
+# ----------------------------------------------------------------------------------------------
+
+#: GRIB shortName on ``isobaricInhPa`` -> pressure-level base. ``gh`` is geopotential height in
+#: gpm and is converted (times g) by :func:`to_canonical` through its units.
+GRIB_PRESSURE: dict[str, str] = {
+    "z": "geopotential",
+    "gh": "geopotential",
+    "t": "temperature",
+    "u": "u_component_of_wind",
+    "v": "v_component_of_wind",
+    "q": "specific_humidity",
+    "r": "relative_humidity",
+    "w": "vertical_velocity",
+}
+
+_SURFACE_LIKE = {"surface", "heightAboveGround", "meanSea", "sfc", "undef", "unknown"}
+_WHOLE_ATMOSPHERE = {"surface", "atmosphere", "atmosphereSingleLayer", "entireAtmosphere"}
+
+#: GRIB shortName -> (single-level or constant base, level types it is accepted on).
+GRIB_SINGLE: dict[str, tuple[str, set[str]]] = {
+    "t2m": ("2m_temperature", _SURFACE_LIKE),
+    "2t": ("2m_temperature", _SURFACE_LIKE),
+    "u10": ("10m_u_component_of_wind", _SURFACE_LIKE),
+    "10u": ("10m_u_component_of_wind", _SURFACE_LIKE),
+    "v10": ("10m_v_component_of_wind", _SURFACE_LIKE),
+    "10v": ("10m_v_component_of_wind", _SURFACE_LIKE),
+    "msl": ("mean_sea_level_pressure", {"surface", "meanSea"}),
+    "prmsl": ("mean_sea_level_pressure", {"meanSea"}),
+    "sp": ("surface_pressure", {"surface"}),
+    "tp": ("total_precipitation", {"surface"}),
+    "tisr": ("toa_incident_solar_radiation", {"surface", "nominalTop"}),
+    "tcc": ("total_cloud_cover", _WHOLE_ATMOSPHERE),
+    "lsm": ("land_sea_mask", {"surface"}),
+    "orog": ("orography", {"surface"}),
+    "slt": ("soil_type", {"surface"}),
+    # surface geopotential (m2 s-2) -> orography in m: divided by g through its units
+    "z": ("orography", {"surface"}),
+}
+
+#: Plain ``t``/``u``/``v`` on heightAboveGround at 2 m / 10 m (when not renamed by cfgrib).
+GRIB_HEIGHT: dict[tuple[str, float], str] = {
+    ("t", 2.0): "2m_temperature",
+    ("u", 10.0): "10m_u_component_of_wind",
+    ("v", 10.0): "10m_v_component_of_wind",
+}
+
+
+def grib_base(short_name: str, type_of_level: str | None, level: float | None = None) -> str | None:
+    """ClimaX base for a GRIB field, or None when it is not a ClimaX variable.
+
+    ``type_of_level`` is cfgrib's ``GRIB_typeOfLevel``; ``level`` its value (used for
+    heightAboveGround 2 m / 10 m fields).
+    """
+    if type_of_level == "isobaricInhPa":
+        return GRIB_PRESSURE.get(short_name)
+    if type_of_level == "heightAboveGround" and level is not None:
+        hit = GRIB_HEIGHT.get((short_name, float(level)))
+        if hit:
+            return hit
+    entry = GRIB_SINGLE.get(short_name)
+    if entry and (type_of_level is None or type_of_level in entry[1]):
+        base, _ = entry
+        if type_of_level == "heightAboveGround" and level is not None:
+            expected = {"2m_temperature": 2.0}.get(base, 10.0 if base.startswith("10m_") else None)
+            if expected is not None and float(level) != expected:
+                return None
+        return base
+    return None
+
+
+#: NetCDF names (CDS ERA5, WeatherBench, CMIP6) of pressure-level fields -> base.
+NETCDF_PRESSURE: dict[str, str] = {
+    **GRIB_PRESSURE,
+    # CMIP6
+    "zg": "geopotential",  # geopotential height in m: times g through its units
+    "ta": "temperature",
+    "ua": "u_component_of_wind",
+    "va": "v_component_of_wind",
+    "hus": "specific_humidity",
+    "hur": "relative_humidity",
+    "wap": "vertical_velocity",
+}
+
+#: NetCDF names of single-level fields and constants -> base.
+NETCDF_SINGLE: dict[str, str] = {
+    "t2m": "2m_temperature",
+    "2t": "2m_temperature",
+    "u10": "10m_u_component_of_wind",
+    "v10": "10m_v_component_of_wind",
+    "msl": "mean_sea_level_pressure",
+    "sp": "surface_pressure",
+    "tp": "total_precipitation",
+    "tisr": "toa_incident_solar_radiation",
+    "tcc": "total_cloud_cover",
+    "lsm": "land_sea_mask",
+    "orography": "orography",
+    "orog": "orography",
+    "slt": "soil_type",
+    # CMIP6
+    "tas": "2m_temperature",
+    "uas": "10m_u_component_of_wind",
+    "vas": "10m_v_component_of_wind",
+    "psl": "mean_sea_level_pressure",
+    "ps": "surface_pressure",
+    "clt": "total_cloud_cover",
+    "sftlf": "land_sea_mask",
+    # Fluxes: mapped so that asking for them gives a clear refusal (a rate is not an accumulation).
+    "pr": "total_precipitation",
+    "rsdt": "toa_incident_solar_radiation",
+}
+
+
+def netcdf_base(name: str, has_level: bool) -> str | None:
+    """ClimaX base for a NetCDF variable, or None. ``has_level``: it has a pressure-level axis.
+
+    ERA5's ``z`` without a level axis is surface geopotential, i.e. orography (divided by g).
+    """
+    if has_level:
+        return NETCDF_PRESSURE.get(name)
+    if name == "z":
+        return "orography"
+    return NETCDF_SINGLE.get(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Units
+# ----------------------------------------------------------------------------------------------
+
+
+class UnitsError(ValueError):
+    """Units that are missing, unknown, or not convertible without guessing."""
+
+
+_FRACTION = {"(0 - 1)", "0-1", "(0-1)", "fraction", "proportion", "1", "dimensionless", "~"}
+_PERCENT = {"%", "percent", "pct"}
+
+
+def _unit_terms(units: str) -> dict[str, int] | None:
+    """Parse 'm**2 s**-2', 'm2 s-2', 'm^2/s^2', 'kg kg-1', 'J m**-2' into {symbol: exponent}.
+
+    Returns None for strings that are not simple products of powers.
+    """
+    s = units.strip().replace("**", "^").replace("·", " ").replace("*", " ")
+    if not s:
+        return None
+    terms: dict[str, int] = {}
+    parts = s.split("/")
+    for i, part in enumerate(parts):
+        sign = 1 if i == 0 else -1
+        for tok in part.split():
+            m = re.fullmatch(r"([A-Za-z]+)\^?(-?\d+)?", tok)
+            if m is None:
+                if re.fullmatch(r"\d+", tok) and int(tok) == 1:
+                    continue
+                return None
+            sym, exp = m.group(1), int(m.group(2) or 1)
+            terms[sym] = terms.get(sym, 0) + sign * exp
+    return {k: v for k, v in terms.items() if v != 0}
+
+
+def _same_units(a: str, b: str) -> bool:
+    if a.strip() == b.strip():
+        return True
+    ta, tb = _unit_terms(a), _unit_terms(b)
+    return ta is not None and ta == tb
+
+
+def _is_any(found: str, *candidates: str) -> bool:
+    return any(_same_units(found, c) for c in candidates)
+
+
+def conversion(found: str | None, climax_name: str) -> tuple[float, float]:
+    """(scale, offset) with canonical = value * scale + offset, or UnitsError when ambiguous.
+
+    The error message here names units only; :func:`to_canonical` adds file and variable.
+    """
+    spec = parse_variable(climax_name)
+    base, canonical = spec.base, spec.units
+    if base in ("soil_type", "latitude"):
+        return 1.0, 0.0  # categorical / computed: no physical units to check
+    if found is None or str(found).strip() == "":
+        raise UnitsError("no units attribute")
+    f = str(found).strip()
+    low = f.lower()
+
+    if base in ("temperature", "2m_temperature"):
+        if _is_any(f, "K", "kelvin", "degK", "deg_K"):
+            return 1.0, 0.0
+        if low in {"degc", "deg_c", "°c", "c", "celsius", "degrees_celsius", "degree_celsius", "deg c"}:
+            return 1.0, 273.15
+    elif base == "geopotential":
+        if _is_any(f, "m**2 s**-2", "J kg**-1"):
+            return 1.0, 0.0
+        if low in {"gpm", "m", "metre", "meter", "metres", "meters"}:
+            return G, 0.0  # geopotential height -> geopotential
+    elif base == "orography":
+        if low in {"m", "metre", "meter", "metres", "meters", "gpm"}:
+            return 1.0, 0.0
+        if _is_any(f, "m**2 s**-2", "J kg**-1"):
+            return 1.0 / G, 0.0  # surface geopotential -> height (WeatherBench convention)
+    elif base in ("u_component_of_wind", "v_component_of_wind", "10m_u_component_of_wind",
+                  "10m_v_component_of_wind"):
+        if _is_any(f, "m s**-1"):
+            return 1.0, 0.0
+    elif base in ("mean_sea_level_pressure", "surface_pressure"):
+        if _is_any(f, "Pa"):
+            return 1.0, 0.0
+        if low in {"hpa", "mbar", "mb", "millibar", "millibars"}:
+            return 100.0, 0.0
+    elif base == "vertical_velocity":
+        if _is_any(f, "Pa s**-1"):
+            return 1.0, 0.0
+        if _is_any(f, "hPa s**-1"):
+            return 100.0, 0.0
+    elif base == "specific_humidity":
+        if low in _FRACTION or _is_any(f, "kg kg**-1"):
+            return 1.0, 0.0
+        if _is_any(f, "g kg**-1"):
+            return 1e-3, 0.0
+    elif base == "relative_humidity":
+        if low in _PERCENT:
+            return 1.0, 0.0
+    elif base in ("land_sea_mask", "total_cloud_cover"):
+        if low in _FRACTION:
+            return 1.0, 0.0
+        if low in _PERCENT:
+            return 0.01, 0.0
+    elif base == "total_precipitation":
+        if low in {"m", "metre", "meter", "metres", "meters", "m of water equivalent"}:
+            return 1.0, 0.0
+        if low == "mm":
+            return 1e-3, 0.0
+        if _is_any(f, "kg m**-2"):
+            return 1e-3, 0.0  # 1 kg m-2 of water = 1 mm
+        if _is_any(f, "kg m**-2 s**-1", "m s**-1", "mm s**-1", "mm h**-1", "mm/day"):
+            raise UnitsError(
+                f"units {f!r} are a precipitation rate; total_precipitation is an accumulation "
+                "in m and converting needs the accumulation period: accumulate the rate first "
+                "(e.g. times 3600 s for hourly totals) and write units 'm'"
+            )
+    elif base == "toa_incident_solar_radiation":
+        if _is_any(f, "J m**-2"):
+            return 1.0, 0.0
+        if _is_any(f, "W m**-2"):
+            raise UnitsError(
+                f"units {f!r} are a flux; toa_incident_solar_radiation is an accumulation in "
+                "J m**-2 and converting needs the accumulation period"
+            )
+    raise UnitsError(f"units {f!r} are not {canonical!r} and no unambiguous conversion is known")
+
+
+# ----------------------------------------------------------------------------------------------
+# Lazy element-wise conversion (keeps cfgrib / netCDF backends lazy; no dask)
+# ----------------------------------------------------------------------------------------------
+
+
+class _LazyAffine(BackendArray):
+    """``source * scale + offset`` as float32, transposed, computed only for the indexed part."""
+
+    def __init__(self, source: xr.Variable, perm: tuple[int, ...], scale: float, offset: float):
+        self._source = source
+        self._perm = perm  # output axis i is source axis perm[i]
+        self._scale = float(scale)
+        self._offset = float(offset)
+        self.shape = tuple(source.shape[p] for p in perm)
+        self.dtype = np.dtype("float32")
+
+    def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray:
+        return indexing.explicit_indexing_adapter(
+            key, self.shape, indexing.IndexingSupport.OUTER, self._raw_getitem
+        )
+
+    def _raw_getitem(self, key: tuple) -> np.ndarray:
+        out_key: list[Any] = []
+        squeeze: list[int] = []
+        for i, k in enumerate(key):
+            if isinstance(k, (int, np.integer)):
+                out_key.append(slice(int(k), int(k) + 1))
+                squeeze.append(i)
+            else:
+                out_key.append(k)
+        src_key: list[Any] = [slice(None)] * len(out_key)
+        for i, p in enumerate(self._perm):
+            src_key[p] = out_key[i]
+        arr = np.asarray(self._source[tuple(src_key)].values)
+        arr = arr.transpose(self._perm)
+        if squeeze:
+            arr = arr.squeeze(axis=tuple(squeeze))
+        if self._scale != 1.0 or self._offset != 0.0:
+            arr = arr.astype(np.float64) * self._scale + self._offset
+        return arr.astype(np.float32)
+
+
+def _canonical_dim_order(dims: tuple[str, ...]) -> tuple[str, ...]:
+    tail = [d for d in ("time", "lat", "lon") if d in dims]
+    return tuple(d for d in dims if d not in tail) + tuple(tail)
+
+
+def lazy_affine(da: xr.DataArray, scale: float = 1.0, offset: float = 0.0,
+                dims: tuple[str, ...] | None = None) -> xr.DataArray:
+    """``da * scale + offset`` as float32 in dim order ``dims``, without reading any data.
+
+    In-memory inputs are computed directly; backend (lazily indexed) inputs stay lazy, so
+    ``result.isel(time=slice(a, b)).load()`` reads only those steps.
+    """
+    dims = tuple(dims) if dims is not None else da.dims
+    if sorted(dims) != sorted(da.dims):
+        raise ValueError(f"dims {dims} are not a permutation of {da.dims}")
+    perm = tuple(da.dims.index(d) for d in dims)
+    var = da.variable
+    if isinstance(var._data, np.ndarray):
+        values = np.asarray(var.values).transpose(perm)
+        if scale != 1.0 or offset != 0.0:
+            values = values.astype(np.float64) * scale + offset
+        data: Any = values.astype(np.float32)
+    else:
+        data = indexing.LazilyIndexedArray(_LazyAffine(var, perm, scale, offset))
+    coords = {k: v for k, v in da.coords.items() if set(v.dims) <= set(dims)}
+    return xr.DataArray(xr.Variable(dims, data), coords=coords, name=da.name, attrs=dict(da.attrs))
+
+
+def found_units(da: xr.DataArray) -> str | None:
+    """The units a producer wrote: CF ``units`` or cfgrib's ``GRIB_units``."""
+    for key in ("units", "GRIB_units"):
+        u = da.attrs.get(key)
+        if u is not None and str(u).strip() not in ("", "unknown"):
+            return str(u)
+    return None
+
+
+def to_canonical(da: xr.DataArray, climax_name: str, source_file: str,
+                 *, assume_units: str | None = None) -> xr.DataArray:
+    """Convert ``da`` to the canonical units of ``climax_name`` (lazily, float32).
+
+    Dims are reordered to (..., time, lat, lon). Attrs: ``units`` (canonical) and
+    ``source_units`` (what the file had). Refuses ambiguous units with a UnitsError naming the
+    file, the variable and the units found and expected. ``assume_units`` is used only when the
+    file has no units attribute (for formats with a documented convention, e.g. WeatherBench).
+    """
+    spec = parse_variable(climax_name)
+    units = found_units(da) or assume_units
+    try:
+        scale, offset = conversion(units, spec.name)
+    except UnitsError as exc:
+        raise UnitsError(
+            f"{source_file}: variable {da.name!r} (for ClimaX {spec.name!r}) has units "
+            f"{units!r}; expected {spec.units!r}: {exc}. Fix the file's units attribute or "
+            "convert the data before preprocessing."
+        ) from None
+    out = lazy_affine(da, scale, offset, _canonical_dim_order(tuple(da.dims)))
+    keep = {k: v for k, v in da.attrs.items() if k in ("long_name", "standard_name")}
+    out.attrs = {**keep, "units": spec.units, "source_units": units or ""}
+    out.name = spec.name
+    return out
