@@ -201,17 +201,23 @@ def assemble(path: str, candidates: list[Candidate], *, variables: list[str] | N
             try:
                 V.conversion(V.found_units(cand.data) or cand.assume_units, n)
                 kept.append(n)
-            except V.UnitsError as exc:  # e.g. CMIP6 `pr` (a rate): listed, not returned
-                skipped.append(f"{n} ({cand.source_name}): {exc}")
+            except V.UnitsError:  # e.g. CMIP6 `pr` (a rate): listed in attrs, not returned
+                try:
+                    V.to_canonical(cand.data.rename(cand.source_name), n, path,
+                                   assume_units=cand.assume_units)
+                except V.UnitsError as exc:
+                    skipped.append(str(exc))
         names = kept
         if not names:
             errored = [c for c in candidates if c.error]
             if errored:
                 raise SourceError(f"{path}: variable {errored[0].base!r} "
                                   f"({errored[0].source_name}): {errored[0].error}")
+            if skipped:
+                raise SourceError(skipped[0])
             raise SourceError(
-                f"{path}: no field maps to a ClimaX variable (the file has {has}{'; ' + '; '.join(skipped) if skipped else ''}); "
-                "check the format or the file"
+                f"{path}: no field maps to a ClimaX variable (the file has {has}); check the "
+                "format or the file"
             )
     else:
         if isinstance(variables, str):

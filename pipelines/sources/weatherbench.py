@@ -54,7 +54,7 @@ def is_weatherbench_file(path: str | Path) -> bool:
     """A ``<folder>/<folder>_...nc`` file whose folder is a ClimaX name or ``constants``."""
     p = Path(path)
     folder = p.parent.name
-    if p.suffix not in (".nc", ".nc4") or not p.name.startswith(folder + "_"):
+    if p.suffix not in (".nc", ".nc4") or not p.name.startswith(folder):
         return False
     return folder == CONSTANTS_FOLDER or folder_spec(folder) is not None
 
