@@ -303,7 +303,6 @@ def _year_start_hours(year: int) -> float:
 # --------------------------------------------------------------------------------------------------
 # noise: counter-based, so any subset of times / variables reproduces the same values
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -419,9 +418,8 @@ class _Model:
             wv = _waves(self.seed, year)
             # time coefficients (T, K)
             theta = (wv.k * wv.omega)[None] * hours[:, None] - wv.phase[None]  # cos(k (lam - omega t) + phase)
-            amp = wv.amp[None] * (
-                1.0 + wv.mod_depth[None] * np.sin(2 * np.pi * hours[:, None] / wv.mod_period_h[None] + wv.mod_phase[None])
-            )
+            mod = np.sin(2 * np.pi * hours[:, None] / wv.mod_period_h[None] + wv.mod_phase[None])
+            amp = wv.amp[None] * (1.0 + wv.mod_depth[None] * mod)
             amp = amp * w[:, None]
             ca, sa = amp * np.cos(theta), amp * np.sin(theta)
             # latitude envelopes (K, lat): cos(lat) factor keeps winds regular at the poles
@@ -708,6 +706,10 @@ def _global_attrs(seed: int) -> dict:
     }
 
 
+def _attrs(info) -> dict:
+    return {"units": info.units, "long_name": info.long_name}
+
+
 def _write_weatherbench_year(wb_dir: Path, year: int, times, lat, lon, data: dict, parsed: dict, tag: str, seed: int):
     import xarray as xr
 
@@ -715,7 +717,7 @@ def _write_weatherbench_year(wb_dir: Path, year: int, times, lat, lon, data: dic
     for name, info in SFC_VARS.items():
         if name in data:
             ds = xr.Dataset(
-                {info.data_var: (("time", "lat", "lon"), data[name], {"units": info.units, "long_name": info.long_name})},
+                {info.data_var: (("time", "lat", "lon"), data[name], _attrs(info))},
                 coords=coords,
                 attrs=_global_attrs(seed),
             )
@@ -726,7 +728,7 @@ def _write_weatherbench_year(wb_dir: Path, year: int, times, lat, lon, data: dic
             continue
         arr = np.stack([data[f"{base}_{lev}"] for lev in levels], axis=1)
         ds = xr.Dataset(
-            {info.short_name: (("time", "level", "lat", "lon"), arr, {"units": info.units, "long_name": info.long_name})},
+            {info.short_name: (("time", "level", "lat", "lon"), arr, _attrs(info))},
             coords={
                 **coords,
                 "level": ("level", np.array(levels, dtype=np.int32), {"units": "hPa", "long_name": "pressure_level"}),
@@ -772,7 +774,7 @@ def generate(
     lat, lon = grid(resolution)
     tag = resolution_tag(resolution)
     model = _Model(lat, lon, seed)
-    chunk = max(1, int(4_000_000 // (lat.size * lon.size)))
+    chunk = max(1, int(1_000_000 // (lat.size * lon.size)))  # time steps per compute chunk (~8 MB arrays)
 
     paths: dict[str, Path] = {}
     grib_dir = out_dir / "grib"

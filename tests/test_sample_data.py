@@ -433,3 +433,17 @@ def test_module_imports_no_torch_or_ray():
     code = ("import sys, pipelines.sample_data; "
             "bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_generate_in_time_chunks_matches_fields(tmp_path):
+    # at 0.703125 degrees a compute chunk holds 7 steps: 3 days at 6 h span two chunks
+    import xarray as xr
+
+    sd.generate(tmp_path, years=(2016,), resolution=0.703125, max_days=3, progress=False,
+                variables=["2m_temperature"], formats=("weatherbench",))
+    lat, lon = sd.grid(0.703125)
+    path = tmp_path / "weatherbench" / "2m_temperature" / "2m_temperature_2016_0.703125deg.nc"
+    with xr.open_dataset(path) as ds:
+        want = sd.fields(ds.time.values, lat, lon, ["2m_temperature"])["2m_temperature"]
+        assert ds.t2m.shape == (12, 256, 512)
+        np.testing.assert_array_equal(ds.t2m.values, want)
