@@ -409,8 +409,10 @@ def conversion(found: str | None, climax_name: str) -> tuple[float, float]:
 class _LazyAffine(BackendArray):
     """``source * scale + offset`` as float32, transposed, computed only for the indexed part."""
 
-    def __init__(self, source: xr.Variable, perm: tuple[int, ...], scale: float, offset: float):
+    def __init__(self, source: xr.Variable, perm: tuple[int, ...], scale: float, offset: float,
+                 source_file: str | None = None):
         self._source = source
+        self._source_file = source_file
         self._perm = perm  # output axis i is source axis perm[i]
         self._scale = float(scale)
         self._offset = float(offset)
@@ -434,7 +436,12 @@ class _LazyAffine(BackendArray):
         src_key: list[Any] = [slice(None)] * len(out_key)
         for i, p in enumerate(self._perm):
             src_key[p] = out_key[i]
-        arr = np.asarray(self._source[tuple(src_key)].values)
+        try:
+            arr = np.asarray(self._source[tuple(src_key)].values)
+        except (OSError, RuntimeError) as exc:
+            where = self._source_file or "the source file"
+            raise OSError(f"{where}: reading data failed ({type(exc).__name__}: {exc}); the file "
+                          "may be truncated or corrupt; re-download it") from exc
         arr = arr.transpose(self._perm)
         if squeeze:
             arr = arr.squeeze(axis=tuple(squeeze))
@@ -449,7 +456,7 @@ def _canonical_dim_order(dims: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def lazy_affine(da: xr.DataArray, scale: float = 1.0, offset: float = 0.0,
-                dims: tuple[str, ...] | None = None) -> xr.DataArray:
+                dims: tuple[str, ...] | None = None, source_file: str | None = None) -> xr.DataArray:
     """``da * scale + offset`` as float32 in dim order ``dims``, without reading any data.
 
     In-memory inputs are computed directly; backend (lazily indexed) inputs stay lazy, so
@@ -466,7 +473,7 @@ def lazy_affine(da: xr.DataArray, scale: float = 1.0, offset: float = 0.0,
             values = values.astype(np.float64) * scale + offset
         data: Any = values.astype(np.float32)
     else:
-        data = indexing.LazilyIndexedArray(_LazyAffine(var, perm, scale, offset))
+        data = indexing.LazilyIndexedArray(_LazyAffine(var, perm, scale, offset, source_file))
     coords = {k: v for k, v in da.coords.items() if set(v.dims) <= set(dims)}
     return xr.DataArray(xr.Variable(dims, data), coords=coords, name=da.name, attrs=dict(da.attrs))
 
@@ -499,7 +506,7 @@ def to_canonical(da: xr.DataArray, climax_name: str, source_file: str,
             f"{units!r}; expected {spec.units!r}: {exc}. Fix the file's units attribute or "
             "convert the data before preprocessing."
         ) from None
-    out = lazy_affine(da, scale, offset, _canonical_dim_order(tuple(da.dims)))
+    out = lazy_affine(da, scale, offset, _canonical_dim_order(tuple(da.dims)), str(source_file))
     keep = {k: v for k, v in da.attrs.items() if k in ("long_name", "standard_name")}
     out.attrs = {**keep, "units": spec.units, "source_units": units or ""}
     out.name = spec.name

@@ -154,12 +154,8 @@ def test_ecmwf_grib1_steps(shared_data):
 
 
 @pytest.fixture(scope="module")
-def gfs(request):
-    from tests.conftest import SHARED_DATA
-
-    path = SHARED_DATA / "gfs/gfs.t12z.pgrbf120.2p5deg.grib2"
-    if not path.exists():
-        pytest.skip("../shared/data is absent")
+def gfs(shared_data):
+    path = shared_data / "gfs/gfs.t12z.pgrbf120.2p5deg.grib2"
     return path, open_source(str(path))
 
 

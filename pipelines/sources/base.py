@@ -107,6 +107,12 @@ def _describe(avail: dict, levels_by_base: dict) -> str:
 def _select_member(da: xr.DataArray, member: int | None, path: str) -> xr.DataArray:
     if "number" not in da.dims:
         if "number" in da.coords:
+            only = int(np.asarray(da["number"].values).ravel()[0])
+            if member is not None and int(member) != only:
+                raise SourceError(
+                    f"file {path} holds only ensemble member {only}, not {member}; set "
+                    f"`member: {only}` on the source in the recipe or remove `member`"
+                )
             da = da.drop_vars("number")
         return da
     members = [int(m) for m in np.atleast_1d(da["number"].values)]
@@ -233,7 +239,6 @@ def assemble(path: str, candidates: list[Candidate], *, variables: list[str] | N
         for n in names:
             if n == "latitude" or n in avail:
                 continue
-            spec = V.parse_variable(n)
             raise SourceError(
                 f"{path}: variable {n!r} not found. The file has: {has}. Remove {n!r} from "
                 "this source's `variables` in the recipe, or add a source file that provides it."
