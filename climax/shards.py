@@ -1,0 +1,162 @@
+"""The shard format: one home for its schema, its manifest and reading it back.
+
+Written by ``pipelines`` (which imports this module without torch), read by training.
+
+Layout under the output root (a local folder or ``s3://bucket/prefix``)::
+
+    manifest.json                      written last: its presence means the dataset is complete
+    constants.parquet                  one row: land_sea_mask, orography, latitude, ... (time-free)
+    climatology/<variable>.parquet     rows (dayofyear, hour) of the training years, plus time mean
+    <split>/<year>/<start>.parquet     one row per time step
+
+A shard is a Parquet file with a ``time`` column (timestamp[ns], UTC, naive) and one column per
+variable of Arrow's canonical ``arrow.fixed_shape_tensor`` extension type (float32, shape
+[lat, lon], latitude south to north, longitude 0..360 east), so pyarrow, pandas or DuckDB read it
+without this project, and a reader of 5 variables out of 48 reads only those columns. Row groups
+hold one time step each, so one step can be fetched alone. Tensor columns are stored with
+BYTE_STREAM_SPLIT encoding and zstd compression (chosen by measurement: benchmarks/RESULTS.md).
+Values are raw, in physical units; the manifest's statistics normalise them at load time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "FORMAT", "TIME", "MANIFEST", "CONSTANTS", "CLIMATOLOGY_DIR", "Manifest", "tensor_type",
+    "shard_schema", "table_from_arrays", "arrays_from_table", "read_shard", "write_options",
+]
+
+FORMAT = "climax-shards/1"
+TIME = "time"
+MANIFEST = "manifest.json"
+CONSTANTS = "constants.parquet"
+CLIMATOLOGY_DIR = "climatology"
+LAT_ORDER = "south_to_north"
+#: Key-value metadata stored in each shard's footer (fingerprints and partial statistics).
+META_KEY = b"climax"
+
+
+def tensor_type(shape: Sequence[int]) -> pa.DataType:
+    return pa.fixed_shape_tensor(pa.float32(), list(shape))
+
+
+def shard_schema(variables: Sequence[str], shape: Sequence[int], metadata: dict | None = None) -> pa.Schema:
+    fields = [pa.field(TIME, pa.timestamp("ns"), nullable=False)]
+    fields += [pa.field(v, tensor_type(shape), nullable=False) for v in variables]
+    meta = {META_KEY: json.dumps(metadata, sort_keys=True).encode()} if metadata is not None else None
+    return pa.schema(fields, metadata=meta)
+
+
+def table_from_arrays(times: np.ndarray | None, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> pa.Table:
+    """Build a shard table; ``times`` None gives a time-free table (constants, one row)."""
+    first = next(iter(arrays.values()))
+    shape = first.shape[-2:]
+    columns, fields = [], []
+    if times is not None:
+        columns.append(pa.array(np.asarray(times, dtype="datetime64[ns]"), type=pa.timestamp("ns")))
+        fields.append(pa.field(TIME, pa.timestamp("ns"), nullable=False))
+    for name, a in arrays.items():
+        if a.ndim == 2:
+            a = a[None]
+        # a fresh C-ordered copy when needed: Arrow wants canonical strides, and numpy gives size-1
+        # axes (a[None]) a zero stride
+        if not a.flags.c_contiguous or a.dtype != np.float32 or 0 in a.strides:
+            a = np.array(a, dtype=np.float32, order="C", copy=True)
+        columns.append(pa.FixedShapeTensorArray.from_numpy_ndarray(a))
+        fields.append(pa.field(name, tensor_type(shape), nullable=False))
+    meta = {META_KEY: json.dumps(metadata, sort_keys=True).encode()} if metadata is not None else None
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields, metadata=meta))
+
+
+def arrays_from_table(table: pa.Table) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    times = table.column(TIME).to_numpy().astype("datetime64[ns]") if TIME in table.column_names else None
+    arrays = {}
+    for name in table.column_names:
+        if name == TIME:
+            continue
+        col = table.column(name).combine_chunks()
+        if not isinstance(col, pa.FixedShapeTensorArray):
+            raise TypeError(f"column {name!r} is {col.type}, not a fixed_shape_tensor; is this a ClimaX shard?")
+        arrays[name] = col.to_numpy_ndarray()
+    return times, arrays
+
+
+def write_options(variables: Sequence[str], compression_level: int = 3) -> dict[str, Any]:
+    """``pyarrow.parquet.write_table`` options of a shard (one place, used by the writer)."""
+    return dict(
+        row_group_size=1,
+        compression="zstd",
+        compression_level=compression_level,
+        use_dictionary=False,
+        # the float leaves of the tensor columns; the time column keeps its default encoding
+        use_byte_stream_split=[f"{v}.list.element" for v in variables],
+        write_statistics=[TIME],
+        store_schema=True,
+    )
+
+
+def read_shard(path: str, columns: Sequence[str] | None = None, rows: Sequence[int] | None = None,
+               filesystem: Any = None) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    """Read a shard (or only some columns / rows: one row group per row) into numpy."""
+    cols = None if columns is None else [TIME] + [c for c in columns if c != TIME]
+    pf = pq.ParquetFile(path, filesystem=filesystem) if filesystem is not None else pq.ParquetFile(path)
+    if cols is not None and TIME not in pf.schema_arrow.names:
+        cols = [c for c in cols if c != TIME]
+    table = pf.read_row_groups(list(rows), columns=cols) if rows is not None else pf.read(columns=cols)
+    return arrays_from_table(table)
+
+
+def shard_metadata(path: str, filesystem: Any = None) -> dict | None:
+    """The JSON metadata stored in a shard's footer, or None when it has none."""
+    pf = pq.ParquetFile(path, filesystem=filesystem) if filesystem is not None else pq.ParquetFile(path)
+    meta = pf.schema_arrow.metadata or {}
+    return json.loads(meta[META_KEY]) if META_KEY in meta else None
+
+
+@dataclass
+class Manifest:
+    """``manifest.json`` as a thin typed view; ``raw`` is the whole document."""
+
+    raw: dict
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        raw = json.loads(text)
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"not a ClimaX shard manifest (format {raw.get('format')!r}, expected {FORMAT!r})")
+        return cls(raw)
+
+    @property
+    def lat(self) -> np.ndarray:
+        return np.asarray(self.raw["grid"]["lat"], dtype=np.float64)
+
+    @property
+    def lon(self) -> np.ndarray:
+        return np.asarray(self.raw["grid"]["lon"], dtype=np.float64)
+
+    @property
+    def variables(self) -> list[str]:
+        return [v for v, spec in self.raw["variables"].items() if not spec.get("constant")]
+
+    @property
+    def constants(self) -> list[str]:
+        return [v for v, spec in self.raw["variables"].items() if spec.get("constant")]
+
+    @property
+    def step_hours(self) -> float:
+        return self.raw["time"]["step_seconds"] / 3600
+
+    def shards(self, split: str) -> list[dict]:
+        return self.raw["splits"][split]["shards"]
+
+    def mean_std(self, variables: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        stats = self.raw["statistics"]
+        return (np.array([stats[v]["mean"] for v in variables]), np.array([stats[v]["std"] for v in variables]))

@@ -1,0 +1,45 @@
+"""What every job shares: logging, connecting to Ray, turning failures into one clear line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connect to the cluster of ``ray job submit`` (RAY_ADDRESS) or start a local one."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return
+    kwargs = {"ignore_reinit_error": True, "log_to_driver": True}
+    if not os.environ.get("RAY_ADDRESS") and num_cpus:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The user's exception inside Ray's wrappers (RayTaskError, UserCodeException, ...)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        nxt = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(nxt, BaseException):
+            break
+        exc = nxt
+    return exc
+
+
+def error_line(exc: BaseException) -> str:
+    cause = root_cause(exc)
+    text = str(cause).strip()
+    # Ray's wrappers render a traceback; the user's message is its last line.
+    if "Traceback (most recent call last)" in text:
+        text = text.splitlines()[-1]
+    return f"{type(cause).__name__}: {text}"

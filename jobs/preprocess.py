@@ -1,0 +1,36 @@
+"""Preprocess raw ERA5 / CMIP6 archives (GRIB or NetCDF, local or s3://) into training shards.
+
+    python -m jobs.preprocess RECIPE.yaml [key=value ...] [--overwrite]
+
+Writes regridded Parquet tensor shards, constants, statistics, climatology and manifest.json
+(last) to the recipe's output. A re-run resumes: finished shards are skipped.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jobs.common import error_line, init_ray, setup_logging
+from jobs.config import fail, parse_args
+from pipelines.recipe import Recipe
+
+
+def main(argv: list[str] | None = None) -> dict:
+    recipe, args = parse_args(Recipe, __doc__, argv, flags={"overwrite": "rebuild every shard, ignoring finished ones"})
+    setup_logging()
+    init_ray()
+    from pipelines.build import build
+
+    try:
+        manifest = build(recipe, overwrite=args.overwrite)
+    except Exception as e:  # one clear line, non-zero exit; nothing half-written looks finished
+        fail(error_line(e), code=1)
+    for name, split in manifest["splits"].items():
+        print(f"{name:5s}: {split['rows']:6d} time steps in {len(split['shards'])} shards "
+              f"({split['start']} .. {split['end']})")
+    print(f"manifest: {recipe.output.rstrip('/')}/manifest.json")
+    return manifest
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,119 @@
+"""The preprocessing recipe: one declarative YAML file, validated before any work starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipelines.variables import parse_variable
+
+__all__ = ["Recipe", "SourceSpec", "GridSpec", "TimeSpec"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(_Strict):
+    """One archive: a local glob, an ``s3://`` glob, or a WeatherBench root folder."""
+
+    path: str = Field(description="local glob, s3:// glob, or a WeatherBench folder")
+    format: Literal["auto", "grib", "netcdf", "weatherbench"] = "auto"
+    member: int | None = Field(None, description="ensemble member to select, for files with several")
+    storage_options: dict = Field(default_factory=dict, description="s3fs options (endpoint_url, key, ...)")
+
+
+class GridSpec(_Strict):
+    resolution: float = Field(5.625, description="target equiangular grid spacing in degrees")
+    method: Literal["bilinear", "conservative"] = "bilinear"
+
+
+class TimeSpec(_Strict):
+    start: datetime
+    end: datetime
+    step: str = Field("1h", description="time step, e.g. 1h, 6h, 1D")
+
+    @field_validator("step")
+    @classmethod
+    def _valid_step(cls, v: str) -> str:
+        try:
+            td = pd.Timedelta(v)
+        except ValueError as e:
+            raise ValueError(f"time.step {v!r} is not a duration like '1h' or '6h'") from e
+        if td <= pd.Timedelta(0):
+            raise ValueError(f"time.step {v!r} must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TimeSpec:
+        if self.end < self.start:
+            raise ValueError(f"time.end {self.end} is before time.start {self.start}")
+        return self
+
+    @property
+    def step_ns(self) -> int:
+        return int(pd.Timedelta(self.step).value)
+
+    def times(self) -> np.ndarray:
+        start = np.datetime64(self.start.replace(tzinfo=None), "ns")
+        end = np.datetime64(self.end.replace(tzinfo=None), "ns")
+        return np.arange(start, end + np.timedelta64(1, "ns"), np.timedelta64(self.step_ns, "ns"))
+
+
+class Recipe(_Strict):
+    """Raw archives in, training-ready shards out (see README and docs/design.md)."""
+
+    sources: list[SourceSpec] = Field(min_length=1)
+    variables: list[str] = Field(min_length=1, description="ClimaX variable names")
+    grid: GridSpec = Field(default_factory=GridSpec)
+    time: TimeSpec
+    splits: dict[Literal["train", "val", "test"], tuple[int, int]] = Field(
+        description="split name -> [first year, last year]")
+    output: str = Field(description="output folder or s3:// prefix")
+    storage_options: dict = Field(default_factory=dict, description="s3fs options for the output")
+    shard_bytes: int = Field(128 * 2**20, description="target uncompressed bytes per shard")
+    compression_level: int = Field(3, description="zstd level of the shards")
+    regrid_cache: str | None = Field(None, description="local folder caching regridding weights")
+
+    @field_validator("variables")
+    @classmethod
+    def _known_variables(cls, v: list[str]) -> list[str]:
+        for name in v:
+            parse_variable(name)  # raises with the list of known names
+        if len(set(v)) != len(v):
+            raise ValueError(f"variables has duplicates: {v}")
+        return v
+
+    @field_validator("splits")
+    @classmethod
+    def _years(cls, v: dict) -> dict:
+        if "train" not in v:
+            raise ValueError("splits needs a 'train' entry: statistics are computed over it")
+        seen: dict[int, str] = {}
+        for name, (a, b) in v.items():
+            if b < a:
+                raise ValueError(f"splits.{name}: {a} > {b}")
+            for y in range(a, b + 1):
+                if y in seen:
+                    raise ValueError(f"year {y} is in both splits {seen[y]} and {name}")
+                seen[y] = name
+        return v
+
+    def split_of(self, year: int) -> str | None:
+        for name, (a, b) in self.splits.items():
+            if a <= year <= b:
+                return name
+        return None
+
+    def fingerprint(self) -> str:
+        """Hash of everything that changes the shards' content (not where they go)."""
+        content = self.model_dump(mode="json", exclude={"output", "storage_options", "regrid_cache"})
+        for s in content["sources"]:
+            s.pop("storage_options", None)
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

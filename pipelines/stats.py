@@ -1,0 +1,108 @@
+"""Exact, mergeable statistics: per-variable mean, standard deviation and time-difference spread.
+
+Each preprocessing task summarises its chunk as float64 (count, mean, M2) triples; the driver merges
+them with Chan et al.'s pairwise formula, which is exact up to float64 rounding whatever the split
+into tasks and nodes (unlike averaging per-file means, or ClimaX's original averaging of per-shard
+standard deviations). Merging always happens in chunk order, so results are reproducible.
+
+Climatology (by day of year and hour, for ACC) and the time mean are float64 sums per slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Moments", "merge_all", "climatology_slots", "ClimatologyAccumulator"]
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean and sum of squared deviations of a sample, in float64."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> Moments:
+        a = np.asarray(values, dtype=np.float64)
+        if a.size == 0:
+            return cls()
+        mean = float(a.mean())
+        return cls(int(a.size), mean, float(np.square(a - mean).sum()))
+
+    def merge(self, other: Moments) -> Moments:
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * other.count / n
+        m2 = self.m2 + other.m2 + delta * delta * self.count * other.count / n
+        return Moments(n, mean, m2)
+
+    @property
+    def std(self) -> float:
+        """Population standard deviation (numpy's default, ddof=0)."""
+        return float(np.sqrt(self.m2 / self.count)) if self.count else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Moments:
+        return cls(int(d["count"]), float(d["mean"]), float(d["m2"]))
+
+
+def merge_all(parts: Iterable[Moments]) -> Moments:
+    total = Moments()
+    for part in parts:
+        total = total.merge(part)
+    return total
+
+
+def climatology_slots(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(day of year 1..366, hour 0..23) of each time; 29 February is day 60 and 31 December of a
+    leap year day 366, as in pandas' ``dayofyear``."""
+    t = np.asarray(times, dtype="datetime64[ns]")
+    days = t.astype("datetime64[D]")
+    doy = (days - days.astype("datetime64[Y]")).astype(np.int64) + 1
+    hour = ((t - days) // np.timedelta64(1, "h")).astype(np.int64)
+    return doy, hour
+
+
+class ClimatologyAccumulator:
+    """float64 sums and counts per (day of year, hour) slot, for one variable."""
+
+    def __init__(self, shape: tuple[int, int]):
+        self.shape = shape
+        self.sums: dict[tuple[int, int], np.ndarray] = {}
+        self.counts: dict[tuple[int, int], int] = {}
+        self.total = np.zeros(shape, dtype=np.float64)
+        self.n = 0
+
+    def add(self, times: np.ndarray, fields: np.ndarray) -> None:
+        doy, hour = climatology_slots(times)
+        for d, h, f in zip(doy, hour, fields):
+            key = (int(d), int(h))
+            if key not in self.sums:
+                self.sums[key] = np.zeros(self.shape, dtype=np.float64)
+                self.counts[key] = 0
+            self.sums[key] += f
+            self.counts[key] += 1
+        self.total += fields.sum(axis=0, dtype=np.float64)
+        self.n += len(fields)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(dayofyear, hour, count, climatology (slots, H, W) float32, time mean (H, W) float32)."""
+        keys = sorted(self.sums)
+        doy = np.array([k[0] for k in keys], dtype=np.int16)
+        hour = np.array([k[1] for k in keys], dtype=np.int8)
+        counts = np.array([self.counts[k] for k in keys], dtype=np.int32)
+        clim = np.stack([self.sums[k] / self.counts[k] for k in keys]).astype(np.float32) if keys else \
+            np.zeros((0, *self.shape), np.float32)
+        return doy, hour, counts, clim, (self.total / max(self.n, 1)).astype(np.float32)
