@@ -111,7 +111,7 @@ def expand_sources(recipe: Recipe) -> list[dict]:
     for src in recipe.sources:
         fmt = src.format
         local_dir = not storage.is_remote(src.path) and os.path.isdir(src.path)
-        if fmt == "weatherbench" or (fmt == "auto" and local_dir):
+        if local_dir and fmt in ("weatherbench", "auto"):
             files = [f for fs in list_files(src.path, recipe.variables).values() for f in fs]
             fmt = "weatherbench"
         else:
@@ -387,11 +387,13 @@ def _ray_map(items: list, fn, ctx: dict, name: str) -> list:
         try:
             result = fn(json.loads(row["item"]), ray.get(ctx_ref))
         except Exception as e:  # noqa: BLE001 - re-raised in the driver
-            return {"result": "", "error": f"{type(e).__name__}: {e}"}
-        return {"result": json.dumps(result, default=_jsonable), "error": ""}
+            return {"order": row["order"], "result": "", "error": f"{type(e).__name__}: {e}"}
+        return {"order": row["order"], "result": json.dumps(result, default=_jsonable), "error": ""}
 
-    ds = ray.data.from_items([{"item": json.dumps(it)} for it in items], override_num_blocks=len(items))
-    rows = ds.map(apply, num_cpus=1).take_all()
+    ds = ray.data.from_items([{"order": i, "item": json.dumps(it)} for i, it in enumerate(items)],
+                             override_num_blocks=len(items))
+    # Ray Data streams results in completion order; put them back in input order (determinism).
+    rows = sorted(ds.map(apply, num_cpus=1).take_all(), key=lambda r: r["order"])
     errors = sorted({r["error"] for r in rows if r["error"]})
     if errors:
         more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
