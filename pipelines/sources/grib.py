@@ -1,94 +1,39 @@
-"""GRIB 1 / GRIB 2 reader (ecCodes + cfgrib).
+"""GRIB 1 / GRIB 2 reader: a cached byte-level index plus per-message ecCodes decoding.
 
-1. One pass over the message headers with ecCodes (``headers_only``): detects truncated or corrupt
-   files (cfgrib would silently skip a broken message), finds which (paramId, typeOfLevel) groups
-   map to ClimaX variables, and refuses duplicate valid times (several base times + steps
-   landing on the same valid time).
-2. Each needed group is opened with cfgrib, ``time_dims=("valid_time",)`` so forecasts flatten to
-   valid times, ``squeeze=False``, and an index file in a private temporary folder, so nothing
-   is written beside the (possibly read-only) input. Data stay lazy: cfgrib reads a message only
-   when its field is indexed.
+1. :func:`pipelines.sources.grib_index.get_index` indexes the file in one pass over its bytes
+   (message boundaries, header keys decoded by ecCodes once per distinct header signature,
+   valid times from the raw reference time + step) and caches the index per process and on
+   local disk, so the many workers that open the same file reuse it. Truncated or corrupt files
+   raise :class:`SourceError` naming the file.
+2. From the index: which fields map to ClimaX variables; duplicate valid times (several base
+   times + steps landing on one valid time) are refused; each field becomes a lazy
+   :class:`~pipelines.sources.grib_index.GribArray` with dims (number, time[, level], lat, lon)
+   (forecasts flattened to valid times), which reads and decodes only the messages indexed.
+   Non-regular grids (reduced Gaussian, rotated, ...) are listed but refused when selected.
+
+cfgrib is not used to read data (tests use it as the cross-check).
 """
 
 from __future__ import annotations
 
-import atexit
-import hashlib
-import os
-import shutil
-import tempfile
-import warnings
 from collections import defaultdict
 
 import numpy as np
 import xarray as xr
+from xarray.core import indexing
 
 from pipelines import variables as V
-from pipelines.sources.base import Candidate, SourceError, assemble, to_datetime64ns
-
-_INDEX_DIR: str | None = None
+from pipelines.sources import grib_index as GI
+from pipelines.sources.base import Candidate, SourceError, assemble
 
 _REDOWNLOAD = "the file is truncated or corrupt; re-download it"
-
-
-def _index_template(path: str) -> str:
-    """cfgrib index path in a private temp folder (inputs may be read-only)."""
-    global _INDEX_DIR
-    if _INDEX_DIR is None or not os.path.isdir(_INDEX_DIR):
-        _INDEX_DIR = tempfile.mkdtemp(prefix="climax-cfgrib-idx-")
-        atexit.register(shutil.rmtree, _INDEX_DIR, True)
-    st = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return os.path.join(_INDEX_DIR, key + ".{short_hash}.idx")
-
-
-def _get(h, key, default=None):
-    import eccodes
-
-    try:
-        if not eccodes.codes_is_defined(h, key):
-            return default
-        return eccodes.codes_get(h, key)
-    except Exception:
-        return default
+_REGULAR = ("regular_ll", "regular_gg")
 
 
 def scan(path: str) -> list[dict]:
-    """Header keys of every message; SourceError for truncated/corrupt files."""
-    import eccodes
-
-    keys = ("paramId", "shortName", "typeOfLevel", "level", "stepType", "stepRange",
-            "dataDate", "dataTime", "validityDate", "validityTime", "gridType")
-    out: list[dict] = []
-    try:
-        with open(path, "rb") as f:
-            # GRIB 2 messages may hold several fields (NCEP packs u and v together): read them
-            # all, as cfgrib does, from a clean multi-field state, and switch it off again.
-            eccodes.codes_grib_multi_support_on()
-            eccodes.codes_grib_multi_support_reset_file(f)
-            try:
-                while True:
-                    h = eccodes.codes_grib_new_from_file(f, headers_only=True)
-                    if h is None:
-                        break
-                    try:
-                        rec = {k: _get(h, k) for k in keys}
-                        rec["number"] = _get(h, "number", 0) or 0
-                        out.append(rec)
-                    finally:
-                        eccodes.codes_release(h)
-            finally:
-                eccodes.codes_grib_multi_support_off()
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"{path}: cannot read it ({exc})") from None
-    except Exception as exc:  # gribapi errors (PrematureEndOfFileError, ...)
-        raise SourceError(
-            f"{path}: reading GRIB message {len(out) + 1} failed ({type(exc).__name__}: {exc}); "
-            f"{_REDOWNLOAD}"
-        ) from None
-    if not out:
-        raise SourceError(f"{path}: contains no GRIB message; {_REDOWNLOAD} (or it is not GRIB)")
-    return out
+    """Header keys of every field (from the cached index); SourceError for truncated/corrupt
+    files."""
+    return GI.get_index(str(path)).records()
 
 
 def _window(step_range) -> float:
@@ -102,95 +47,170 @@ def _window(step_range) -> float:
     return 0.0
 
 
-def _check_duplicates(path: str, records: list[dict]) -> None:
-    seen: dict[tuple, dict] = {}
-    for r in records:
-        if V.grib_base(str(r["shortName"]), r["typeOfLevel"], r["level"]) is None:
+def _fmt_date_time(ns: int) -> tuple[str, str]:
+    d, t = GI._date_time(np.datetime64(int(ns), "ns"))
+    return str(d), f"{t:04d}"
+
+
+def _check_duplicates(path: str, idx: GI.GribIndex) -> None:
+    """Refuse one valid time reached from different base times / steps for one field."""
+    kinds = idx.kinds
+    dup_key: dict[tuple, int] = {}
+    kind_dup = np.full(len(kinds), -1, dtype=np.int64)
+    step_id: dict[str, int] = {}
+    kind_step = np.zeros(len(kinds), dtype=np.int64)
+    for i, k in enumerate(kinds):
+        kind_step[i] = step_id.setdefault(str(k["stepRange"]), len(step_id))
+        if V.grib_base(str(k["shortName"]), k["typeOfLevel"], k["level"]) is None:
             continue
-        key = (r["shortName"], r["typeOfLevel"], r["level"], r["number"], r["stepType"],
-               _window(r["stepRange"]), r["validityDate"], r["validityTime"])
-        prev = seen.get(key)
-        if prev is None:
-            seen[key] = r
-        elif (prev["dataDate"], prev["dataTime"], prev["stepRange"]) != (
-                r["dataDate"], r["dataTime"], r["stepRange"]):
-            vt = f"{r['validityDate']} {int(r['validityTime']):04d}"
-            raise SourceError(
-                f"{path}: duplicate valid time {vt} UTC for {r['shortName']} on "
-                f"{r['typeOfLevel']} {r['level']}: base time {prev['dataDate']} "
-                f"{int(prev['dataTime']):04d} step {prev['stepRange']} and base time "
-                f"{r['dataDate']} {int(r['dataTime']):04d} step {r['stepRange']}. Keep one "
-                "forecast per valid time (e.g. `grib_copy -w step=0 in.grib out.grib`) or split "
-                "the file by base time."
-            )
+        key = (k["shortName"], k["typeOfLevel"], k["level"], k["number"], k["stepType"],
+               _window(k["stepRange"]))
+        kind_dup[i] = dup_key.setdefault(key, len(dup_key))
+    d = kind_dup[idx.kind]
+    sel = np.flatnonzero(d >= 0)
+    if sel.size < 2:
+        return
+    order = sel[np.lexsort((idx.valid_time[sel], d[sel]))]
+    same = (d[order[1:]] == d[order[:-1]]) & (idx.valid_time[order[1:]]
+                                               == idx.valid_time[order[:-1]])
+    differ = (idx.ref_time[order[1:]] != idx.ref_time[order[:-1]]) | (
+        kind_step[idx.kind[order[1:]]] != kind_step[idx.kind[order[:-1]]])
+    bad = np.flatnonzero(same & differ)
+    if not bad.size:
+        return
+    a, b = int(order[bad[0]]), int(order[bad[0] + 1])
+    if idx.offset[b] < idx.offset[a]:
+        a, b = b, a
+    ka, kb = kinds[int(idx.kind[a])], kinds[int(idx.kind[b])]
+    vd, vt = _fmt_date_time(idx.valid_time[b])
+    ad, at = _fmt_date_time(idx.ref_time[a])
+    bd, bt = _fmt_date_time(idx.ref_time[b])
+    raise SourceError(
+        f"{path}: duplicate valid time {vd} {vt} UTC for {kb['shortName']} on "
+        f"{kb['typeOfLevel']} {kb['level']}: base time {ad} {at} step {ka['stepRange']} and "
+        f"base time {bd} {bt} step {kb['stepRange']}. Keep one forecast per valid time (e.g. "
+        "`grib_copy -w step=0 in.grib out.grib`) or split the file by base time."
+    )
 
 
-def _open_group(path: str, param_id: int, type_of_level: str) -> list[xr.Dataset]:
-    import cfgrib  # noqa: F401  (registers the engine)
-
-    bk = {
-        "filter_by_keys": {"paramId": int(param_id), "typeOfLevel": type_of_level},
-        "indexpath": _index_template(path),
-        "time_dims": ("valid_time",),
-        "squeeze": False,
-        "errors": "raise",
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return [xr.open_dataset(path, engine="cfgrib", backend_kwargs=bk, cache=False,
-                                    decode_timedelta=True)]
-        except Exception as exc:
-            if type(exc).__name__ != "DatasetBuildError":
-                raise SourceError(f"{path}: cfgrib failed ({type(exc).__name__}: {exc}); "
-                                  f"{_REDOWNLOAD}") from None
-        # heterogeneous group (e.g. several steps types): cfgrib's heuristic split
-        return cfgrib.open_datasets(path, backend_kwargs=bk, cache=False, decode_timedelta=True)
+def _kind_base(k: dict) -> str | None:
+    name, short, tol, lv = str(k["cfVarName"]), str(k["shortName"]), k["typeOfLevel"], k["level"]
+    if tol == "isobaricInhPa":
+        return V.grib_base(name, tol) or V.grib_base(short, tol)
+    lv_f = None if lv is None else float(lv)
+    base = V.grib_base(name, tol, lv_f) or V.grib_base(short, tol, lv_f)
+    if base is None or base in V.PRESSURE_LEVEL:
+        return None
+    return base
 
 
-def _candidates_from(ds: xr.Dataset, path: str, wanted: set[str] | None) -> list[Candidate]:
+def _candidates(path: str, idx: GI.GribIndex, wanted: set[str] | None) -> list[Candidate]:
+    kinds = idx.kinds
+    # group kinds into fields: pressure levels share one (level axis), others one per level
+    groups: dict[tuple, list[int]] = {}
+    group_base: dict[tuple, str] = {}
+    for i, k in enumerate(kinds):
+        base = _kind_base(k)
+        if base is None:
+            continue
+        pl = k["typeOfLevel"] == "isobaricInhPa"
+        key = (k["paramId"], k["shortName"], k["cfVarName"], k["typeOfLevel"],
+               None if pl else k["level"], k["stepType"], _window(k["stepRange"]), k["grid"],
+               k["units"])
+        groups.setdefault(key, []).append(i)
+        group_base[key] = base
+    if not groups:
+        return []
+    # entries of each group, in file order
+    kind_group = np.full(len(kinds), -1, dtype=np.int64)
+    keys = list(groups)
+    for g, key in enumerate(keys):
+        kind_group[groups[key]] = g
+    eg = kind_group[idx.kind]
+    first_entry = {g: int(np.flatnonzero(eg == g)[0]) for g in range(len(keys))}
+    order = np.argsort(eg, kind="stable")
+    bounds = np.searchsorted(eg[order], np.arange(len(keys) + 1))
     cands: list[Candidate] = []
-    for name, da in ds.data_vars.items():
-        tol = da.attrs.get("GRIB_typeOfLevel")
-        short = da.attrs.get("GRIB_shortName", name)
-        lev_coord = tol if tol in da.coords else None
-        levels = np.atleast_1d(da[lev_coord].values) if lev_coord else np.array([None])
-        da = da.drop_vars([c for c in ("time", "step") if c in da.coords and c not in da.dims])
-        rename = {"valid_time": "time", "latitude": "lat", "longitude": "lon"}
-        da = da.rename({k: v for k, v in rename.items() if k in da.coords or k in da.dims})
-        if "time" in da.coords:
-            da = da.assign_coords(time=to_datetime64ns(da["time"].values))
-        non_regular = "values" in da.dims or "lat" not in da.dims or "lon" not in da.dims
-        error = None
-        if non_regular:
-            error = (f"it is on a {da.attrs.get('GRIB_gridType', 'non-regular')} grid (cfgrib "
-                     "gives a 1-D `values` axis, not lat/lon); regrid to a regular lat-lon grid "
-                     "first (e.g. `cdo remapbil,r360x181 in.grib out.grib`, or request `grid: "
-                     "0.25/0.25` from MARS/CDS)")
-        if tol == "isobaricInhPa":
-            base = V.grib_base(name, tol) or V.grib_base(short, tol)
-            if base is None:
+    # candidates in the order their fields first appear in the file (as cfgrib's groups)
+    for g in sorted(range(len(keys)), key=lambda g: first_entry[g]):
+        key = keys[g]
+        base = group_base[key]
+        entries = order[bounds[g]:bounds[g + 1]]
+        k0 = kinds[groups[key][0]]
+        pl = key[3] == "isobaricInhPa"
+        levels = np.array(sorted({float(kinds[i]["level"]) for i in groups[key]}, reverse=True))
+        if wanted is not None:
+            if pl and not any(V.level_name(base, lv) in wanted for lv in levels):
                 continue
-            if lev_coord is None:
+            if not pl and base not in wanted:
                 continue
-            da = da.rename({lev_coord: "level"})
-            if wanted is not None and not any(
-                    V.level_name(base, lv) in wanted for lv in np.atleast_1d(da["level"].values)):
-                continue
-            cands.append(Candidate(base, da, short if short != "unknown" else name, error))
+        short = str(k0["shortName"])
+        name = str(k0["cfVarName"])
+        source_name = (short if short != "unknown" else name) if pl else name
+        grid = idx.grids[k0["grid"]]
+        attrs = {"units": k0["units"], "GRIB_units": k0["units"], "GRIB_shortName": short,
+                 "GRIB_paramId": k0["paramId"], "GRIB_typeOfLevel": key[3],
+                 "GRIB_gridType": grid.get("gridType"), "GRIB_stepType": k0["stepType"]}
+        if not pl:
+            attrs["GRIB_level"] = k0["level"]
+        if attrs["units"] in (None, "unknown"):
+            attrs.pop("units")
+            attrs.pop("GRIB_units")
+        if grid.get("gridType") not in _REGULAR or "lat" not in grid:
+            error = (f"it is on a {grid.get('gridType') or 'non-regular'} grid (not a regular "
+                     "lat/lon grid); regrid to a regular lat-lon grid first (e.g. `cdo "
+                     "remapbil,r360x181 in.grib out.grib`, or request `grid: 0.25/0.25` from "
+                     "MARS/CDS)")
+            if pl:
+                da = xr.DataArray(np.zeros(len(levels)), dims=("level",),
+                                  coords={"level": levels}, attrs=attrs)
+            else:
+                da = xr.DataArray(np.zeros(1), dims=("values",), attrs=attrs)
+            cands.append(Candidate(base, da, source_name, error))
             continue
-        for i, lv in enumerate(levels):
-            lv_f = None if lv is None else float(lv)
-            base = V.grib_base(name, tol, lv_f) or V.grib_base(short, tol, lv_f)
-            if base is None or base in V.PRESSURE_LEVEL:
-                continue
-            if wanted is not None and base not in wanted:
-                continue
-            sub = da
-            if lev_coord:
-                sub = sub.isel({lev_coord: i}, drop=True) if lev_coord in sub.dims else sub.drop_vars(lev_coord)
-            cands.append(Candidate(base, sub, name, error))
+        da = _field_array(idx, entries, pl, levels, grid, attrs)
+        cands.append(Candidate(base, da, source_name))
     return cands
+
+
+def _field_array(idx: GI.GribIndex, entries: np.ndarray, pl: bool, levels: np.ndarray,
+                 grid: dict, attrs: dict) -> xr.DataArray:
+    kinds = idx.kinds
+    kind_of = idx.kind[entries]
+    uk = np.unique(kind_of)
+    numbers = {int(u): kinds[int(u)]["number"] for u in uk}
+    has_number = any(v is not None for v in numbers.values())
+    num_of = np.array([numbers[int(u)] if numbers[int(u)] is not None else 0 for u in kind_of],
+                      dtype=np.int64) if has_number else np.zeros(len(entries), dtype=np.int64)
+    members = np.unique(num_of)
+    times = np.unique(idx.valid_time[entries])
+    ti = np.searchsorted(times, idx.valid_time[entries])
+    mi = np.searchsorted(members, num_of)
+    dims: list[str] = ["number", "time"]
+    shape = [len(members), len(times)]
+    pos = [mi, ti]
+    if pl:
+        lev_of = np.array([float(kinds[int(u)]["level"]) for u in kind_of])
+        lv_sorted = levels[::-1]  # ascending for searchsorted
+        li = len(levels) - 1 - np.searchsorted(lv_sorted, lev_of)
+        dims.append("level")
+        shape.append(len(levels))
+        pos.append(li)
+    table = np.full(shape, -1, dtype=np.int64)
+    # first message wins for exact repeats: assign in reverse file order
+    table[tuple(p[::-1] for p in pos)] = entries[::-1]
+    arr = GI.GribArray(idx, table)
+    var = xr.Variable(tuple(dims) + ("lat", "lon"), indexing.LazilyIndexedArray(arr))
+    coords = {"time": ("time", times.astype("datetime64[ns]")),
+              "lat": ("lat", np.asarray(grid["lat"], dtype=np.float64)),
+              "lon": ("lon", np.asarray(grid["lon"], dtype=np.float64))}
+    if pl:
+        coords["level"] = ("level", levels)
+    if has_number:
+        coords["number"] = ("number", members)
+        return xr.DataArray(var, coords=coords, attrs=attrs)
+    da = xr.DataArray(var, coords=coords, attrs=attrs)
+    return da.isel(number=0, drop=True)
 
 
 class GribSource:
@@ -199,8 +219,8 @@ class GribSource:
     def open(self, path: str, *, variables: list[str] | None = None,
              member: int | None = None) -> xr.Dataset:
         path = str(path)
-        records = scan(path)
-        _check_duplicates(path, records)
+        idx = GI.get_index(path)
+        _check_duplicates(path, idx)
         wanted = None
         if variables is not None:
             wanted = set()
@@ -211,23 +231,18 @@ class GribSource:
                     raise SourceError(f"{path}: {exc}") from None
                 wanted.add(spec.name)
                 wanted.add(spec.base)
-        groups: dict[tuple[int, str], set] = defaultdict(set)
-        for r in records:
-            groups[(r["paramId"], r["typeOfLevel"])].add(r["shortName"])
-        cands: list[Candidate] = []
-        for (pid, tol), shorts in groups.items():
-            if not any(V.grib_base(str(s), tol) or tol == "heightAboveGround" and
-                       V.GRIB_HEIGHT.keys() & {(str(s), 2.0), (str(s), 10.0)} for s in shorts):
-                continue
-            for ds in _open_group(path, pid, tol):
-                cands.extend(_candidates_from(ds, path, wanted))
+        cands = _candidates(path, idx, wanted)
         cands.sort(key=lambda c: _PRIORITY.get(c.source_name, 0))
         return assemble(path, cands, variables=variables, member=member, fmt="grib",
-                        describe=describe(records))
+                        describe=describe(idx))
 
 
-def describe(records: list[dict]) -> str:
-    """What a GRIB file has, in ClimaX terms, from its headers (for error messages)."""
+def describe(records) -> str:
+    """What a GRIB file has, in ClimaX terms, from its headers (for error messages).
+
+    ``records``: a :class:`~pipelines.sources.grib_index.GribIndex` or a list of header dicts."""
+    if isinstance(records, GI.GribIndex):
+        records = records.kinds  # one per distinct field kind, in file order
     singles: list[str] = []
     levels: dict[str, set] = defaultdict(set)
     for r in records:
