@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
         manifest = build(recipe, overwrite=args.overwrite)
     except Exception as e:  # one clear line, non-zero exit; nothing half-written looks finished
         fail(error_line(e), code=1)
-    for name, split in manifest["splits"].items():
+    for name, split in sorted(manifest["splits"].items(), key=lambda kv: ("train", "val", "test").index(kv[0])):
         print(f"{name:5s}: {split['rows']:6d} time steps in {len(split['shards'])} shards "
               f"({split['start']} .. {split['end']})")
     print(f"manifest: {recipe.output.rstrip('/')}/manifest.json")

@@ -27,7 +27,7 @@ import logging
 import os
 import platform
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,30 +277,54 @@ def _sha256_of(path: str, storage_options) -> str:
     return h.hexdigest()
 
 
+_OPEN: OrderedDict[tuple, Any] = OrderedDict()
+_OPEN_MAX = 64
+
+
+def _open_cached(f: dict):
+    """A lazy Dataset of every recipe variable in file ``f``, kept open in this worker process.
+
+    Ray reuses worker processes across tasks, and consecutive chunks read the same files: opening
+    a NetCDF or indexing a GRIB costs far more than reading one chunk from it.
+    """
+    key = (f["path"], f["fingerprint"], f["member"], tuple(sorted(f["variables"])))
+    if key in _OPEN:
+        _OPEN.move_to_end(key)
+        return _OPEN[key]
+    ds = open_source(f["path"], f["format"], variables=sorted(f["variables"]), member=f["member"],
+                     storage_options=f["storage_options"] or None)
+    _OPEN[key] = ds
+    while len(_OPEN) > _OPEN_MAX:
+        _OPEN.popitem(last=False)[1].close()
+    return ds
+
+
 def _read_fields(f: dict, variables: list[str], times: list[int] | None, dst: regrid.Grid, method: str,
                  cache_dir: str | None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """Decode, check and regrid ``variables`` of one file at ``times`` (None: constants)."""
-    ds = open_source(f["path"], f["format"], variables=variables, member=f["member"],
-                     storage_options=f["storage_options"] or None)
-    try:
-        if times is not None:
-            ds = ds.sel(time=np.asarray(times, dtype="int64").astype("datetime64[ns]"))
-        rg = regrid.get_regridder(_grid_of(ds), dst, method, cache_dir=cache_dir)
-        out, attrs = {}, {}
-        for v in variables:
-            da = ds[v].transpose(*(("time",) if times is not None else ()), "lat", "lon")
-            values = np.asarray(da.values, dtype=np.float32)
-            bad = ~np.isfinite(values)
-            if bad.any():
-                where_ = "" if times is None else f" at {_iso(times[int(np.argwhere(bad)[0][0])])}"
-                raise SourceError(
-                    f"{f['path']}: variable {v}{where_} has {int(bad.sum())} NaN/Inf values; the file is "
-                    "damaged or masked (e.g. a sea-only field); fix or replace it, or drop the variable")
-            out[v] = rg(values)
-            attrs[v] = {"units": da.attrs.get("units", ""), "source_name": da.attrs.get("source_name", "")}
-        return out, attrs
-    finally:
-        ds.close()
+    ds = _open_cached(f)
+    if times is not None:
+        idx = ds.get_index("time").get_indexer(np.asarray(times, dtype="int64").astype("datetime64[ns]"))
+        if (idx < 0).any():
+            raise SourceError(f"{f['path']}: time {_iso(times[int(np.argmax(idx < 0))])} was listed when the "
+                              "file was scanned but is gone now; was the file replaced during the run?")
+        # a contiguous run becomes a slice: HDF5/GRIB readers are much faster on slices than on lists
+        contiguous = len(idx) > 1 and bool(np.all(np.diff(idx) == 1))
+        ds = ds.isel(time=slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx)
+    rg = regrid.get_regridder(_grid_of(ds), dst, method, cache_dir=cache_dir)
+    out, attrs = {}, {}
+    for v in variables:
+        da = ds[v].transpose(*(("time",) if times is not None else ()), "lat", "lon")
+        values = np.asarray(da.values, dtype=np.float32)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            where_ = "" if times is None else f" at {_iso(times[int(np.argwhere(bad)[0][0])])}"
+            raise SourceError(
+                f"{f['path']}: variable {v}{where_} has {int(bad.sum())} NaN/Inf values; the file is "
+                "damaged or masked (e.g. a sea-only field); fix or replace it, or drop the variable")
+        out[v] = rg(values)
+        attrs[v] = {"units": da.attrs.get("units", ""), "source_name": da.attrs.get("source_name", "")}
+    return out, attrs
 
 
 def run_chunk(chunk: dict, ctx: dict) -> dict:
