@@ -39,6 +39,7 @@ from climax import shards as S
 from pipelines import regrid, storage
 from pipelines.recipe import Recipe
 from pipelines.sources import SourceError, list_files, open_source
+from pipelines.sources.weatherbench import file_year
 from pipelines.stats import ClimatologyAccumulator, Moments, merge_all
 from pipelines.variables import parse_variable
 
@@ -70,12 +71,12 @@ def fingerprint_file(path: str, storage_options: dict | None) -> str:
     return hashlib.sha256(f"{info.get('size')}|{tag}".encode()).hexdigest()[:16]
 
 
-def write_atomic(path: str, data: bytes, storage_options: dict | None) -> None:
+def write_atomic(path: str, data: bytes | memoryview, storage_options: dict | None) -> None:
     """Local: temporary name in the same folder, then rename. Object storage: one PUT, which is
     atomic (the object appears whole or not at all)."""
     fs, p = storage.filesystem(path, storage_options)
     if storage.is_remote(path):
-        fs.pipe_file(p, data)
+        fs.pipe_file(p, bytes(data))
         return
     os.makedirs(os.path.dirname(p), exist_ok=True)
     tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp")
@@ -94,10 +95,11 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def table_bytes(table: pa.Table, variables: list[str], compression_level: int) -> bytes:
+def table_bytes(table: pa.Table, variables: list[str], compression_level: int) -> memoryview:
+    """The Parquet file as one buffer (hashed and written as is, without a copy)."""
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, **S.write_options(variables, compression_level))
-    return sink.getvalue().to_pybytes()
+    return memoryview(sink.getvalue())
 
 
 def _grid_of(ds) -> regrid.Grid:
@@ -112,7 +114,9 @@ def expand_sources(recipe: Recipe) -> list[dict]:
         fmt = src.format
         local_dir = not storage.is_remote(src.path) and os.path.isdir(src.path)
         if local_dir and fmt in ("weatherbench", "auto"):
-            files = [f for fs in list_files(src.path, recipe.variables).values() for f in fs]
+            # yearly files of the recipe's years only (constants have no year)
+            files = [f for fs in list_files(src.path, recipe.variables).values() for f in fs
+                     if file_year(f) is None or recipe.split_of(file_year(f)) is not None]
             fmt = "weatherbench"
         else:
             files = storage.expand_paths(src.path, src.storage_options)
@@ -376,7 +380,10 @@ def run_chunk(chunk: dict, ctx: dict) -> dict:
     meta = {"recipe": recipe_fp, "sources": sources_fp, "rows": rows, "stats": stats}
     data = table_bytes(S.table_from_arrays(times, arrays, metadata=meta), list(arrays), ctx["compression_level"])
     write_atomic(path, data, so)
-    return {**chunk, "rows": rows, "stats": stats, "sha256": hashlib.sha256(data).hexdigest(), "skipped": False}
+    digest = hashlib.sha256(data).hexdigest()
+    del data, arrays
+    pa.default_memory_pool().release_unused()  # give the encoder's buffers back between tasks
+    return {**chunk, "rows": rows, "stats": stats, "sha256": digest, "skipped": False}
 
 
 def run_climatology(variable: str, ctx: dict) -> dict:

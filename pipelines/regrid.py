@@ -478,6 +478,8 @@ class Regridder:
                 f"field of shape {a.shape} does not end with the source grid shape {self.src.shape} "
                 "(nlat, nlon); transpose it to (..., lat, lon)"
             )
+        if self.src == self.dst:  # identity weights: skip the sparse product (exact either way)
+            return np.array(a, dtype=np.float32, order="C", copy=True)
         lead = a.shape[:-2]
         flat = a.reshape(-1, self.src.size)
         out = np.empty((flat.shape[0], self.dst.size), dtype=np.float32)
