@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_step.py
+	$(PY) benchmarks/preprocess.py --years 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -76,7 +76,10 @@ def write_atomic(path: str, data: bytes | memoryview, storage_options: dict | No
     atomic (the object appears whole or not at all)."""
     fs, p = storage.filesystem(path, storage_options)
     if storage.is_remote(path):
-        fs.pipe_file(p, bytes(data))
+        try:
+            fs.pipe_file(p, bytes(data))
+        except Exception as exc:  # e.g. a missing bucket: name it, the endpoint and what to check
+            raise storage.explain(exc, path, storage_options) from None
         return
     os.makedirs(os.path.dirname(p), exist_ok=True)
     tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp")
@@ -161,6 +164,15 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
     const_vars = [v for v in recipe.variables if specs[v].is_constant]
     time_vars = [v for v in recipe.variables if not specs[v].is_constant]
     times = recipe.time.times()
+    # Model calendars without 29 February (noleap, 365_day; their times are converted to the
+    # standard calendar when read) cannot have those steps: leave them out rather than call them
+    # missing. Recorded in the manifest's sources (calendar per file).
+    calendars = {str(f.get("calendar", "standard")).lower() for f in files if f["times"]}
+    if calendars and calendars <= {"noleap", "365_day"}:
+        days = times.astype("datetime64[D]")
+        feb29 = (days - days.astype("datetime64[M]")).astype(int) == 28
+        feb29 &= (days.astype("datetime64[M]").astype(int) % 12) == 1
+        times = times[~feb29]
     years = times.astype("datetime64[Y]").astype(int) + 1970
     keep = np.array([recipe.split_of(int(y)) is not None for y in years])
     times, years = times[keep], years[keep]
@@ -197,6 +209,14 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
         if v not in COMPUTED and v not in const_file:
             raise BuildError(f"constant {v} is in none of the {len(files)} source files; add a source that has it "
                              "(e.g. the ERA5 invariants or WeatherBench constants) or drop it from variables")
+    if calendars - {"standard", "gregorian", "proleptic_gregorian", "noleap", "365_day"} and time_vars:
+        # 360_day and other model calendars map onto irregular standard dates: take the time
+        # steps every variable has, within the recipe's range and split years
+        common = set.intersection(*(set(where[v]) for v in time_vars))
+        lo, hi = _ns(recipe.time.start.replace(tzinfo=None)), _ns(recipe.time.end.replace(tzinfo=None))
+        tns = np.array(sorted(t for t in common if lo <= t <= hi and recipe.split_of(
+            int(np.datetime64(t, "ns").astype("datetime64[Y]").astype(int) + 1970)) is not None), dtype=np.int64)
+        years = tns.astype("datetime64[ns]").astype("datetime64[Y]").astype(int) + 1970
     for v in time_vars:
         if not where[v]:
             raise BuildError(f"variable {v} is in none of the {len(files)} source files "
@@ -243,7 +263,7 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
                 "reads": [{"file": i, "variables": sorted(r["variables"]), "times": sorted(r["times"])}
                           for i, r in sorted(reads.items())],
             })
-    consts = [v for v in const_vars]
+    consts = list(const_vars)
     if consts:
         chunks.append({"kind": "constants", "index": len(chunks), "path": S.CONSTANTS, "variables": consts,
                        "reads": [{"file": const_file[v], "variables": [v]} for v in consts if v not in COMPUTED]})

@@ -278,3 +278,31 @@ def test_two_node_cluster_gives_the_same_shards(built, archive, tmp_path):
     a = json.loads((out / "manifest.json").read_text())
     b = json.loads((reference / "manifest.json").read_text())
     assert a["statistics"] == b["statistics"] and a["splits"] == b["splits"]
+
+
+def _fake_file(path, times, calendar, var="2m_temperature"):
+    from pipelines.regrid import target_grid
+
+    g = target_grid(11.25)
+    return {"path": path, "format": "netcdf", "member": None, "storage_options": {}, "fingerprint": "f",
+            "calendar": calendar, "lat": g.lat.tolist(), "lon": g.lon.tolist(),
+            "times": [int(t) for t in np.asarray(times, "datetime64[ns]").astype(np.int64)],
+            "variables": {var: {"units": "K", "source_name": "tas", "constant": False}}}
+
+
+@pytest.mark.parametrize("calendar", ["noleap", "365_day"])
+def test_calendars_without_leap_days_plan_without_29_february(tmp_path, calendar):
+    from pipelines.build import BuildError, plan_chunks
+
+    days = np.arange(np.datetime64("2016-02-20"), np.datetime64("2016-03-10"), np.timedelta64(1, "D"))
+    days = days[days != np.datetime64("2016-02-29")]
+    recipe = Recipe.model_validate({
+        "sources": [{"path": "x"}], "variables": ["2m_temperature"], "grid": {"resolution": 11.25},
+        "time": {"start": "2016-02-20", "end": "2016-03-09", "step": "1D"},
+        "splits": {"train": [2016, 2016]}, "output": str(tmp_path)})
+    plan = plan_chunks(recipe, [_fake_file("tas_noleap.nc", days, calendar)])
+    planned = [t for c in plan.chunks for t in c["times"]]
+    assert len(planned) == len(days) and np.datetime64("2016-02-29", "ns").astype(np.int64) not in planned
+    # the standard calendar does not excuse a missing day
+    with pytest.raises(BuildError, match="missing at 1 of 19 time steps, first at 2016-02-29"):
+        plan_chunks(recipe, [_fake_file("tas.nc", days, "standard")])
