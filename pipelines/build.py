@@ -392,9 +392,7 @@ def run_chunk(chunk: dict, ctx: dict) -> dict:
         stats = {}
         if chunk["split"] == "train":
             for v, a in arrays.items():
-                seq = np.concatenate([prev[v][None], a]) if v in prev else a
-                diffs = np.diff(seq.astype(np.float64), axis=0)
-                stats[v] = {"values": Moments.of(a).to_dict(), "diffs": Moments.of(diffs).to_dict()}
+                stats[v] = {"values": Moments.of(a).to_dict(), "diffs": Moments.of_diffs(prev.get(v), a).to_dict()}
         times = np.asarray(chunk["times"], dtype="int64").astype("datetime64[ns]")
         rows = n
     meta = {"recipe": recipe_fp, "sources": sources_fp, "rows": rows, "stats": stats}

@@ -27,12 +27,27 @@ class Moments:
     m2: float = 0.0
 
     @classmethod
-    def of(cls, values: np.ndarray) -> Moments:
-        a = np.asarray(values, dtype=np.float64)
+    def of(cls, values: np.ndarray, block: int = 1 << 20) -> Moments:
+        """Moments of all elements, in float64 blocks of ``block`` elements (bounded memory)."""
+        a = np.asarray(values).reshape(-1)
         if a.size == 0:
             return cls()
-        mean = float(a.mean())
-        return cls(int(a.size), mean, float(np.square(a - mean).sum()))
+        mean = float(a.sum(dtype=np.float64) / a.size)
+        m2 = 0.0
+        for k in range(0, a.size, block):
+            m2 += float(np.square(a[k:k + block].astype(np.float64) - mean).sum())
+        return cls(int(a.size), mean, m2)
+
+    @classmethod
+    def of_diffs(cls, first: np.ndarray | None, values: np.ndarray) -> Moments:
+        """Moments of the differences between consecutive fields of ``values`` (axis 0), preceded
+        by ``first`` when given, computed frame by frame in float64."""
+        total, prev = cls(), first
+        for frame in values:
+            if prev is not None:
+                total = total.merge(cls.of(frame.astype(np.float64) - prev))
+            prev = frame
+        return total
 
     def merge(self, other: Moments) -> Moments:
         if other.count == 0:
