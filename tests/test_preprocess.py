@@ -64,15 +64,6 @@ def recipe_dict(archive: Path, output: Path, **kw) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def built(archive, ray_local, tmp_path_factory):
     from pipelines.build import build
 

@@ -4,7 +4,6 @@ sample files in ../shared/data: values, byte-identical shards across storages, c
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +23,6 @@ MEMBERS = "era5/era5-levels-members"
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def grib_dir(tmp_path_factory) -> Path:
     """Six days of 6-hourly 5.625-degree GRIB 2 (pressure-level and surface files of 2015)."""
@@ -66,22 +56,12 @@ def built_grib(grib_dir, ray_local, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3():
-    pytest.importorskip("moto.server")
-    from moto.server import ThreadedMotoServer
-
+def s3(moto_s3):
     from pipelines import storage
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
-    fs, _ = storage.filesystem(f"s3://{BUCKET}", opts)
+    fs, _ = storage.filesystem(f"s3://{BUCKET}", moto_s3)
     fs.mkdir(BUCKET)
-    yield fs, opts
-    server.stop()
+    return fs, moto_s3
 
 
 def _read(path: Path | str, filesystem=None):

@@ -547,20 +547,10 @@ def test_weatherbench_root(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def s3():
-    pytest.importorskip("moto.server")
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": endpoint}}
-    fs, _ = storage.filesystem("s3://climax-test", opts)
+def s3(moto_s3):
+    fs, _ = storage.filesystem("s3://climax-test", moto_s3)
     fs.mkdir("climax-test")
-    yield endpoint, opts
-    server.stop()
+    return moto_s3["client_kwargs"]["endpoint_url"], moto_s3
 
 
 def test_s3_open_and_expand(s3, shared_data):
