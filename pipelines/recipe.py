@@ -77,7 +77,7 @@ class Recipe(_Strict):
         description="split name -> [first year, last year]")
     output: str = Field(description="output folder or s3:// prefix")
     storage_options: dict = Field(default_factory=dict, description="s3fs options for the output")
-    shard_bytes: int = Field(32 * 2**20, description="target uncompressed bytes per shard (bounds task memory)")
+    shard_bytes: int = Field(16 * 2**20, description="target uncompressed bytes per shard (bounds task memory)")
     compression_level: int = Field(1, description="zstd level of the shards (1: fastest; 3-9: a few % smaller)")
     regrid_cache: str | None = Field(None, description="local folder caching regridding weights")
 
