@@ -284,16 +284,22 @@ def test_era5_members_without_member_fails_naming_member(shared_data, ray_local,
     assert not (tmp_path / "out" / S.MANIFEST).exists()
 
 
-def test_cmip6_patch_is_not_global(shared_data, ray_local, tmp_path):
+@pytest.mark.parametrize("which", ["cmip6-patch", "era5-regional"])
+def test_non_global_sources_are_refused(shared_data, ray_local, tmp_path, which):
     from pipelines.build import BuildError, build
 
-    path = sorted((shared_data / "cmip6").rglob("ta_day_AWI-ESM-1-1-LR_*_20020101-20021231.nc"))[0]
+    if which == "cmip6-patch":  # a 2 x 2 patch of AWI-ESM-1-1-LR daily ta
+        path = sorted((shared_data / "cmip6").rglob("ta_day_AWI-ESM-1-1-LR_*_20020101-20021231.nc"))[0]
+        var, method, time = "temperature_850", "bilinear", ("2002-01-01T12:00", "2002-01-05T12:00", "1D")
+    else:  # ERA5 t2m over Europe, 0.25 deg
+        path = shared_data / "era5/era5-single-level-scalar-time.grib"
+        var, method, time = "2m_temperature", "conservative", ("2017-01-01T12:00", "2017-01-01T12:00", "1h")
     recipe = {
         "sources": [{"path": str(path)}],
-        "variables": ["temperature_850"],
-        "grid": {"resolution": RES, "method": "bilinear"},
-        "time": {"start": "2002-01-01T12:00", "end": "2002-01-05T12:00", "step": "1D"},
-        "splits": {"train": [2002, 2002]},
+        "variables": [var],
+        "grid": {"resolution": RES, "method": method},
+        "time": dict(zip(("start", "end", "step"), time)),
+        "splits": {"train": [int(time[0][:4])] * 2},
         "output": str(tmp_path / "out"),
     }
     with pytest.raises(BuildError) as e:
@@ -301,24 +307,6 @@ def test_cmip6_patch_is_not_global(shared_data, ray_local, tmp_path):
     msg = str(e.value)
     assert "not global" in msg and str(path) in msg, msg
     assert not (tmp_path / "out" / S.MANIFEST).exists()
-
-
-def test_regional_era5_is_not_global(shared_data, ray_local, tmp_path):
-    from pipelines.build import BuildError, build
-
-    path = shared_data / "era5/era5-single-level-scalar-time.grib"
-    recipe = {
-        "sources": [{"path": str(path)}],
-        "variables": ["2m_temperature"],
-        "grid": {"resolution": RES, "method": "conservative"},
-        "time": {"start": "2017-01-01T12:00", "end": "2017-01-01T12:00", "step": "1h"},
-        "splits": {"train": [2017, 2017]},
-        "output": str(tmp_path / "out"),
-    }
-    with pytest.raises(BuildError) as e:
-        build(Recipe.model_validate(recipe))
-    msg = str(e.value)
-    assert "not global" in msg and str(path) in msg, msg
 
 
 # ------------------------------------------------------------------------------ 4. mixed grids
