@@ -1,0 +1,113 @@
+"""Forecast sampling: which (input time, target time, lead time) triples a training epoch visits.
+
+One home for the lead-time sampling. Pretraining draws, for every input time, a lead time uniformly
+among the configured leads (default 6 h to 168 h in steps of the data's time step) whose target
+exists in the split; finetuning uses fixed lead times, every (input, lead) pair once per epoch.
+Pairs are formed on the split's whole time axis, so none is lost at shard edges. Each epoch is a
+global shuffle seeded by (seed, epoch); each worker takes a disjoint, equally long part.
+
+Pure numpy: the reader that turns triples into tensors lives beside the training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["TimeAxis", "lead_hours", "ForecastSampler"]
+
+
+@dataclass(frozen=True)
+class TimeAxis:
+    """The time steps of one split, in order, with the shard and row that hold each."""
+
+    times: np.ndarray  # datetime64[ns], strictly increasing
+    shard: np.ndarray  # int, index into the manifest's shard list of the split
+    row: np.ndarray  # int, row within that shard
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, split: str) -> TimeAxis:
+        """Rebuild a split's time axis from the manifest (shards hold regular steps)."""
+        step = np.timedelta64(int(manifest["time"]["step_seconds"]), "s").astype("timedelta64[ns]")
+        times, shard, row = [], [], []
+        for k, s in enumerate(manifest["splits"][split]["shards"]):
+            start = np.datetime64(s["start"], "ns")
+            t = start + step * np.arange(s["rows"])
+            if t[-1] != np.datetime64(s["end"], "ns"):
+                raise ValueError(f"shard {s['path']}: {s['rows']} rows from {s['start']} at a {step} step do not "
+                                 f"end at {s['end']}; the manifest and the shard disagree, rebuild the dataset")
+            times.append(t)
+            shard.append(np.full(s["rows"], k))
+            row.append(np.arange(s["rows"]))
+        if not times:
+            raise ValueError(f"split {split!r} has no shards")
+        axis = cls(np.concatenate(times), np.concatenate(shard), np.concatenate(row))
+        if np.any(np.diff(axis.times) <= np.timedelta64(0, "ns")):
+            raise ValueError(f"split {split!r}: shard times are not strictly increasing")
+        return axis
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+
+def lead_hours(min_hours: float, max_hours: float, step_hours: float) -> np.ndarray:
+    """Every lead time from ``min_hours`` to ``max_hours`` in steps of the data's time step."""
+    if min_hours <= 0 or max_hours < min_hours:
+        raise ValueError(f"need 0 < min_hours <= max_hours, got {min_hours}, {max_hours}")
+    if min_hours % step_hours or max_hours % step_hours:
+        raise ValueError(f"lead times {min_hours}..{max_hours} h are not multiples of the data's "
+                         f"{step_hours} h step")
+    return np.arange(min_hours, max_hours + step_hours / 2, step_hours)
+
+
+class ForecastSampler:
+    """Triples (input index, target index, lead hours) on a ``TimeAxis``.
+
+    Args:
+        axis: the split's time axis.
+        leads: candidate lead times in hours.
+        random_lead: True (pretraining): one lead per input time, drawn uniformly among the leads
+            whose target exists; False (finetuning): every (input, lead) pair.
+        seed: the same seed gives the same epochs.
+    """
+
+    def __init__(self, axis: TimeAxis, leads: Sequence[float], random_lead: bool = True, seed: int = 0):
+        self.axis, self.random_lead, self.seed = axis, random_lead, seed
+        self.leads = np.asarray(leads, dtype=np.float64)
+        t = axis.times.astype(np.int64)
+        target_times = t[:, None] + (self.leads * 3.6e12).astype(np.int64)[None, :]
+        pos = np.searchsorted(t, target_times)
+        pos_c = np.minimum(pos, len(t) - 1)
+        self.valid = (pos < len(t)) & (t[pos_c] == target_times)  # (inputs, leads)
+        self.target = np.where(self.valid, pos_c, -1)
+        if not self.valid.any():
+            raise ValueError(f"no lead time in {self.leads.tolist()} h fits inside the split's "
+                             f"{len(t)} time steps; use shorter leads or a longer split")
+
+    def all_pairs(self) -> np.ndarray:
+        """Every valid (input, target, lead) triple, (n, 3) float64."""
+        i, k = np.nonzero(self.valid)
+        return np.stack([i, self.target[i, k], self.leads[k]], axis=1)
+
+    def epoch(self, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        """This worker's triples for ``epoch``: (n, 3) with columns input, target, lead hours.
+
+        Every worker gets the same number of samples (DDP steps in lockstep); the few left over
+        by the division are dropped for this epoch and come back in another order next epoch.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.random_lead:
+            inputs = np.flatnonzero(self.valid.any(axis=1))
+            # a uniform choice among each input's valid leads: random keys, masked, argmax
+            keys = rng.random((len(inputs), len(self.leads)))
+            k = np.argmax(np.where(self.valid[inputs], keys, -1.0), axis=1)
+            triples = np.stack([inputs, self.target[inputs, k], self.leads[k]], axis=1)
+        else:
+            triples = self.all_pairs()
+        triples = triples[rng.permutation(len(triples))]
+        per_worker = len(triples) // world_size
+        return triples[rank * per_worker:(rank + 1) * per_worker]
