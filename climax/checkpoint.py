@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from climax.model import ClimaX
+from climax.variables import NAME_ALIASES, ORIGINAL_DEFAULT_VARS
 
 __all__ = [
     "CheckpointError",
@@ -35,18 +36,6 @@ __all__ = [
 log = logging.getLogger("climax.checkpoint")
 
 FORMAT = "climax-ray/1"
-
-_LEVELS = (50, 250, 500, 600, 700, 850, 925)
-#: The 48 variables of the released ClimaX pretraining checkpoints, in their embedding order
-#: (the original spells ``latitude`` as ``lattitude``; ``NAME_ALIASES`` maps it).
-ORIGINAL_DEFAULT_VARS: tuple[str, ...] = (
-    "land_sea_mask", "orography", "latitude", "2m_temperature",
-    "10m_u_component_of_wind", "10m_v_component_of_wind",
-    *(f"{base}_{lev}" for base in ("geopotential", "u_component_of_wind", "v_component_of_wind",
-                                   "temperature", "relative_humidity", "specific_humidity")
-      for lev in _LEVELS),
-)
-NAME_ALIASES = {"lattitude": "latitude"}
 
 # Older ClimaX files call the variable tables "channel_*".
 _RENAMES = {"channel_embed": "var_embed", "channel_query": "var_query", "channel_agg": "var_agg"}

@@ -24,6 +24,8 @@ import xarray as xr
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
+from climax.variables import DEFAULT_LEVELS, NAME_ALIASES, ORIGINAL_DEFAULT_VARS
+
 #: Standard gravity (m s-2), used for geopotential <-> geopotential height and orography.
 G = 9.80665
 
@@ -64,33 +66,10 @@ PRESSURE_LEVEL: dict[str, str] = {
 }
 
 #: Spellings accepted for historical reasons, normalised on the way in.
-ALIASES: dict[str, str] = {"lattitude": "latitude"}
+ALIASES: dict[str, str] = dict(NAME_ALIASES)
 
-#: ClimaX pretraining levels (hPa).
-DEFAULT_LEVELS: tuple[int, ...] = (50, 250, 500, 600, 700, 850, 925)
-
-#: The 48 ClimaX pretraining variables, in the order of the original ``configs/pretrain_climax.yaml``
-#: (with ``latitude`` for the original's ``lattitude``).
-DEFAULT_VARS: list[str] = [
-    "land_sea_mask",
-    "orography",
-    "latitude",
-    "2m_temperature",
-    "10m_u_component_of_wind",
-    "10m_v_component_of_wind",
-    *[
-        f"{base}_{level}"
-        for base in (
-            "geopotential",
-            "u_component_of_wind",
-            "v_component_of_wind",
-            "temperature",
-            "relative_humidity",
-            "specific_humidity",
-        )
-        for level in DEFAULT_LEVELS
-    ],
-]
+#: The 48 ClimaX pretraining variables, in the released checkpoints' order.
+DEFAULT_VARS: list[str] = list(ORIGINAL_DEFAULT_VARS)
 
 
 @dataclass(frozen=True)
