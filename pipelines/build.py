@@ -302,7 +302,7 @@ def _sha256_of(path: str, storage_options) -> str:
 
 
 _OPEN: OrderedDict[tuple, Any] = OrderedDict()
-_OPEN_MAX = 64
+_OPEN_MAX = 16  # a chunk reads a handful of files; more open handles only cost memory
 
 
 def _open_cached(f: dict):
@@ -360,7 +360,7 @@ def run_chunk(chunk: dict, ctx: dict) -> dict:
     if not ctx["overwrite"]:
         meta = _existing(path, recipe_fp, sources_fp, so)
         if meta is not None:
-            return {**chunk, "rows": meta["rows"], "stats": meta["stats"], "sha256": _sha256_of(path, so),
+            return {**_summary(chunk), "rows": meta["rows"], "stats": meta["stats"], "sha256": _sha256_of(path, so),
                     "skipped": True}
 
     if chunk["kind"] == "constants":
@@ -401,7 +401,15 @@ def run_chunk(chunk: dict, ctx: dict) -> dict:
     digest = hashlib.sha256(data).hexdigest()
     del data, arrays
     pa.default_memory_pool().release_unused()  # give the encoder's buffers back between tasks
-    return {**chunk, "rows": rows, "stats": stats, "sha256": digest, "skipped": False}
+    return {**_summary(chunk), "rows": rows, "stats": stats, "sha256": digest, "skipped": False}
+
+
+def _summary(chunk: dict) -> dict:
+    """What the driver keeps of a finished chunk: not its time lists and reads (memory per year)."""
+    out = {k: chunk[k] for k in ("kind", "index", "path", "split", "year") if k in chunk}
+    if chunk["kind"] == "shard":
+        out["start"], out["end"] = _iso(chunk["times"][0]), _iso(chunk["times"][-1])
+    return out
 
 
 def run_climatology(variable: str, ctx: dict) -> dict:
@@ -490,7 +498,8 @@ def build(recipe: Recipe, overwrite: bool = False) -> dict:
     files = _ray_map(items, lambda it, c: scan_file(it, c["variables"]), {"variables": recipe.variables}, "scan")
     plan = plan_chunks(recipe, files)
     ctx = {
-        "recipe_fp": recipe.fingerprint(), "files": files, "output": recipe.output, "storage_options": so,
+        "recipe_fp": recipe.fingerprint(), "output": recipe.output, "storage_options": so,
+        "files": [{k: v for k, v in f.items() if k != "times"} for f in files],
         "lat": plan.dst.lat.tolist(), "lon": plan.dst.lon.tolist(), "method": recipe.grid.method,
         "regrid_cache": recipe.regrid_cache, "time_vars": plan.time_vars, "overwrite": overwrite,
         "compression_level": recipe.compression_level,
@@ -530,11 +539,11 @@ def build(recipe: Recipe, overwrite: bool = False) -> dict:
         rs = [r for r in results if r["kind"] == "shard" and r["split"] == name]
         splits[name] = {
             "years": list(recipe.splits[name]),
-            "start": _iso(rs[0]["times"][0]) if rs else None,
-            "end": _iso(rs[-1]["times"][-1]) if rs else None,
+            "start": rs[0]["start"] if rs else None,
+            "end": rs[-1]["end"] if rs else None,
             "rows": sum(r["rows"] for r in rs),
-            "shards": [{"path": r["path"], "rows": r["rows"], "start": _iso(r["times"][0]),
-                        "end": _iso(r["times"][-1]), "sha256": r["sha256"]} for r in rs],
+            "shards": [{"path": r["path"], "rows": r["rows"], "start": r["start"], "end": r["end"],
+                        "sha256": r["sha256"]} for r in rs],
         }
     const = [r for r in results if r["kind"] == "constants"]
     manifest = {
