@@ -46,33 +46,39 @@ def _files(shared_data, small):
         shared_data / name for name in SHARED_GRIB]
 
 
+def _eccodes_handles(path, headers_only=False):
+    """(message number, handle) for every field of a plain ecCodes pass (multi-field support on)."""
+    import eccodes
+
+    with open(path, "rb") as f:
+        eccodes.codes_grib_multi_support_on()
+        eccodes.codes_grib_multi_support_reset_file(f)
+        try:
+            n = 0
+            while (h := eccodes.codes_grib_new_from_file(f, headers_only=headers_only)) is not None:
+                try:
+                    yield n, h
+                finally:
+                    eccodes.codes_release(h)
+                n += 1
+        finally:
+            eccodes.codes_grib_multi_support_off()
+
+
 def _eccodes_records(path, every=1):
     """(count, {message number: keys}) from a plain ecCodes pass, as the old reader did."""
     import eccodes
 
     keys = ("shortName", "typeOfLevel", "level", "stepType", "stepRange", "dataDate", "dataTime",
             "validityDate", "validityTime", "gridType", "Ni", "Nj")
-    out, n = {}, 0
-    with open(path, "rb") as f:
-        eccodes.codes_grib_multi_support_on()
-        eccodes.codes_grib_multi_support_reset_file(f)
-        try:
-            while True:
-                h = eccodes.codes_grib_new_from_file(f, headers_only=True)
-                if h is None:
-                    break
-                try:
-                    if n % every == 0:
-                        rec = {k: eccodes.codes_get(h, k) for k in keys}
-                        rec["number"] = (eccodes.codes_get(h, "number")
-                                         if eccodes.codes_is_defined(h, "number") else None)
-                        out[n] = rec
-                finally:
-                    eccodes.codes_release(h)
-                n += 1
-        finally:
-            eccodes.codes_grib_multi_support_off()
-    return n, out
+    out, count = {}, 0
+    for n, h in _eccodes_handles(path, headers_only=True):
+        count = n + 1
+        if n % every == 0:
+            rec = {k: eccodes.codes_get(h, k) for k in keys}
+            rec["number"] = eccodes.codes_get(h, "number") if eccodes.codes_is_defined(h, "number") else None
+            out[n] = rec
+    return count, out
 
 
 def _cfgrib(path):
@@ -139,27 +145,14 @@ def _eccodes_values(path, wanted):
     ecCodes itself (multi-field support on)."""
     import eccodes
 
-    out, n = {}, 0
-    with open(path, "rb") as f:
-        eccodes.codes_grib_multi_support_on()
-        eccodes.codes_grib_multi_support_reset_file(f)
-        try:
-            while True:
-                h = eccodes.codes_grib_new_from_file(f)
-                if h is None:
-                    break
-                try:
-                    if n in wanted:
-                        nj, ni = eccodes.codes_get(h, "Nj"), eccodes.codes_get(h, "Ni")
-                        v = eccodes.codes_get_values(h)
-                        if eccodes.codes_get(h, "bitmapPresent"):  # as cfgrib: NaN
-                            v[v == eccodes.codes_get(h, "missingValue")] = np.nan
-                        out[n] = v.reshape(nj, ni)
-                finally:
-                    eccodes.codes_release(h)
-                n += 1
-        finally:
-            eccodes.codes_grib_multi_support_off()
+    out = {}
+    for n, h in _eccodes_handles(path):
+        if n in wanted:
+            nj, ni = eccodes.codes_get(h, "Nj"), eccodes.codes_get(h, "Ni")
+            v = eccodes.codes_get_values(h)
+            if eccodes.codes_get(h, "bitmapPresent"):  # as cfgrib: NaN
+                v[v == eccodes.codes_get(h, "missingValue")] = np.nan
+            out[n] = v.reshape(nj, ni)
     return out
 
 
