@@ -53,6 +53,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch import nn
 
+from climax.regions import Region
+
 __all__ = ["ClimaX", "get_1d_sincos_embed", "get_2d_sincos_pos_embed"]
 
 
@@ -206,11 +208,9 @@ class ClimaX(nn.Module):
         separate convolutions (same parameters, same result).
         """
         B, V, H, W = x.shape
-        if (H, W) != self.img_size:
-            raise ValueError(f"input grid {(H, W)} does not match the model's img_size {self.img_size}")
         p = self.patch_size
         patches = x.reshape(B, V, H // p, p, W // p, p).permute(0, 1, 2, 4, 3, 5)
-        patches = patches.reshape(B, V, self.num_patches, p * p)
+        patches = patches.reshape(B, V, (H // p) * (W // p), p * p)
         weight = torch.stack([self.token_embeds[i].proj.weight.reshape(self.embed_dim, p * p) for i in ids])
         bias = torch.stack([self.token_embeds[i].proj.bias for i in ids])
         return torch.einsum("bvlk,vdk->bvld", patches, weight) + bias[None, :, None, :]
@@ -234,13 +234,12 @@ class ClimaX(nn.Module):
         """Patch embedding, variable embedding and aggregation fused: (B, V, H, W) -> (B, L, D).
 
         Exactly ``aggregate_variables(embed_tokens(x, ids) + var_embed)`` (see the module
-        docstring), without materialising the (B, V, L, D) tokens.
+        docstring), without materialising the (B, V, L, D) tokens. H and W may be those of a
+        regional crop (multiples of p); L is then the crop's number of patches.
         """
         B, V, Hh, Ww = x.shape
-        if (Hh, Ww) != self.img_size:
-            raise ValueError(f"input grid {(Hh, Ww)} does not match the model's img_size {self.img_size}")
         p, D, nh = self.patch_size, self.embed_dim, self.num_heads
-        dh, k, L = D // nh, p * p, self.num_patches
+        dh, k, L = D // nh, p * p, (Hh // p) * (Ww // p)
         patches = x.reshape(B, V, Hh // p, p, Ww // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B * L, V, k)
         w_p = torch.stack([self.token_embeds[i].proj.weight.reshape(D, k) for i in ids])  # (V, D, k)
         c = torch.stack([self.token_embeds[i].proj.bias for i in ids]) + self.var_embed[0, ids]  # (V, D)
@@ -265,24 +264,42 @@ class ClimaX(nn.Module):
         out, _ = self.var_agg(query, x, x, need_weights=False)
         return out.reshape(B, L, D)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, p*p*V) -> (B, V, H, W); channel order (p, q, c) as in the original head."""
-        p, (h, w), c = self.patch_size, self.grid_size, len(self.default_vars)
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, L, p*p*V) -> (B, V, H, W); channel order (p, q, c) as in the original head.
+
+        ``grid``: the (rows, cols) of patches, default the whole grid (a region's ``patch_grid``).
+        """
+        p, c = self.patch_size, len(self.default_vars)
+        h, w = grid if grid is not None else self.grid_size
         x = x.reshape(x.shape[0], h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     # ------------------------------------------------------------------ forward
-    def forward_encoder(self, x: torch.Tensor, lead_times: torch.Tensor, in_vars: Sequence[str]) -> torch.Tensor:
-        """Tokens after the final norm, (B, L, D)."""
+    def check_grid(self, x: torch.Tensor, region: Region | None) -> None:
+        expect = self.img_size if region is None else region.shape
+        if tuple(x.shape[-2:]) != tuple(expect):
+            where = "the model's img_size" if region is None else f"region {region.name!r}"
+            raise ValueError(f"input grid {tuple(x.shape[-2:])} does not match {where} {tuple(expect)}")
+        if region is not None and (tuple(region.grid_shape) != self.img_size or region.patch_size != self.patch_size):
+            raise ValueError(f"region {region.name!r} was cut from a {region.grid_shape} grid with patch "
+                             f"{region.patch_size}; this model has {self.img_size}, patch {self.patch_size}")
+
+    def forward_encoder(self, x: torch.Tensor, lead_times: torch.Tensor, in_vars: Sequence[str],
+                        region: Region | None = None) -> torch.Tensor:
+        """Tokens after the final norm, (B, L, D); L is the region's patch count when given."""
         if x.shape[1] != len(in_vars):
             raise ValueError(f"x has {x.shape[1]} channels but {len(in_vars)} variable names were given")
+        self.check_grid(x, region)
         ids = self.var_ids(in_vars)
         if self.fast_var_agg:
             tokens = self.embed_and_aggregate(x, ids)
         else:
             tokens = self._aggregate_reference(self.embed_tokens(x, ids) + self.var_embed[:, ids].unsqueeze(2))
-        tokens = tokens + self.pos_embed
+        if region is None:
+            tokens = tokens + self.pos_embed
+        else:  # only the box's patches, with their own position embeddings
+            tokens = tokens + self.pos_embed[:, torch.as_tensor(region.patch_ids(), device=tokens.device)]
         lead = lead_times.to(tokens.dtype).reshape(-1, 1) / 100.0  # hours / 100, as the original
         tokens = tokens + self.lead_time_embed(lead).unsqueeze(1)
         tokens = self.pos_drop(tokens)
@@ -296,12 +313,15 @@ class ClimaX(nn.Module):
         lead_times: torch.Tensor,
         in_vars: Sequence[str],
         out_vars: Sequence[str] | None = None,
+        region: Region | None = None,
     ) -> torch.Tensor:
         """Predict ``out_vars`` (default: all default variables) at ``lead_times`` hours ahead.
 
-        x: (B, len(in_vars), H, W) normalised fields; lead_times: (B,) in hours.
-        Returns (B, len(out_vars), H, W).
+        x: (B, len(in_vars), H, W) normalised fields, or the crop of a ``region`` (then H, W are
+        the region's and only its patches and position embeddings are used); lead_times: (B,) in
+        hours. Returns (B, len(out_vars), H, W).
         """
         out_ids = self.var_ids(out_vars) if out_vars is not None else None
-        preds = self.unpatchify(self.head(self.forward_encoder(x, lead_times, in_vars)))
+        tokens = self.forward_encoder(x, lead_times, in_vars, region)
+        preds = self.unpatchify(self.head(tokens), None if region is None else region.patch_grid)
         return preds if out_ids is None else preds[:, out_ids]
