@@ -1,0 +1,596 @@
+"""Evaluation and forecasts: scores per variable and lead time, and CF-compliant forecast files.
+
+One plain, in-process home (no Ray) used by ``jobs.evaluate``, ``jobs.forecast`` and the training
+job's validation:
+
+* :func:`evaluate_model` scores a model on a split of a shard dataset: latitude-weighted RMSE and
+  ACC (``climax.metrics``) per variable and lead time, in physical units, for the direct forecast,
+  the iterative rollout (the model applied again and again at a step lead, its outputs fed back as
+  inputs) and the persistence and climatology baselines, in one table.
+* :func:`forecast_fields` runs a model from given initial times to given lead times and returns
+  physical fields; :func:`forecast_dataset` wraps them as a CF-1.8 ``xarray.Dataset`` and
+  :func:`write_netcdf` writes one atomically.
+
+The dataset is duck-typed (``climax.data.ShardDataset`` is the real one): it needs ``lat``,
+``lon``, ``variables`` (time-varying), ``constants``, ``step_hours``, ``manifest``,
+``axis(split)`` (a ``climax.sampling.TimeAxis``), ``read(split, idx, variables)`` (raw physical
+float32 (n, V, H, W)), ``normalizer(variables)`` (mean, std) and ``climatology(variables, times)``
+(the day-of-year x hour climatology of the training years at ``times``).
+
+Conventions, chosen once:
+
+* Every score is computed on de-normalised (physical) fields, in float64, per sample over the
+  grid and then averaged over the samples (WeatherBench's convention, as ``climax.metrics``).
+* ACC anomalies are taken against the climatology at the *valid* (target) time.
+* Every method and lead time is scored on the same initial times: those whose every requested lead
+  has its target inside the split. ``max_samples`` keeps that many, evenly spread over the split.
+* A region crops everything alike (inputs, targets, climatology, latitude weights); the model sees
+  only the region's patches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from climax.metrics import lat_weighted_acc, lat_weighted_rmse
+from climax.regions import Region
+
+__all__ = [
+    "METHODS", "ForecastRequest", "evaluate_model", "forecast_fields", "forecast_dataset", "write_netcdf",
+    "check_variables", "rollout_blockers", "evaluation_inits", "resolve_device", "cf_units",
+]
+
+log = logging.getLogger("climax.evaluation")
+
+METHODS = ("direct", "rollout", "persistence", "climatology")
+COLUMNS = ["variable", "lead_hours", "method", "rmse", "acc", "units", "samples"]
+_HOUR_NS = 3_600_000_000_000
+
+
+@dataclass
+class ForecastRequest:
+    """What a ``forecast_fn`` is asked for: one batch of initial times at one lead time.
+
+    The answer is a (B, len(out_vars), h, w) array or tensor in physical units on the evaluation
+    grid (the region's crop when a region is given).
+    """
+
+    split: str
+    init_index: np.ndarray  # (B,) rows of the split's time axis
+    init_time: np.ndarray  # (B,) datetime64[ns]
+    lead_hours: float
+    valid_index: np.ndarray  # (B,) rows of the targets
+    valid_time: np.ndarray  # (B,) datetime64[ns]
+    x: torch.Tensor  # (B, len(in_vars), h, w) normalised inputs, as the model gets them
+    in_vars: list[str]
+    out_vars: list[str]
+
+
+ForecastFn = Callable[[ForecastRequest], "torch.Tensor | np.ndarray"]
+
+
+# ---------------------------------------------------------------------------------- checks
+def resolve_device(device: str | torch.device | None, model: Any = None) -> torch.device:
+    """``None`` -> the model's device (CPU for callables); ``"auto"`` -> CUDA when available."""
+    if device is None:
+        if isinstance(model, torch.nn.Module):
+            p = next(model.parameters(), None)
+            return p.device if p is not None else torch.device("cpu")
+        return torch.device("cpu")
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _splits(dataset) -> list[str]:
+    return list(dataset.manifest.raw.get("splits", {}))
+
+
+def _check_split(dataset, split: str) -> None:
+    if split not in _splits(dataset):
+        raise ValueError(f"the dataset has no split {split!r}; its splits are {_splits(dataset)}. "
+                         "Set split= to one of them, or rebuild the dataset with that split in its recipe")
+
+
+def check_variables(dataset, in_vars: Sequence[str], out_vars: Sequence[str], model: Any = None) -> None:
+    """Raise with what to do when the dataset or the model lacks a variable."""
+    have = set(dataset.variables) | set(dataset.constants)
+    missing = [v for v in in_vars if v not in have]
+    if missing:
+        raise ValueError(f"input variable(s) {missing} are not in the dataset (it has {sorted(have)}); set "
+                         "in_vars to variables the dataset holds, or rebuild the dataset with these variables")
+    missing = [v for v in out_vars if v not in set(dataset.variables)]
+    if missing:
+        const = [v for v in missing if v in set(dataset.constants)]
+        hint = f" ({const} are constants, which are not forecast)" if const else ""
+        raise ValueError(f"output variable(s) {missing} are not time-varying variables of the dataset{hint}; "
+                         f"it has {list(dataset.variables)}. Set out_vars to some of those")
+    known = getattr(model, "var_map", None)
+    if known is not None:
+        unknown = [v for v in [*in_vars, *out_vars] if v not in known]
+        if unknown:
+            raise ValueError(f"the model does not know variable(s) {unknown} (it knows {list(known)}); "
+                             "choose in_vars/out_vars among those, or finetune a model with them")
+
+
+def rollout_blockers(dataset, in_vars: Sequence[str], out_vars: Sequence[str]) -> list[str]:
+    """Time-varying inputs that are not outputs: a rollout cannot feed them back (empty: possible)."""
+    constants, outs = set(dataset.constants), set(out_vars)
+    return [v for v in in_vars if v not in outs and v not in constants]
+
+
+def _check_leads(dataset, leads: Sequence[float], rollout_step: float | None) -> list[float]:
+    leads = sorted({float(x) for x in leads})
+    if not leads or leads[0] <= 0:
+        raise ValueError(f"lead times must be positive hours, got {leads}")
+    step = float(dataset.step_hours)
+    bad = [x for x in leads if x % step]
+    if bad:
+        raise ValueError(f"lead times {bad} h are not multiples of the dataset's {step:g} h time step")
+    if rollout_step is not None and (rollout_step <= 0 or rollout_step % step):
+        raise ValueError(f"rollout_step {rollout_step} h must be a positive multiple of the dataset's "
+                         f"{step:g} h time step")
+    return leads
+
+
+def evaluation_inits(times: np.ndarray, leads: Sequence[float], max_samples: int | None = None) -> np.ndarray:
+    """Rows of ``times`` whose target exists at every lead, evenly thinned to ``max_samples``."""
+    t = np.asarray(times, dtype="datetime64[ns]").astype(np.int64)
+    ok = np.ones(len(t), dtype=bool)
+    for lead in leads:
+        target = t + int(round(lead * _HOUR_NS))
+        pos = np.minimum(np.searchsorted(t, target), len(t) - 1)
+        ok &= t[pos] == target
+    rows = np.flatnonzero(ok)
+    if len(rows) == 0:
+        span = (np.datetime64(int(t[0]), "ns"), np.datetime64(int(t[-1]), "ns")) if len(t) else ("-", "-")
+        raise ValueError(f"no initial time of the split ({span[0]} .. {span[1]}) has targets at every lead "
+                         f"time up to {max(leads):g} h; use shorter lead times or a longer split")
+    if max_samples is not None and max_samples < len(rows):
+        if max_samples < 1:
+            raise ValueError(f"max_samples must be at least 1, got {max_samples}")
+        rows = rows[np.unique(np.linspace(0, len(rows) - 1, max_samples).round().astype(int))]
+    return rows
+
+
+def _rows_at(times_ns: np.ndarray, rows: np.ndarray, lead: float) -> np.ndarray:
+    target = times_ns[rows] + int(round(lead * _HOUR_NS))
+    return np.searchsorted(times_ns, target)
+
+
+# ---------------------------------------------------------------------------------- model calls
+class _Runner:
+    """Calls a model on normalised fields: direct and rollout forecasts, no gradients."""
+
+    def __init__(self, model, in_vars, out_vars, region, device):
+        self.model, self.in_vars, self.out_vars = model, list(in_vars), list(out_vars)
+        self.region, self.device = region, device
+        # input channels fed back from the outputs during a rollout
+        self.feed = [(self.in_vars.index(v), j) for j, v in enumerate(self.out_vars) if v in self.in_vars]
+
+    def direct(self, x: torch.Tensor, lead: float) -> torch.Tensor:
+        lead_t = torch.full((x.shape[0],), float(lead), device=x.device, dtype=torch.float32)
+        return self.model(x, lead_t, self.in_vars, self.out_vars, region=self.region)
+
+    def rollout(self, x: torch.Tensor, step: float, steps: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (k, prediction after k steps) for k = 1..steps."""
+        state = x.clone()
+        src = torch.as_tensor([i for i, _ in self.feed], device=x.device)
+        dst = torch.as_tensor([j for _, j in self.feed], device=x.device)
+        for k in range(1, steps + 1):
+            pred = self.direct(state, step)
+            yield k, pred
+            state = state.clone()
+            state[:, src] = pred[:, dst].to(state.dtype)
+
+
+class _Eval:
+    """Switches a module to eval mode and back."""
+
+    def __init__(self, model):
+        self.model = model if isinstance(model, torch.nn.Module) else None
+
+    def __enter__(self):
+        if self.model is not None:
+            self.was_training = self.model.training
+            self.model.eval()
+
+    def __exit__(self, *exc):
+        if self.model is not None:
+            self.model.train(self.was_training)
+
+
+def _stats(dataset, variables, device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, std = dataset.normalizer(list(variables))
+    shape = (1, len(variables), 1, 1)
+    return (torch.as_tensor(np.asarray(mean, dtype=np.float32)).reshape(shape).to(device),
+            torch.as_tensor(np.asarray(std, dtype=np.float32)).reshape(shape).to(device))
+
+
+def _grid(dataset, region: Region | None) -> tuple[np.ndarray, np.ndarray, Callable]:
+    lat, lon = np.asarray(dataset.lat, dtype=np.float64), np.asarray(dataset.lon, dtype=np.float64)
+    if region is None:
+        return lat, lon, lambda a: a
+    if tuple(region.grid_shape) != (len(lat), len(lon)):
+        raise ValueError(f"region {region.name!r} was cut from a {tuple(region.grid_shape)} grid; the dataset's "
+                         f"grid is {(len(lat), len(lon))}. Build the region from the dataset's lat/lon")
+    return region.lat(lat), region.lon(lon), region.crop
+
+
+def _check_model_grid(model, dataset) -> None:
+    img = getattr(model, "img_size", None)
+    if img is not None and tuple(img) != (len(dataset.lat), len(dataset.lon)):
+        raise ValueError(f"the model's grid {tuple(img)} differs from the dataset's {(len(dataset.lat), len(dataset.lon))}; "
+                         "evaluate on a dataset built at the model's resolution")
+
+
+def _prefetched(loader: Callable[[np.ndarray], Any], batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, Any]]:
+    """Load batch i + 1 on one background thread while batch i is computed (reads stay serial)."""
+    if not batches:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-read") as pool:
+        future = pool.submit(loader, batches[0])
+        for i, rows in enumerate(batches):
+            data = future.result()
+            if i + 1 < len(batches):
+                future = pool.submit(loader, batches[i + 1])
+            yield rows, data
+
+
+def _tqdm(iterable, total: int, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not progress, leave=False)
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def evaluate_model(
+    model: Any,
+    dataset,
+    split: str,
+    in_vars: Sequence[str],
+    out_vars: Sequence[str],
+    leads: Sequence[float],
+    rollout_step: float | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    region: Region | None = None,
+    max_samples: int | None = None,
+    *,
+    forecast_fn: ForecastFn | None = None,
+    baselines: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Score forecasts on ``split``: one row per (method, variable, lead time).
+
+    Args:
+        model: a ``ClimaX`` (or any callable with its forward signature ``(x, lead_hours, in_vars,
+            out_vars, region=)`` on normalised fields); None when ``forecast_fn`` gives the forecast.
+        dataset: a ``climax.data.ShardDataset`` (or anything with its interface, see the module doc).
+        split: the split to score on, usually ``"test"``.
+        in_vars, out_vars: the model's input and output variables.
+        leads: lead times in hours (multiples of the dataset's time step).
+        rollout_step: when set, also score the rollout: the model applied at this lead again and
+            again, its outputs fed back as inputs, scored at every lead that is a multiple of the
+            step. Needs every time-varying input to be an output; otherwise the rollout is skipped
+            with a note (``df.attrs["notes"]``).
+        batch_size: initial times per forward pass.
+        device: where the model runs; None: the model's device; "auto": CUDA when available.
+        region: score on this box only (``climax.regions.Region`` of the dataset's grid).
+        max_samples: score at most this many initial times, evenly spread over the split.
+        forecast_fn: a known forecast instead of the model's direct one: called with a
+            ``ForecastRequest`` per batch and lead, returns physical fields (the acceptance test
+            scores the truth itself and the climatology this way).
+        baselines: also score persistence (the input at the initial time) and climatology (the
+            climatology at the valid time).
+        progress: show a progress bar.
+
+    Returns:
+        A DataFrame with columns variable, lead_hours, method (direct, rollout, persistence,
+        climatology), rmse, acc (both in physical units, latitude-weighted), units, samples.
+        ``df.attrs`` holds ``notes`` (for example why the rollout was skipped) and ``init_times``.
+    """
+    if model is None and forecast_fn is None:
+        raise ValueError("give a model or a forecast_fn")
+    in_vars, out_vars = list(in_vars), list(out_vars)
+    _check_split(dataset, split)
+    check_variables(dataset, in_vars if forecast_fn is None or model is not None else [], out_vars,
+                    model if forecast_fn is None else None)
+    if model is not None:
+        _check_model_grid(model, dataset)
+    leads = _check_leads(dataset, leads, rollout_step)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    device = resolve_device(device, model)
+    notes: list[str] = []
+
+    roll_leads: list[float] = []
+    if rollout_step is not None:
+        blockers = rollout_blockers(dataset, in_vars, out_vars)
+        if model is None:
+            notes.append("rollout skipped: it needs a model (only a forecast_fn was given)")
+        elif blockers:
+            notes.append(f"rollout skipped: input variable(s) {blockers} are time-varying but not outputs, so "
+                         "predictions cannot be fed back; a rollout needs every time-varying input among out_vars")
+        else:
+            roll_leads = [x for x in leads if x % rollout_step == 0]
+            off = [x for x in leads if x % rollout_step]
+            if off:
+                notes.append(f"rollout not scored at {off} h: not multiples of the {rollout_step:g} h step")
+            if not roll_leads:
+                notes.append(f"rollout skipped: no lead time is a multiple of the {rollout_step:g} h step")
+    for note in notes:
+        log.warning("%s", note)
+
+    axis = dataset.axis(split)
+    times_ns = np.asarray(axis.times, dtype="datetime64[ns]").astype(np.int64)
+    inits = evaluation_inits(axis.times, leads, max_samples)
+    lat, _, crop = _grid(dataset, region)
+    lat_t = torch.as_tensor(lat, dtype=torch.float64)
+    units = _units(dataset, out_vars)
+
+    read_vars = list(dict.fromkeys([*in_vars, *out_vars]))
+    in_pos = [read_vars.index(v) for v in in_vars]
+    out_pos = [read_vars.index(v) for v in out_vars]
+    in_mean, in_std = _stats(dataset, in_vars, device) if in_vars else (None, None)
+    out_mean, out_std = _stats(dataset, out_vars, device)
+    runner = _Runner(model, in_vars, out_vars, region, device) if model is not None else None
+
+    def load(rows: np.ndarray):
+        targets = {lead: _rows_at(times_ns, rows, lead) for lead in leads}
+        need = np.unique(np.concatenate([rows, *targets.values()]))
+        fields = crop(np.asarray(dataset.read(split, need, read_vars), dtype=np.float32))
+        valid = np.unique(np.concatenate(list(targets.values())))
+        clim = crop(np.asarray(dataset.climatology(out_vars, axis.times[valid]), dtype=np.float32))
+        return need, fields, valid, clim, targets
+
+    sums: dict[tuple[str, float], list] = {}
+
+    def add(method: str, lead: float, pred: torch.Tensor, truth: torch.Tensor, clim: torch.Tensor) -> None:
+        pred = pred.to(device=truth.device, dtype=torch.float64)
+        if tuple(pred.shape) != tuple(truth.shape):
+            raise ValueError(f"{method} forecast at {lead:g} h has shape {tuple(pred.shape)}, expected {tuple(truth.shape)}")
+        b = truth.shape[0]
+        rmse = lat_weighted_rmse(pred, truth, lat_t) * b
+        acc = lat_weighted_acc(pred, truth, clim, lat_t) * b
+        acc_sum = sums.setdefault((method, lead), [0.0, 0.0, 0])
+        acc_sum[0] = acc_sum[0] + rmse
+        acc_sum[1] = acc_sum[1] + acc
+        acc_sum[2] += b
+
+    batches = [inits[i:i + batch_size] for i in range(0, len(inits), batch_size)]
+    steps = int(round(max(roll_leads) / rollout_step)) if roll_leads else 0
+    with _Eval(model), torch.inference_mode():
+        for rows, (need, fields, valid, clim_all, targets) in _tqdm(
+                _prefetched(load, batches), len(batches), f"evaluate {split}", progress):
+            f = torch.from_numpy(fields).to(device)
+            c = torch.from_numpy(clim_all).to(device, torch.float64)
+            at = lambda r: torch.as_tensor(np.searchsorted(need, r), device=device)  # noqa: E731
+            x_phys = f[at(rows)][:, in_pos]
+            x = (x_phys - in_mean) / in_std if in_vars else x_phys
+            truth_of, clim_of = {}, {}
+            for lead, trows in targets.items():
+                truth_of[lead] = f[at(trows)][:, out_pos].double()
+                clim_of[lead] = c[torch.as_tensor(np.searchsorted(valid, trows), device=device)]
+            for lead, trows in targets.items():
+                if forecast_fn is not None:
+                    req = ForecastRequest(split, rows, axis.times[rows], lead, trows, axis.times[trows], x,
+                                          in_vars, out_vars)
+                    pred = _as_tensor(forecast_fn(req))
+                else:
+                    pred = runner.direct(x, lead).float() * out_std + out_mean
+                add("direct", lead, pred, truth_of[lead], clim_of[lead])
+                if baselines:
+                    add("persistence", lead, f[at(rows)][:, out_pos], truth_of[lead], clim_of[lead])
+                    add("climatology", lead, clim_of[lead], truth_of[lead], clim_of[lead])
+            if steps:
+                for k, pred in runner.rollout(x, rollout_step, steps):
+                    lead = k * rollout_step
+                    if lead in targets:
+                        add("rollout", lead, pred.float() * out_std + out_mean, truth_of[lead], clim_of[lead])
+
+    records = []
+    for method in METHODS:
+        for lead in leads:
+            if (method, lead) not in sums:
+                continue
+            rmse, acc, n = sums[(method, lead)]
+            rmse, acc = (rmse / n).cpu().numpy(), (acc / n).cpu().numpy()
+            for j, v in enumerate(out_vars):
+                records.append(dict(variable=v, lead_hours=lead, method=method, rmse=float(rmse[j]),
+                                    acc=float(acc[j]), units=units[v], samples=n))
+    df = pd.DataFrame.from_records(records, columns=COLUMNS)
+    df.attrs["notes"] = notes
+    df.attrs["init_times"] = [str(t) for t in axis.times[inits]]
+    return df
+
+
+def _as_tensor(a) -> torch.Tensor:
+    return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
+
+
+def _units(dataset, variables: Sequence[str]) -> dict[str, str]:
+    specs = dataset.manifest.raw.get("variables", {})
+    return {v: str(specs.get(v, {}).get("units", "")) for v in variables}
+
+
+# ---------------------------------------------------------------------------------- forecasts
+def forecast_fields(
+    model: Any,
+    dataset,
+    split: str,
+    init_index: Sequence[int] | np.ndarray,
+    leads: Sequence[float],
+    in_vars: Sequence[str],
+    out_vars: Sequence[str],
+    *,
+    rollout_step: float | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    region: Region | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Forecasts from rows ``init_index`` of ``split``: float32 (n_init, n_lead, V_out, h, w), physical.
+
+    Direct (one forward pass per lead) unless ``rollout_step`` is given; then every lead must be a
+    multiple of it and every time-varying input an output. Lead times need no target in the data.
+    """
+    in_vars, out_vars = list(in_vars), list(out_vars)
+    _check_split(dataset, split)
+    check_variables(dataset, in_vars, out_vars, model)
+    _check_model_grid(model, dataset)
+    leads = [float(x) for x in leads]
+    if not leads or min(leads) <= 0:
+        raise ValueError(f"lead times must be positive hours, got {leads}")
+    if rollout_step is not None:
+        if rollout_step <= 0:
+            raise ValueError(f"rollout_step must be positive, got {rollout_step}")
+        off = [x for x in leads if x % rollout_step]
+        if off:
+            raise ValueError(f"lead times {off} h are not multiples of the rollout step {rollout_step:g} h")
+        blockers = rollout_blockers(dataset, in_vars, out_vars)
+        if blockers:
+            raise ValueError(f"cannot roll out: input variable(s) {blockers} are time-varying but not outputs; "
+                             "forecast directly (no rollout_step) or use a model whose outputs include them")
+    device = resolve_device(device, model)
+    _, _, crop = _grid(dataset, region)
+    init_index = np.asarray(init_index, dtype=np.int64)
+    n_rows = len(dataset.axis(split))
+    if len(init_index) == 0 or init_index.min() < 0 or init_index.max() >= n_rows:
+        raise ValueError(f"initial rows {init_index.tolist()[:5]}... are outside the split's {n_rows} time steps")
+    in_mean, in_std = _stats(dataset, in_vars, device)
+    out_mean, out_std = _stats(dataset, out_vars, device)
+    runner = _Runner(model, in_vars, out_vars, region, device)
+    lead_pos = {lead: i for i, lead in enumerate(leads)}
+
+    def load(rows):
+        return crop(np.asarray(dataset.read(split, rows, in_vars), dtype=np.float32))
+
+    out: np.ndarray | None = None
+    batches = [init_index[i:i + batch_size] for i in range(0, len(init_index), batch_size)]
+    start = 0
+    with _Eval(model), torch.inference_mode():
+        for rows, fields in _tqdm(_prefetched(load, batches), len(batches), "forecast", progress):
+            x = (torch.from_numpy(fields).to(device) - in_mean) / in_std
+            preds: dict[float, torch.Tensor] = {}
+            if rollout_step is None:
+                for lead in leads:
+                    preds[lead] = runner.direct(x, lead)
+            else:
+                steps = int(round(max(leads) / rollout_step))
+                for k, pred in runner.rollout(x, rollout_step, steps):
+                    if k * rollout_step in lead_pos:
+                        preds[k * rollout_step] = pred
+            if out is None:
+                h, w = fields.shape[-2:]
+                out = np.empty((len(init_index), len(leads), len(out_vars), h, w), dtype=np.float32)
+            for lead, pred in preds.items():
+                out[start:start + len(rows), lead_pos[lead]] = (pred.float() * out_std + out_mean).cpu().numpy()
+            start += len(rows)
+    return out
+
+
+def cf_units(units: str) -> str:
+    """ECMWF-style units as UDUNITS strings (``m s**-1`` -> ``m s-1``, ``(0 - 1)`` -> ``1``)."""
+    u = (units or "").strip()
+    if u in ("(0 - 1)", "(0-1)", "", "~", "-", "dimensionless"):
+        return "1"
+    return u.replace("**", "")
+
+
+def forecast_dataset(
+    fields: np.ndarray,
+    init_times: Sequence | np.ndarray,
+    leads: Sequence[float],
+    variables: Sequence[str],
+    lat: np.ndarray,
+    lon: np.ndarray,
+    units: dict[str, str] | None = None,
+    attrs: dict[str, str] | None = None,
+):
+    """A CF-1.8 ``xarray.Dataset`` of forecasts (n_init, n_lead, V, lat, lon).
+
+    Dimensions ``init_time`` (forecast_reference_time), ``lead_time`` (forecast_period, timedelta
+    written in hours), ``lat`` and ``lon``; a ``valid_time`` (standard_name time) coordinate on
+    (init_time, lead_time); one float32 data variable per ClimaX variable with its units.
+    """
+    import xarray as xr
+
+    fields = np.asarray(fields, dtype=np.float32)
+    init = np.asarray(init_times, dtype="datetime64[ns]")
+    lead = (np.asarray(leads, dtype=np.float64) * _HOUR_NS).round().astype("timedelta64[ns]")
+    lat, lon = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
+    expect = (len(init), len(lead), len(variables), len(lat), len(lon))
+    if fields.shape != expect:
+        raise ValueError(f"fields have shape {fields.shape}; (init, lead, variable, lat, lon) = {expect} expected")
+    units = units or {}
+    dims = ("init_time", "lead_time", "lat", "lon")
+    data_vars = {
+        v: xr.Variable(dims, fields[:, :, j], {
+            "long_name": v.replace("_", " "), "units": cf_units(units.get(v, ""))})
+        for j, v in enumerate(variables)
+    }
+    coords = {
+        "init_time": ("init_time", init, {"standard_name": "forecast_reference_time",
+                                          "long_name": "forecast initial time", "axis": "T"}),
+        "lead_time": ("lead_time", lead, {"standard_name": "forecast_period", "long_name": "forecast lead time"}),
+        "lat": ("lat", lat, {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north",
+                             "axis": "Y"}),
+        "lon": ("lon", lon, {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east",
+                             "axis": "X"}),
+        "valid_time": (("init_time", "lead_time"), init[:, None] + lead[None, :],
+                       {"standard_name": "time", "long_name": "valid time"}),
+    }
+    ds = xr.Dataset(data_vars, coords=coords)
+    ds.attrs = {"Conventions": "CF-1.8", "title": "ClimaX forecasts", **(attrs or {})}
+    ds["lead_time"].encoding.update(units="hours", dtype="float64")
+    for name in ("init_time", "valid_time"):
+        ds[name].encoding.update(units="hours since 1970-01-01 00:00:00", calendar="proleptic_gregorian",
+                                 dtype="float64")
+    for name in ("lat", "lon", "lead_time", "init_time", "valid_time"):
+        ds[name].encoding["_FillValue"] = None
+    for v in variables:
+        ds[v].encoding.update(zlib=True, complevel=4, dtype="float32", _FillValue=np.float32(np.nan))
+    return ds
+
+
+def write_netcdf(ds, path: str | os.PathLike, storage_options: dict | None = None, engine: str = "netcdf4") -> str:
+    """Write ``ds`` atomically: to a temporary file beside ``path``, then rename (or one S3 PUT)."""
+    path = str(path)
+    if "://" in path:  # remote: write locally, then a single upload (atomic on S3)
+        import fsspec
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / Path(path).name
+            ds.to_netcdf(local, engine=engine)
+            fs, remote = fsspec.core.url_to_fs(path, **(storage_options or {}))
+            fs.put_file(str(local), remote)
+        return path
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        ds.to_netcdf(tmp, engine=engine)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(target)
+
+
+def history_line(argv: Sequence[str]) -> str:
+    """A CF ``history`` entry: UTC time stamp and the command."""
+    return f"{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}: {' '.join(argv)}"

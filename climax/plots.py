@@ -1,0 +1,97 @@
+"""PNG plots of evaluation results: scores against lead time, and forecast / truth / error maps.
+
+Figures are built with ``matplotlib.figure.Figure`` and the Agg canvas directly (no pyplot, no
+global backend state), so plotting works headless and from any thread.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["plot_metric_vs_lead", "plot_maps"]
+
+_STYLE = {
+    "direct": dict(color="tab:blue", marker="o"),
+    "rollout": dict(color="tab:orange", marker="s"),
+    "persistence": dict(color="tab:gray", marker="^", linestyle="--"),
+    "climatology": dict(color="tab:green", marker="", linestyle=":"),
+}
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_metric_vs_lead(df: pd.DataFrame, metric: str, path: str | os.PathLike, title: str | None = None) -> Path:
+    """One panel per variable, the metric against lead time, one line per method."""
+    if metric not in ("rmse", "acc"):
+        raise ValueError(f"metric must be 'rmse' or 'acc', got {metric!r}")
+    variables = list(dict.fromkeys(df["variable"]))
+    if not variables:
+        raise ValueError("no rows to plot")
+    ncol = min(3, len(variables))
+    nrow = math.ceil(len(variables) / ncol)
+    fig = _figure(4.2 * ncol, 3.2 * nrow)
+    axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False)).ravel()
+    for ax, var in zip(axes, variables):
+        sub = df[df["variable"] == var]
+        for method in dict.fromkeys(sub["method"]):
+            rows = sub[sub["method"] == method].sort_values("lead_hours")
+            ax.plot(rows["lead_hours"], rows[metric], label=method, **_STYLE.get(method, {}))
+        units = sub["units"].iloc[0] if metric == "rmse" and len(sub) else ""
+        ax.set_title(var, fontsize=10)
+        ax.set_xlabel("lead time (h)")
+        ax.set_ylabel(f"RMSE ({units})" if metric == "rmse" else "ACC")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(variables):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_maps(forecast: np.ndarray, truth: np.ndarray, lat: Sequence[float], lon: Sequence[float],
+              path: str | os.PathLike, variable: str, units: str = "", title: str | None = None) -> Path:
+    """Three maps side by side: forecast, truth (shared colour scale) and forecast - truth."""
+    forecast, truth = np.asarray(forecast, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    lat, lon = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
+    if forecast.shape != truth.shape or forecast.shape != (len(lat), len(lon)):
+        raise ValueError(f"forecast {forecast.shape}, truth {truth.shape} and grid {(len(lat), len(lon))} differ")
+    order = np.argsort(lat)  # draw north up whatever the stored order
+    forecast, truth, lat = forecast[order], truth[order], lat[order]
+    x = np.unwrap(np.deg2rad(lon)) * 180 / np.pi  # a box across 0 deg stays contiguous
+    error = forecast - truth
+    lo, hi = np.nanmin([forecast.min(), truth.min()]), np.nanmax([forecast.max(), truth.max()])
+    emax = float(np.nanmax(np.abs(error))) or 1.0
+    fig = _figure(14, 3.6)
+    axes = fig.subplots(1, 3)
+    panels = [("forecast", forecast, "viridis", lo, hi), ("truth", truth, "viridis", lo, hi),
+              ("error (forecast - truth)", error, "RdBu_r", -emax, emax)]
+    for ax, (name, field, cmap, vmin, vmax) in zip(axes, panels):
+        mesh = ax.pcolormesh(x, lat, field, cmap=cmap, vmin=vmin, vmax=vmax, shading="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("longitude (deg E)")
+        ax.set_ylabel("latitude (deg N)")
+        ax.set_aspect("equal")
+        fig.colorbar(mesh, ax=ax, shrink=0.8, label=units)
+    fig.suptitle(title or variable)
+    return _save(fig, path)
