@@ -1,0 +1,181 @@
+"""The training step, validation and training state: plain PyTorch, no Ray.
+
+``jobs/train.py`` wraps these in a Ray Train ``TorchTrainer``; the same functions run in a notebook
+on one process. Distributed runs only need ``torch.distributed`` to be initialised (validation
+sums are all-reduced when it is).
+
+- ``train_step``: latitude-weighted MSE on normalised fields, backward, gradient clipping, AdamW,
+  warmup-cosine scheduler step; bf16 autocast on CUDA.
+- ``validate``: the loss, and latitude-weighted RMSE per variable in physical units (predictions
+  and targets de-normalised with the dataset statistics) with persistence beside it.
+- ``TrainState`` + ``save_train_state`` / ``load_train_state``: what a checkpoint holds beyond
+  the weights (optimiser, scheduler, step, epoch, best validation loss), so a relaunch continues
+  the step counter and the schedule exactly.
+- ``freeze_backbone``: finetuning with the transformer frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from climax.checkpoint import save_checkpoint
+from climax.metrics import lat_weighted_mse, lat_weights
+from climax.model import ClimaX
+
+__all__ = ["TrainState", "autocast", "train_step", "validate", "save_train_state", "load_train_state",
+           "freeze_backbone", "unwrap", "BACKBONE"]
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+#: Parameters frozen by ``freeze_backbone``: the variable aggregation, position and lead-time
+#: embeddings and the transformer. Patch and variable embeddings (new variables must learn
+#: theirs) and the head stay trainable.
+BACKBONE = ("var_query", "var_agg", "pos_embed", "lead_time_embed", "blocks", "norm")
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0  # epochs finished
+    samples: int = 0  # training samples seen (all workers)
+    best_val_loss: float = math.inf
+    restarts: int = 0  # how many times this run was resumed from a checkpoint
+    history: list[dict] = field(default_factory=list)
+
+
+def unwrap(model: nn.Module) -> ClimaX:
+    """The ClimaX inside a DDP / FSDP wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA when asked; fp32 elsewhere (CPU bf16 is slower than fp32 here)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def freeze_backbone(model: ClimaX) -> list[str]:
+    """Freeze the backbone (see ``BACKBONE``); returns the frozen parameter names."""
+    frozen = []
+    for name, p in model.named_parameters():
+        if name.split(".")[0] in BACKBONE:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def _lat(lat: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(lat), dtype=torch.float32, device=device)
+
+
+def train_step(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None, lat: np.ndarray,
+               device: torch.device, grad_clip: float | None = 1.0, bf16: bool = True,
+               region: Any = None) -> float:
+    """One optimiser step on a batch (``climax.data.Batch``); returns the loss."""
+    model.train()
+    x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
+    lead = batch.lead_hours.to(device, non_blocking=True)
+    with autocast(device, bf16):
+        pred = model(x, lead, batch.in_vars, batch.out_vars, region=region)
+    loss = lat_weighted_mse(pred.float(), y, _lat(lat, device))
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"the training loss is {loss.item()} on a batch of {batch.dataset!r} with inputs "
+                                 f"at {batch.input_time[:3]}...; lower the learning rate or check the data")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def validate(model: nn.Module, batches: Iterable[Any], lat: np.ndarray, mean: np.ndarray, std: np.ndarray,
+             out_vars: Sequence[str], device: torch.device, bf16: bool = True, region: Any = None) -> dict:
+    """Validation over ``batches``: loss and latitude-weighted RMSE per variable, physical units.
+
+    ``mean``/``std``: the statistics of ``out_vars`` (de-normalisation). RMSE is taken per sample
+    over the grid and averaged over samples (WeatherBench); persistence (the input field as the
+    forecast) is computed alongside for every output variable that is also an input. Sums are
+    all-reduced over the process group when one is initialised, so every rank returns the totals.
+    """
+    model.eval()
+    V = len(out_vars)
+    w = lat_weights(_lat(lat, device)).reshape(-1, 1)
+    mean_t = torch.as_tensor(np.asarray(mean), dtype=torch.float32, device=device).reshape(1, V, 1, 1)
+    std_t = torch.as_tensor(np.asarray(std), dtype=torch.float32, device=device).reshape(1, V, 1, 1)
+    # sums: [loss * n, n, rmse_v..., persistence_v..., persistence_available_v...]
+    sums = torch.zeros(2 + 3 * V, dtype=torch.float64, device=device)
+    for batch in batches:
+        x, y = batch.x.to(device), batch.y.to(device)
+        lead = batch.lead_hours.to(device)
+        with autocast(device, bf16):
+            pred = model(x, lead, batch.in_vars, batch.out_vars, region=region)
+        pred = pred.float()
+        n = x.shape[0]
+        sums[0] += float(lat_weighted_mse(pred, y, _lat(lat, device))) * n
+        sums[1] += n
+        phys_pred, phys_y = pred * std_t + mean_t, y * std_t + mean_t
+        sums[2:2 + V] += ((phys_pred - phys_y) ** 2 * w).mean(dim=(-2, -1)).sqrt().sum(dim=0).double()
+        for k, v in enumerate(batch.out_vars):
+            if v in batch.in_vars:
+                i = batch.in_vars.index(v)
+                persist = x[:, i] * std_t[0, k] + mean_t[0, k]
+                sums[2 + V + k] += ((persist - phys_y[:, k]) ** 2 * w).mean(dim=(-2, -1)).sqrt().sum().double()
+                sums[2 + 2 * V + k] += n
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    n = max(float(sums[1]), 1.0)
+    out = {"val_loss": float(sums[0]) / n, "val_samples": int(sums[1])}
+    for k, v in enumerate(out_vars):
+        out[f"val_rmse/{v}"] = float(sums[2 + k]) / n
+        if sums[2 + 2 * V + k] > 0:
+            out[f"val_persistence_rmse/{v}"] = float(sums[2 + V + k]) / float(sums[2 + 2 * V + k])
+    return out
+
+
+def save_train_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, state: TrainState, **extra: Any) -> Path:
+    """Write ``model.pt`` (our checkpoint format, loadable by ``climax.load_model``) and
+    ``train_state.pt`` (optimiser, scheduler, counters) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(unwrap(model), directory / MODEL_FILE, train_state=asdict(state), **extra)
+    payload = {"optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict() if scheduler is not None else None,
+               "state": asdict(state)}
+    tmp = directory / f".{STATE_FILE}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, directory / STATE_FILE)
+    return directory
+
+
+def load_train_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                     scheduler: Any = None) -> TrainState:
+    """Restore weights (strictly: a resumed run has the same model), optimiser, scheduler, counters."""
+    from climax.checkpoint import load_checkpoint
+
+    directory = Path(directory)
+    report = load_checkpoint(unwrap(model), directory / MODEL_FILE, strict=True)
+    del report
+    payload = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None and payload.get("scheduler") is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    return TrainState(**payload["state"])

@@ -1,0 +1,378 @@
+"""Training on Ray Train (Train V2): the configuration, the per-worker loop and the trainer.
+
+``jobs.pretrain`` and ``jobs.finetune`` are this module with different defaults. The loop is plain
+PyTorch (``climax.training``, ``climax.data``); Ray only adds the worker group, DDP, checkpoint
+storage and restarts:
+
+- ``ScalingConfig(num_workers, use_gpu, resources_per_worker)`` from ``scaling``;
+- every ``train.steps_per_epoch`` steps: validation (RMSE per variable in physical units, with
+  persistence), a one-line report on rank 0, and ``ray.train.report(metrics, checkpoint)``;
+  ``CheckpointConfig(num_to_keep, checkpoint_score_attribute="val_loss", "min")`` keeps the best;
+- ``FailureConfig(max_failures)``: a lost worker restarts the group from the last checkpoint;
+- a relaunch with the same ``name`` and ``storage_path`` resumes (step counter, schedule, data
+  order: epoch e always reads the same batches).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(_Strict):
+    root: str = Field(description="dataset written by jobs.preprocess (folder or s3://bucket/prefix)")
+    weight: float = Field(1.0, gt=0, description="share of training batches drawn from this dataset")
+    name: str | None = Field(None, description="label in logs (default: the folder name)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="s3 options (endpoint_url, key, ...)")
+
+
+class LeadConfig(_Strict):
+    random: bool = Field(True, description="pretraining: one lead per sample drawn from min..max hours; "
+                                           "finetuning (false): every sample at each of `hours`")
+    min_hours: float = 6
+    max_hours: float = 168
+    hours: list[float] = Field(default_factory=lambda: [6.0], description="fixed lead times (random: false)")
+    val_hours: list[float] | None = Field(None, description="validation lead times (default: `hours`)")
+
+
+class DataConfig(_Strict):
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    in_vars: list[str] | None = Field(None, description="input variables (default: every variable incl. constants)")
+    out_vars: list[str] | None = Field(None, description="predicted variables (default: every time-varying one)")
+    train_split: str = "train"
+    val_split: str = "val"
+    batch_size: int = Field(8, gt=0, description="per worker")
+    val_batch_size: int | None = None
+    max_val_batches: int | None = Field(None, description="cap on validation batches per lead (per worker)")
+    leads: LeadConfig = Field(default_factory=LeadConfig)
+    region: str | list[float] | None = Field(None, description="regional training: a name (Europe, NorthAmerica, ...) "
+                                                                "or [lat_min, lat_max, lon_min, lon_max]")
+    prefetch: int = 2
+
+
+class OptimConfig(_Strict):
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(1000, ge=0)
+    warmup_start_factor: float = 0.0
+    min_lr_factor: float = 0.0
+    grad_clip: float | None = 1.0
+
+
+class LoopConfig(_Strict):
+    epochs: int = Field(10, gt=0)
+    steps_per_epoch: int | None = Field(None, description="optimiser steps between validations and checkpoints "
+                                                          "(default: one pass over the training data)")
+    seed: int = 0
+    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    log_every: int = Field(0, description="also print the loss every N steps (0: only per epoch)")
+
+
+class ScalingSpec(_Strict):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] | None = None
+
+
+class CheckpointSpec(_Strict):
+    num_to_keep: int | None = Field(2, description="best checkpoints kept (by validation loss)")
+
+
+class TrainConfig(_Strict):
+    name: str = Field("climax-pretrain", description="run name; relaunching with the same name resumes")
+    storage_path: str = Field("~/climax_runs", description="where runs and checkpoints go (folder or s3://)")
+    storage_options: dict[str, Any] = Field(default_factory=dict,
+                                            description="s3 options for storage_path (endpoint_url, key, secret)")
+    model: str | dict[str, Any] = Field("configs/model/climax-5.625.yaml",
+                                        description="model YAML or inline mapping; default_vars default to the data's")
+    init_checkpoint: str | None = Field(None, description="finetune from ours or an original ClimaX .ckpt")
+    ckpt_vars: list[str] | None = Field(None, description="variables of an init checkpoint that records none")
+    freeze_backbone: bool = False
+    data: DataConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: LoopConfig = Field(default_factory=LoopConfig)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    max_failures: int = Field(2, description="worker-group restarts from the last checkpoint before giving up")
+
+
+# ----------------------------------------------------------------------------- worker side
+def _model_config(cfg: TrainConfig) -> dict:
+    if isinstance(cfg.model, dict):
+        return dict(cfg.model)
+    path = Path(cfg.model)
+    if not path.is_absolute() and not path.exists():
+        path = ROOT / path
+    if not path.is_file():
+        raise FileNotFoundError(f"model configuration {cfg.model} does not exist; give a YAML file "
+                                f"(e.g. configs/model/climax-5.625.yaml) or an inline mapping")
+    return yaml.safe_load(path.read_text())
+
+
+def _variables(cfg: TrainConfig, ds) -> tuple[list[str], list[str]]:
+    have = set(ds.variables) | set(ds.constants)
+    in_vars = [v for v in (cfg.data.in_vars or ds.constants + ds.variables) if v in have]
+    out_vars = [v for v in (cfg.data.out_vars or ds.variables) if v in set(ds.variables)]
+    missing = [v for v in (cfg.data.in_vars or []) + (cfg.data.out_vars or []) if v not in have]
+    if missing and len(cfg.data.datasets) == 1:
+        raise ValueError(f"dataset {ds.name!r} has no variable(s) {missing}; it has {sorted(have)}")
+    if not in_vars or not out_vars:
+        raise ValueError(f"dataset {ds.name!r}: no input or output variable left; check data.in_vars / data.out_vars")
+    return in_vars, out_vars
+
+
+def build_model(cfg: TrainConfig, datasets: list, log=print):
+    """The model of a run: from the model config, or from ``init_checkpoint`` (finetuning).
+
+    default_vars: the config's (or the checkpoint's), extended by any data variable they lack
+    (new variables get fresh embeddings and head rows); img_size: the data's grid.
+    """
+    from climax import ClimaX
+    from climax.checkpoint import load_checkpoint, read_checkpoint
+
+    data_vars: list[str] = []
+    for ds in datasets:
+        for v in sum(_variables(cfg, ds), []):
+            if v not in data_vars:
+                data_vars.append(v)
+    mcfg = _model_config(cfg) if cfg.init_checkpoint is None or not isinstance(cfg.model, str) or \
+        cfg.model != TrainConfig.model_fields["model"].default else {}
+    state_meta = None
+    if cfg.init_checkpoint:
+        _, meta, _ = read_checkpoint(cfg.init_checkpoint)
+        state_meta = meta
+        if meta.get("model_config"):
+            mcfg = {**meta["model_config"], **{k: v for k, v in mcfg.items() if k != "default_vars"}}
+        elif not mcfg:
+            mcfg = _model_config(cfg)
+    base_vars = list(mcfg.get("default_vars") or (state_meta or {}).get("model_config", {}).get("default_vars") or [])
+    mcfg["default_vars"] = base_vars + [v for v in data_vars if v not in base_vars]
+    mcfg["img_size"] = [len(datasets[0].lat), len(datasets[0].lon)]
+    model = ClimaX(**mcfg)
+    if cfg.init_checkpoint:
+        report = load_checkpoint(model, cfg.init_checkpoint, ckpt_vars=cfg.ckpt_vars)
+        log(f"loaded {cfg.init_checkpoint}:\n{report}")
+    return model
+
+
+def _region(cfg: TrainConfig, ds, patch_size: int):
+    from climax.regions import Region
+
+    r = cfg.data.region
+    if r is None:
+        return None
+    if isinstance(r, str):
+        return Region.named(r, ds.lat, ds.lon, patch_size)
+    if len(r) != 4:
+        raise ValueError(f"data.region {r} must be a name or [lat_min, lat_max, lon_min, lon_max]")
+    return Region.from_box(ds.lat, ds.lon, *r, patch_size=patch_size)
+
+
+def _stream(loader, epoch: int, steps: int):
+    """``steps`` batches for training epoch ``epoch``: data epochs epoch*m, epoch*m+1, ... where
+    m passes cover one training epoch, so a resumed epoch reads exactly the same batches."""
+    per_pass = max(len(loader), 1)
+    m = math.ceil(steps / per_pass)
+    n = 0
+    for k in range(m):
+        loader.set_epoch(epoch * m + k)
+        for batch in loader:
+            yield batch
+            n += 1
+            if n == steps:
+                return
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import numpy as np
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from climax.data import ForecastLoader, MixedLoader, ShardDataset
+    from climax.optim import build_optimizer, warmup_cosine
+    from climax.sampling import lead_hours
+    from climax.training import TrainState, freeze_backbone, load_train_state, save_train_state, train_step, validate
+
+    cfg = TrainConfig.model_validate(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(cfg.train.seed)
+
+    datasets = [ShardDataset(d.root, d.storage_options, name=d.name) for d in cfg.data.datasets]
+    model = build_model(cfg, datasets, log=log)
+    if cfg.freeze_backbone:
+        frozen = freeze_backbone(model)
+        log(f"backbone frozen: {len(frozen)} tensors")
+    patch = model.patch_size
+    region = _region(cfg, datasets[0], patch)
+    leads = cfg.data.leads
+
+    def loader(ds, split, random_lead, hours, batch_size, shuffle, max_batches=None):
+        in_vars, out_vars = _variables(cfg, ds)
+        return ForecastLoader(ds, split, in_vars, out_vars, hours, random_lead=random_lead, batch_size=batch_size,
+                              seed=cfg.train.seed, rank=rank, world_size=world, shuffle=shuffle,
+                              drop_last=shuffle, region=region, prefetch=cfg.data.prefetch, max_batches=max_batches)
+
+    train_loaders = []
+    for ds in datasets:
+        hours = lead_hours(leads.min_hours, leads.max_hours, ds.step_hours) if leads.random else leads.hours
+        train_loaders.append(loader(ds, cfg.data.train_split, leads.random, hours, cfg.data.batch_size, True))
+    train_data = train_loaders[0] if len(train_loaders) == 1 else MixedLoader(
+        train_loaders, [d.weight for d in cfg.data.datasets], seed=cfg.train.seed)
+    steps_per_epoch = cfg.train.steps_per_epoch or len(train_data)
+    if steps_per_epoch <= 0:
+        raise ValueError(f"the training split {cfg.data.train_split!r} gives no batch of {cfg.data.batch_size} "
+                         f"per worker with {world} workers; lower data.batch_size or use a longer split")
+    total_steps = cfg.train.epochs * steps_per_epoch
+    val_ds = datasets[0]
+    val_in, val_out = _variables(cfg, val_ds)
+    val_leads = leads.val_hours or (leads.hours if not leads.random else [val_ds.step_hours])
+    mean, std = val_ds.normalizer(val_out)
+    lat = region.lat(val_ds.lat) if region is not None else val_ds.lat
+
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_train_state(d, model, optimizer)
+        state.restarts += 1
+        log(f"resumed from the checkpoint at step {state.step} (epoch {state.epoch}); restart {state.restarts}")
+    scheduler = warmup_cosine(optimizer, min(cfg.optim.warmup_steps, max(total_steps - 1, 0)), total_steps,
+                              cfg.optim.warmup_start_factor, cfg.optim.min_lr_factor, start_step=state.step)
+    uses_all = all(set(_variables(cfg, ds)[0]) == set(model.default_vars) for ds in datasets)
+    ddp_model = ray.train.torch.prepare_model(
+        model, move_to_device=False,
+        parallel_strategy_kwargs={"find_unused_parameters": not uses_all or cfg.freeze_backbone})
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"ClimaX {n_params / 1e6:.2f} M parameters, grid {model.img_size}, patch {patch}"
+        f"{f', region {region.name} {region.shape}' if region else ''}; {world} worker(s) on {device}; "
+        f"{steps_per_epoch} steps per epoch x {cfg.train.epochs} epochs, batch {cfg.data.batch_size} per worker")
+
+    start, first_epoch = time.time(), state.epoch
+    for epoch in range(state.epoch, cfg.train.epochs):
+        t0, losses, n_batches = time.time(), [], 0
+        for batch in _stream(train_data, epoch, steps_per_epoch):
+            lat_b = lat if batch.dataset == val_ds.name or region is not None else \
+                next(ds.lat for ds in datasets if ds.name == batch.dataset)
+            losses.append(train_step(ddp_model, batch, optimizer, scheduler, lat_b, device,
+                                     cfg.optim.grad_clip, cfg.train.bf16, region=region))
+            state.step += 1
+            n_batches += 1
+            if cfg.train.log_every and state.step % cfg.train.log_every == 0:
+                log(f"  step {state.step}/{total_steps} loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
+        train_time = time.time() - t0
+        samples = n_batches * cfg.data.batch_size * world
+        state.samples += samples
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "train_loss": float(np.mean(losses)),
+                                   "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / max(train_time, 1e-9),
+                                   "restarts": state.restarts}
+        val_losses = []
+        for hours in val_leads:
+            vl = loader(val_ds, cfg.data.val_split, False, [hours], cfg.data.val_batch_size or cfg.data.batch_size,
+                        False, cfg.data.max_val_batches)
+            res = validate(ddp_model, vl, lat, mean, std, val_out, device, cfg.train.bf16, region=region)
+            val_losses.append(res["val_loss"])
+            for k, v in res.items():
+                if k.startswith("val_rmse/") or k.startswith("val_persistence_rmse/"):
+                    metrics[f"{k}@{hours:g}h"] = v
+        metrics["val_loss"] = float(np.mean(val_losses))
+        state.epoch = epoch + 1
+        state.best_val_loss = min(state.best_val_loss, metrics["val_loss"])
+        state.history.append({k: metrics[k] for k in ("epoch", "step", "train_loss", "val_loss")})
+        elapsed = time.time() - start
+        eta = elapsed / (epoch + 1 - first_epoch) * (cfg.train.epochs - epoch - 1)
+        rm = ", ".join(f"{v} {metrics[f'val_rmse/{v}@{val_leads[0]:g}h']:.3g}" for v in val_out[:4])
+        log(f"epoch {epoch + 1}/{cfg.train.epochs} step {state.step}/{total_steps} loss {metrics['train_loss']:.4f} "
+            f"val {metrics['val_loss']:.4f} rmse@{val_leads[0]:g}h [{rm}{', ...' if len(val_out) > 4 else ''}] "
+            f"{metrics['samples_per_s']:.1f} samples/s ETA {_hms(eta)}", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_train_state(tmp, ddp_model, optimizer, None, state, run_config=cfg.model_dump(mode="json"),
+                                 in_vars=val_in, out_vars=val_out, metrics=metrics)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# ----------------------------------------------------------------------------- driver side
+def storage(cfg: TrainConfig):
+    """(storage_path, pyarrow filesystem or None) for the RunConfig."""
+    if cfg.storage_path.startswith("s3://"):
+        if not cfg.storage_options:
+            return cfg.storage_path, None
+        from pyarrow import fs
+
+        opts = cfg.storage_options
+        endpoint = opts.get("endpoint_url") or opts.get("client_kwargs", {}).get("endpoint_url")
+        kwargs: dict[str, Any] = {}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host, scheme=scheme)
+        if opts.get("key"):
+            kwargs.update(access_key=opts["key"], secret_key=opts.get("secret"))
+        return cfg.storage_path.removeprefix("s3://"), fs.S3FileSystem(**kwargs)
+    return str(Path(cfg.storage_path).expanduser().resolve()), None
+
+
+def fit(cfg: TrainConfig):
+    """Build the TorchTrainer for ``cfg`` and run it; returns the ``ray.train.Result``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    path, filesystem = storage(cfg)
+    scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                      resources_per_worker=cfg.scaling.resources_per_worker)
+    run = ray.train.RunConfig(
+        name=cfg.name, storage_path=path, storage_filesystem=filesystem,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep,
+                                                     checkpoint_score_attribute="val_loss",
+                                                     checkpoint_score_order="min"))
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=cfg.model_dump(mode="json"),
+                           scaling_config=scaling, run_config=run)
+    return trainer.fit()
+
+
+def main(argv: list[str] | None, doc: str, default_config: str) -> Any:
+    import sys
+
+    from jobs.common import error_line, init_ray, setup_logging
+    from jobs.config import fail, parse_args
+
+    cfg, _ = parse_args(TrainConfig, doc, argv if argv is not None else sys.argv[1:], default_config=default_config)
+    setup_logging()
+    init_ray()
+    try:
+        result = fit(cfg)
+    except Exception as e:  # one clear line, non-zero exit
+        fail(error_line(e), code=1)
+    if result.error:
+        fail(error_line(result.error), code=1)
+    best = result.get_best_checkpoint("val_loss", "min") if result.best_checkpoints else result.checkpoint
+    print(f"run {cfg.name}: {result.metrics.get('step')} steps, val_loss {result.metrics.get('val_loss'):.4f}")
+    print(f"last checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    print(f"best checkpoint: {best.path if best else None}")
+    return result
