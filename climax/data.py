@@ -164,6 +164,20 @@ class ShardDataset:
         self._clim: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._time_mean: dict[str, np.ndarray] | None = None
 
+    def __getstate__(self) -> dict:
+        """Picklable (e.g. sent to Ray workers): open files, locks and caches are left behind."""
+        state = self.__dict__.copy()
+        for k in ("_lock", "_files", "_footers", "_axes", "_const", "_clim", "_time_mean", "fs"):
+            state.pop(k)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.fs, _ = _filesystem(self.root, self.storage_options)
+        self._lock = threading.Lock()
+        self._files, self._footers, self._axes, self._clim = OrderedDict(), {}, {}, {}
+        self._const = self._time_mean = None
+
     def __repr__(self) -> str:
         return (f"ShardDataset({self.root!r}, name={self.name!r}, grid={self.shape}, "
                 f"{len(self.variables)} variables + {len(self.constants)} constants)")

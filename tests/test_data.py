@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import threading
 import time
@@ -79,6 +80,8 @@ def test_dataset_basics(ds, root):
     assert len(ds.manifest.shards("train")) >= 6 and len(ds.axis("train")) == 730
     assert np.all(np.diff(ds.lat) > 0)  # south to north
     assert ShardDataset(str(root)).name == root.name
+    copy = pickle.loads(pickle.dumps(ds))  # e.g. sent to a Ray worker
+    np.testing.assert_array_equal(copy.read("train", [3, 400], TIME_VARS), ds.read("train", [3, 400], TIME_VARS))
 
 
 def test_read_equals_shard_rows_any_order_duplicates_constants(ds, root):
