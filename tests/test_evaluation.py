@@ -300,3 +300,185 @@ def test_plots_write_pngs(mem, tmp_path):
     assert path.stat().st_size > 10_000
     with pytest.raises(ValueError, match="differ"):
         plot_maps(truth[:2], truth, LAT, LON, tmp_path / "bad.png", "2m_temperature")
+
+
+# ---------------------------------------------------------------------------------- on real shards
+SHARD_VARS = ["land_sea_mask", "orography", "latitude", "2m_temperature", "geopotential_500", "temperature_850"]
+SHARD_OUT = ["2m_temperature", "geopotential_500", "temperature_850"]
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory):
+    """Two generated years (2015 train, 2016 test), 6-hourly at 11.25 deg, through jobs.preprocess."""
+    pytest.importorskip("climax.data")
+    import yaml
+
+    from jobs import preprocess
+    from pipelines.sample_data import generate
+
+    root = tmp_path_factory.mktemp("eval_data")
+    generate(root / "sample", years=(2015, 2016), resolution=11.25, step_hours=6, formats=("weatherbench",),
+             variables=["land_sea_mask", "orography", *SHARD_OUT], progress=False)
+    recipe = {"sources": [{"path": str(root / "sample" / "weatherbench")}], "variables": SHARD_VARS,
+              "grid": {"resolution": 11.25, "method": "bilinear"},
+              "time": {"start": "2015-01-01", "end": "2016-12-31T18:00", "step": "6h"},
+              "splits": {"train": [2015, 2015], "test": [2016, 2016]}, "output": str(root / "shards")}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    preprocess.main([str(root / "recipe.yaml")])
+    return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def dataset(shards):
+    from climax.data import ShardDataset
+
+    return ShardDataset(str(shards))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from climax import save_checkpoint
+
+    torch.manual_seed(0)
+    model = tiny_model(SHARD_VARS, img_size=(16, 32), patch_size=2, embed_dim=32, depth=1, num_heads=2)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint_000001"
+    save_checkpoint(model, path / "model.pt", in_vars=SHARD_VARS, out_vars=SHARD_OUT)
+    return path
+
+
+def test_known_forecasts_on_the_pipeline_climatology(dataset):
+    """The acceptance test again, on real shards and the pipeline's day-of-year x hour climatology."""
+    leads = [6, 24]
+    truth = evaluate_model(None, dataset, "test", SHARD_VARS, SHARD_OUT, leads, forecast_fn=lambda r: dataset.read(
+        r.split, r.valid_index, r.out_vars), max_samples=20, progress=False)
+    direct = truth[truth.method == "direct"]
+    np.testing.assert_array_equal(direct.rmse, 0.0)
+    np.testing.assert_allclose(direct.acc, 1.0, atol=1e-9)
+    clim = evaluate_model(None, dataset, "test", SHARD_VARS, SHARD_OUT, leads, forecast_fn=lambda r: dataset.climatology(
+        r.out_vars, r.valid_time), max_samples=20, progress=False)
+    direct = clim[clim.method == "direct"]
+    np.testing.assert_array_equal(direct.acc, 0.0)
+    assert (direct.rmse > 0).all() and np.isfinite(direct.rmse).all()
+    assert dict(zip(direct.variable, direct.units)) == {"2m_temperature": "K", "geopotential_500": "m**2 s**-2",
+                                                         "temperature_850": "K"}
+
+
+def _write_yaml(path, doc):
+    import yaml
+
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+def test_evaluate_job_writes_tables_and_plots(shards, dataset, checkpoint, tmp_path, capsys):
+    import json
+
+    from climax import load_model
+    from jobs import evaluate
+
+    out = tmp_path / "eval"
+    cfg = _write_yaml(tmp_path / "evaluate.yaml", {"checkpoint": str(checkpoint), "data": str(shards)})
+    df = evaluate.main([cfg, "leads=[6,12,24]", "rollout_step=6", "max_samples=12", "batch_size=5",
+                        f"output={out}", "device=cpu", "progress=false"])
+    printed = capsys.readouterr().out
+    assert "RMSE:" in printed and "ACC:" in printed and "rollout" in printed and "24h" in printed
+    names = {p.name for p in out.iterdir()}
+    assert {"metrics.csv", "metrics.json", "rmse_vs_lead.png", "acc_vs_lead.png"} <= names
+    assert {f"maps_{v}.png" for v in SHARD_OUT} <= names
+    csv = pd.read_csv(out / "metrics.csv")
+    assert len(csv) == 4 * 3 * len(SHARD_OUT) and set(csv.method) == {"direct", "rollout", "persistence", "climatology"}
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["samples"] == 12 and len(doc["metrics"]) == len(csv) and doc["out_vars"] == SHARD_OUT
+    np.testing.assert_allclose(csv.rmse, df.rmse)
+    # the job scores what the in-process function scores
+    model, _ = load_model(checkpoint)
+    again = evaluate_model(model, dataset, "test", SHARD_VARS, SHARD_OUT, [6, 12, 24], 6, batch_size=12,
+                           device="cpu", max_samples=12, progress=False)
+    np.testing.assert_allclose(again.rmse, df.rmse, rtol=1e-5)
+    np.testing.assert_allclose(again.acc, df.acc, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(df[df.method == "climatology"].acc, 0.0)
+
+
+def test_evaluate_job_on_a_region(shards, checkpoint, tmp_path, capsys):
+    from jobs import evaluate
+
+    cfg = _write_yaml(tmp_path / "evaluate.yaml", {"checkpoint": str(checkpoint), "data": str(shards)})
+    df = evaluate.main([cfg, "leads=[12]", "rollout_step=null", "max_samples=4", "region=Europe",
+                        f"output={tmp_path / 'eu'}", "progress=false", "out_vars=[2m_temperature]"])
+    assert set(df.method) == {"direct", "persistence", "climatology"} and list(df.variable.unique()) == ["2m_temperature"]
+    assert (tmp_path / "eu" / "maps_2m_temperature.png").is_file()
+
+
+def test_forecast_job_writes_cf_netcdf(shards, dataset, checkpoint, tmp_path):
+    import xarray as xr
+
+    from climax import load_model
+    from jobs import forecast
+
+    out = tmp_path / "fc" / "forecast.nc"
+    cfg = _write_yaml(tmp_path / "forecast.yaml", {
+        "checkpoint": str(checkpoint / "model.pt"), "data": str(shards),
+        "init_times": ["2015-12-31T12:00", "2016-01-01T00:00", "2016-03-01T06:00"],
+        "leads": [6, 12, 24], "rollout_step": 6, "output": str(out), "progress": False, "device": "cpu"})
+    assert forecast.main([cfg]) == str(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["forecast.nc"]
+    model, _ = load_model(checkpoint)
+    axis = dataset.axis("test")
+    row = int(np.searchsorted(axis.times, np.datetime64("2016-03-01T06:00", "ns")))
+    expect = forecast_fields(model, dataset, "test", [row], [6, 12, 24], SHARD_VARS, SHARD_OUT, rollout_step=6,
+                             device="cpu", progress=False)[0]
+    with xr.open_dataset(out) as ds:
+        assert ds.attrs["Conventions"] == "CF-1.8" and "jobs.forecast" in ds.attrs["history"]
+        assert "source" in ds.attrs
+        assert list(ds.data_vars) == SHARD_OUT
+        assert ds["2m_temperature"].dims == ("init_time", "lead_time", "lat", "lon")
+        assert ds["2m_temperature"].attrs["units"] == "K" and ds["geopotential_500"].attrs["units"] == "m2 s-2"
+        np.testing.assert_array_equal(ds.init_time.values, np.array(
+            ["2015-12-31T12:00", "2016-01-01T00:00", "2016-03-01T06:00"], dtype="datetime64[ns]"))
+        np.testing.assert_array_equal(ds.lead_time.values, np.array([6, 12, 24], dtype="timedelta64[h]"))
+        np.testing.assert_array_equal(ds.lat.values, dataset.lat)
+        for j, v in enumerate(SHARD_OUT):
+            np.testing.assert_allclose(ds[v].values[2], expect[:, j], rtol=1e-6)
+        assert np.isfinite(ds["temperature_850"].values).all()
+
+    # a range, direct, written again over the first file
+    forecast.main([cfg, "init_times=null", "init_range={start: 2016-02-01, end: '2016-02-02T00:00', step: 12h}",
+                   "rollout_step=null", "leads=[48]", "out_vars=[temperature_850]"])
+    with xr.open_dataset(out) as ds:
+        assert ds.sizes["init_time"] == 3 and ds.sizes["lead_time"] == 1 and list(ds.data_vars) == ["temperature_850"]
+
+
+def test_jobs_fail_with_one_line(shards, checkpoint, tmp_path, capsys):
+    from climax import load_model, save_checkpoint
+    from jobs import evaluate, forecast
+
+    base = {"checkpoint": str(checkpoint), "data": str(shards)}
+    cfg = _write_yaml(tmp_path / "e.yaml", base)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([cfg, "leadz=[6]"])
+    assert e.value.code == 2 and "unknown key 'leadz'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--help"])
+    assert e.value.code == 0 and "rollout_step" in capsys.readouterr().out
+
+    def one_error(job, args, *needles):
+        with pytest.raises(SystemExit) as e:
+            job.main(args)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert e.value.code == 1 and len(err) == 1, err
+        for needle in needles:
+            assert needle in err[0]
+
+    one_error(evaluate, [cfg, f"checkpoint={tmp_path / 'nope'}", "progress=false"], "does not exist")
+    one_error(evaluate, [cfg, "split=val", "progress=false"], "no split 'val'", "'train'")
+    one_error(evaluate, [cfg, "leads=[60000]", "progress=false"], "shorter lead times")
+    # a checkpoint trained with a variable the dataset lacks
+    model, _ = load_model(checkpoint)
+    other = tiny_model([*SHARD_VARS, "relative_humidity_850"], img_size=(16, 32), embed_dim=32, depth=1, num_heads=2)
+    save_checkpoint(other, tmp_path / "rh" / "model.pt", in_vars=[*SHARD_VARS, "relative_humidity_850"])
+    one_error(evaluate, [cfg, f"checkpoint={tmp_path / 'rh'}", "progress=false"], "relative_humidity_850",
+              "in_vars=")
+    fcfg = _write_yaml(tmp_path / "f.yaml", {**base, "init_times": ["2030-01-01T00:00"], "progress": False})
+    one_error(forecast, [fcfg], "2030-01-01", "not a time step")
+    one_error(forecast, [fcfg, "init_times=['2016-01-01T00:00']", "rollout_step=6", "out_vars=[2m_temperature]"],
+              "cannot roll out")
