@@ -24,6 +24,7 @@ Imports neither Ray nor ``pipelines``.
 
 from __future__ import annotations
 
+import mmap
 import os
 import queue
 import threading
@@ -208,6 +209,11 @@ class ShardDataset:
                 self._files.popitem(last=False)  # closed when the last reader drops it
         return entry
 
+    def _read_whole(self, rel: str) -> pa.Table:
+        # ParquetFile, not pq.read_table: that one imports pyarrow.dataset and pandas (about 1 s)
+        with self.fs.open_input_file(self._path(rel)) as f:
+            return pq.ParquetFile(f).read()
+
     def open_files(self) -> int:
         """How many shards are open now (the LRU's size)."""
         return len(self._files)
@@ -257,7 +263,7 @@ class ShardDataset:
                 self._const = {}
             else:
                 rel = self.manifest.raw.get("constants", {}).get("path", S.CONSTANTS)
-                table = pq.read_table(self._path(rel), filesystem=self.fs)
+                table = self._read_whole(rel)
                 self._const = {c: _tensor_column(table, c)[0].astype(_F32, copy=False) for c in self.constants}
         return self._const
 
@@ -307,7 +313,7 @@ class ShardDataset:
         if hit is not None:
             return hit
         cdir = self.manifest.raw.get("climatology", {}).get("path", S.CLIMATOLOGY_DIR)
-        table = pq.read_table(self._path(f"{cdir}/{var}.parquet"), filesystem=self.fs)
+        table = self._read_whole(f"{cdir}/{var}.parquet")
         doy = table.column("dayofyear").to_numpy().astype(np.int64)
         hour = table.column("hour").to_numpy().astype(np.int64)
         fields = np.concatenate([_tensor_column(table, var), self.time_mean([var])[0][None]]).astype(_F32, copy=False)
@@ -351,7 +357,7 @@ class ShardDataset:
         self.check_variables(variables)
         if self._time_mean is None and any(v not in self.constants for v in variables):
             rel = self.manifest.raw.get("climatology", {}).get("time_mean", f"{S.CLIMATOLOGY_DIR}/time_mean.parquet")
-            table = pq.read_table(self._path(rel), filesystem=self.fs)
+            table = self._read_whole(rel)
             self._time_mean = {c: _tensor_column(table, c)[0].astype(_F32, copy=False) for c in table.column_names}
         return np.stack([self.constant_fields()[v] if v in self.constants else self._time_mean[v]
                          for v in variables]) if variables else np.empty((0, *self.shape), _F32)
@@ -552,8 +558,13 @@ class ForecastLoader:
         resident = self.resident
         if resident:
             with self._store_lock:
-                if self._store is None:  # virtual memory: pages are touched only as rows are loaded
-                    self._store = np.empty((len(self.tv_vars), len(self.axis), *self.shape), _F32)
+                if self._store is None:
+                    # anonymous mmap, not np.empty: numpy asks for huge pages on large arrays, and the
+                    # first rows written would then fault in (and zero) most of the store at once;
+                    # with 4 KiB pages memory is touched only as rows are loaded
+                    shape = (len(self.tv_vars), len(self.axis), *self.shape)
+                    self._store = np.frombuffer(mmap.mmap(-1, max(1, 4 * int(np.prod(shape)))),
+                                                dtype=_F32, count=int(np.prod(shape))).reshape(shape)
                     self._loaded = np.zeros(len(self.axis), np.uint8)
             missing = need & ~self._loaded[uniq]
             todo = np.flatnonzero(missing)
