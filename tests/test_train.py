@@ -1,0 +1,221 @@
+"""Training on Ray Train against generated data: two nodes, a killed worker, a relaunch, finetuning
+from an original-format checkpoint on another grid, regional orientation.
+
+The jobs run as users run them (``python -m jobs.pretrain CONFIG key=value``) in subprocesses,
+against a two-node ``ray.cluster_utils.Cluster`` or a local Ray started by the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.helpers import ROOT
+
+VARS = ["land_sea_mask", "orography", "2m_temperature", "10m_v_component_of_wind", "geopotential_500",
+        "temperature_850"]
+TINY = {"patch_size": 2, "embed_dim": 64, "depth": 2, "decoder_depth": 1, "num_heads": 4, "mlp_ratio": 2.0,
+        "drop_path": 0.0, "drop_rate": 0.0}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, ray_local) -> Path:
+    """Three years of 6-hourly 11.25-degree sample data, preprocessed: train 2014, val 2015, test 2016."""
+    from pipelines.build import build
+    from pipelines.recipe import Recipe
+    from pipelines.sample_data import generate
+
+    raw = tmp_path_factory.mktemp("raw")
+    generate(raw, years=(2014, 2015, 2016), resolution=11.25, step_hours=6, variables=VARS,
+             formats=("weatherbench",), progress=False)
+    out = tmp_path_factory.mktemp("shards")
+    build(Recipe.model_validate({
+        "sources": [{"path": str(raw / "weatherbench")}], "variables": VARS,
+        "grid": {"resolution": 11.25, "method": "bilinear"},
+        "time": {"start": "2014-01-01", "end": "2016-12-31T18:00", "step": "6h"},
+        "splits": {"train": [2014, 2014], "val": [2015, 2015], "test": [2016, 2016]},
+        "output": str(out), "shard_bytes": 2_000_000}))
+    return out
+
+
+def config(dataset: Path, storage: Path, **kw) -> dict:
+    cfg = {
+        "name": "run", "storage_path": str(storage), "model": dict(TINY),
+        "data": {"datasets": [{"root": str(dataset)}], "batch_size": 8, "max_val_batches": 4,
+                 "leads": {"random": True, "min_hours": 6, "max_hours": 24, "val_hours": [6]}},
+        "optim": {"lr": 2e-3, "warmup_steps": 10},
+        "train": {"epochs": 2, "steps_per_epoch": 5, "seed": 0},
+        "scaling": {"num_workers": 1},
+        "max_failures": 2,
+    }
+    for key, value in kw.items():
+        node = cfg
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+def run_job(module: str, cfg: dict, tmp: Path, env: dict | None = None, wait: bool = True, timeout: float = 600):
+    path = tmp / f"{cfg['name']}-{time.time_ns()}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", module, str(path)], cwd=ROOT, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint_*") if (p / "model.pt").exists())
+
+
+def last_metrics(run_dir: Path) -> dict:
+    """Metrics stored in the newest checkpoint (by step)."""
+    best = None
+    for p in checkpoints(run_dir):
+        meta = torch.load(p / "model.pt", map_location="cpu", weights_only=True)
+        if best is None or meta["metrics"]["step"] > best["step"]:
+            best = meta["metrics"]
+    assert best is not None, f"no checkpoint under {run_dir}"
+    return best
+
+
+def test_two_node_pretraining_beats_persistence(dataset, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        # random-lead pretraining restricted to 6 h leads, so that a few hundred CPU steps suffice
+        cfg = config(dataset, tmp_path / "runs", **{
+            "name": "two-nodes", "scaling.num_workers": 2, "train.epochs": 3, "train.steps_per_epoch": 100,
+            "data.batch_size": 4, "data.leads.max_hours": 6, "data.max_val_batches": 8,
+            "model.embed_dim": 128, "optim.lr": 2e-3, "optim.warmup_steps": 20})
+        out = run_job("jobs.pretrain", cfg, tmp_path, env={"RAY_ADDRESS": cluster.address})
+    finally:
+        cluster.shutdown()
+    assert "2 worker(s)" in out and "epoch 3/3" in out, out
+    assert "node_rank=1" in out, out  # one worker on each node
+    m = last_metrics(tmp_path / "runs" / "two-nodes")
+    assert m["step"] == 300
+    better = [v for v in ("10m_v_component_of_wind", "2m_temperature", "geopotential_500", "temperature_850")
+              if m[f"val_rmse/{v}@6h"] < m[f"val_persistence_rmse/{v}@6h"]]
+    assert better, {k: v for k, v in m.items() if "rmse" in k}
+
+
+def _train_workers() -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            if b"RayTrainWorker" in cmd:
+                pids.append(int(d.name))
+    return pids
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(dataset, tmp_path):
+    cfg = config(dataset, tmp_path / "runs", **{"name": "killed", "train.epochs": 4, "train.steps_per_epoch": 10})
+    proc = run_job("jobs.pretrain", cfg, tmp_path, wait=False)
+    run_dir = tmp_path / "runs" / "killed"
+    deadline = time.time() + 300
+    killed, first_checkpoint = None, None
+    while time.time() < deadline and proc.poll() is None:
+        if first_checkpoint is None and checkpoints(run_dir):
+            first_checkpoint = time.time()
+        # a moment after the first checkpoint, so that Ray has registered it: kill the worker
+        if first_checkpoint and time.time() - first_checkpoint > 1.0 and _train_workers():
+            killed = _train_workers()[0]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.1)
+    out, _ = proc.communicate(timeout=600)
+    assert killed is not None, out
+    assert proc.returncode == 0, out
+    assert "resumed from the checkpoint at step" in out, out
+    m = last_metrics(run_dir)
+    assert m["step"] == 40 and m["epoch"] == 4 and m["restarts"] >= 1
+
+
+def test_relaunch_with_the_same_name_resumes(dataset, tmp_path):
+    cfg = config(dataset, tmp_path / "runs", **{"name": "resumed", "train.epochs": 2})
+    run_job("jobs.pretrain", cfg, tmp_path)
+    assert last_metrics(tmp_path / "runs" / "resumed")["step"] == 10
+    cfg["train"]["epochs"] = 3
+    out = run_job("jobs.pretrain", cfg, tmp_path)
+    assert "resumed from the checkpoint at step 10" in out, out
+    m = last_metrics(tmp_path / "runs" / "resumed")
+    assert m["step"] == 15 and m["epoch"] == 3
+
+
+def test_original_checkpoint_finetunes_on_another_grid(dataset, tmp_path):
+    """Our model saved as an original Lightning-style dict (``net.`` keys, no config) at 8 x 16,
+    finetuned on the 16 x 32 data with fixed leads and a new output variable."""
+    from climax import ClimaX, load_model
+
+    torch.manual_seed(0)
+    old_vars = VARS[:-1]  # temperature_850 is new to the checkpoint
+    small = ClimaX(old_vars, img_size=(8, 16), **TINY)
+    ckpt = tmp_path / "original.ckpt"
+    torch.save({"epoch": 3, "global_step": 100, "pytorch-lightning_version": "1.9.0",
+                "state_dict": {f"net.{k}": v for k, v in small.state_dict().items()}}, ckpt)
+    cfg = config(dataset, tmp_path / "runs", **{
+        "name": "finetune", "init_checkpoint": str(ckpt), "ckpt_vars": old_vars,
+        "data.leads": {"random": False, "hours": [6, 12]}, "train.epochs": 1, "train.steps_per_epoch": 4})
+    out = run_job("jobs.finetune", cfg, tmp_path)
+    assert "interpolated" in out and "pos_embed" in out, out
+    assert "temperature_850" in out, out  # reported as new (initialised)
+    run_dir = tmp_path / "runs" / "finetune"
+    m = last_metrics(run_dir)
+    assert m["step"] == 4 and "val_rmse/temperature_850@6h" in m and "val_rmse/temperature_850@12h" in m
+    model, _ = load_model(checkpoints(run_dir)[-1])
+    assert model.img_size == (16, 32) and "temperature_850" in model.default_vars
+
+
+def test_regional_orientation(tmp_path):
+    """A field warm only in the northern hemisphere stays north after cropping and prediction."""
+    from climax import ClimaX
+    from climax.metrics import lat_weighted_mse
+    from climax.regions import Region
+
+    lat = np.linspace(-84.375, 84.375, 16)  # south to north, as the shards
+    lon = np.arange(32) * 11.25
+    region = Region.from_box(lat, lon, -40, 40, 90, 200, patch_size=2)
+    field = np.where(lat[:, None] > 0, 1.0, -1.0) * np.ones((16, 32))  # warm north, cold south
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    model = ClimaX(["t"], img_size=(16, 32), **TINY)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rlat = torch.from_numpy(region.lat(lat))
+    assert np.all(np.diff(region.lat(lat)) > 0)
+    for _ in range(60):  # learn to persist the field, on the region only
+        x = torch.from_numpy(field + 0.1 * rng.standard_normal((8, 1, 16, 32))).float()
+        xr = region.crop(x)
+        loss = lat_weighted_mse(model(xr, torch.full((8,), 6.0), ["t"], ["t"], region=region), xr, rlat)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(field[None, None]).float()
+        pred = model(region.crop(x), torch.tensor([6.0]), ["t"], ["t"], region=region)[0, 0].numpy()
+    north, south = pred[region.lat(lat) > 0], pred[region.lat(lat) < 0]
+    assert north.mean() > 0.5 and south.mean() < -0.5, (north.mean(), south.mean())
