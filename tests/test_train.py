@@ -219,3 +219,25 @@ def test_regional_orientation(tmp_path):
         pred = model(region.crop(x), torch.tensor([6.0]), ["t"], ["t"], region=region)[0, 0].numpy()
     north, south = pred[region.lat(lat) > 0], pred[region.lat(lat) < 0]
     assert north.mean() > 0.5 and south.mean() < -0.5, (north.mean(), south.mean())
+
+
+def test_checkpoints_to_s3(dataset, tmp_path, moto_s3, ray_local):
+    """storage_path on S3 (moto server): checkpoints land in the bucket and load back."""
+    import s3fs
+
+    from climax import load_model
+    from jobs.train import TrainConfig, fit
+
+    fs = s3fs.S3FileSystem(**moto_s3)
+    fs.mkdir("climax-runs")
+    cfg = TrainConfig.model_validate(config(dataset, tmp_path, **{
+        "name": "on-s3", "storage_path": "s3://climax-runs/runs", "storage_options": moto_s3,
+        "train.epochs": 1, "train.steps_per_epoch": 2}))
+    result = fit(cfg)
+    assert result.error is None and result.metrics["step"] == 2
+    found = fs.glob("climax-runs/runs/on-s3/checkpoint_*/model.pt")
+    assert found, fs.find("climax-runs")
+    local = tmp_path / "model.pt"
+    fs.get(found[0], str(local))
+    model, report = load_model(local)
+    assert model.img_size == (16, 32) and report.exact
