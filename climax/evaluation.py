@@ -91,7 +91,22 @@ def resolve_device(device: str | torch.device | None, model: Any = None) -> torc
         return torch.device("cpu")
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but this machine has no CUDA GPU; use device=cpu "
+                         "or device=auto")
+    return device
+
+
+def _place(model: Any, device: torch.device) -> None:
+    """Move a module to ``device`` when it is elsewhere (in place, as ``Module.to`` does)."""
+    if isinstance(model, torch.nn.Module):
+        p = next(model.parameters(), None)
+        if p is not None and p.device != device:
+            model.to(device)
 
 
 def _splits(dataset) -> list[str]:
@@ -287,7 +302,8 @@ def evaluate_model(
             step. Needs every time-varying input to be an output; otherwise the rollout is skipped
             with a note (``df.attrs["notes"]``).
         batch_size: initial times per forward pass.
-        device: where the model runs; None: the model's device; "auto": CUDA when available.
+        device: where the model runs (a module elsewhere is moved there); None: the model's
+            device; "auto": CUDA when available.
         region: score on this box only (``climax.regions.Region`` of the dataset's grid).
         max_samples: score at most this many initial times, evenly spread over the split.
         forecast_fn: a known forecast instead of the model's direct one: called with a
@@ -314,6 +330,7 @@ def evaluate_model(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = resolve_device(device, model)
+    _place(model, device)
     notes: list[str] = []
 
     roll_leads: list[float] = []
@@ -349,12 +366,13 @@ def evaluate_model(
     runner = _Runner(model, in_vars, out_vars, region, device) if model is not None else None
 
     def load(rows: np.ndarray):
+        # inputs (and persistence) at the initial times; only the outputs at the valid times
         targets = {lead: _rows_at(times_ns, rows, lead) for lead in leads}
-        need = np.unique(np.concatenate([rows, *targets.values()]))
-        fields = crop(np.asarray(dataset.read(split, need, read_vars), dtype=np.float32))
         valid = np.unique(np.concatenate(list(targets.values())))
+        inputs = crop(np.asarray(dataset.read(split, rows, read_vars), dtype=np.float32))
+        truth = crop(np.asarray(dataset.read(split, valid, out_vars), dtype=np.float32))
         clim = crop(np.asarray(dataset.climatology(out_vars, axis.times[valid]), dtype=np.float32))
-        return need, fields, valid, clim, targets
+        return inputs, valid, truth, clim, targets
 
     sums: dict[tuple[str, float], list] = {}
 
@@ -373,17 +391,17 @@ def evaluate_model(
     batches = [inits[i:i + batch_size] for i in range(0, len(inits), batch_size)]
     steps = int(round(max(roll_leads) / rollout_step)) if roll_leads else 0
     with _Eval(model), torch.inference_mode():
-        for rows, (need, fields, valid, clim_all, targets) in _tqdm(
+        for rows, (inputs, valid, truth, clim, targets) in _tqdm(
                 _prefetched(load, batches), len(batches), f"evaluate {split}", progress):
-            f = torch.from_numpy(fields).to(device)
-            c = torch.from_numpy(clim_all).to(device, torch.float64)
-            at = lambda r: torch.as_tensor(np.searchsorted(need, r), device=device)  # noqa: E731
-            x_phys = f[at(rows)][:, in_pos]
-            x = (x_phys - in_mean) / in_std if in_vars else x_phys
+            f = torch.from_numpy(inputs).to(device)
+            y = torch.from_numpy(truth).to(device, torch.float64)
+            c = torch.from_numpy(clim).to(device, torch.float64)
+            x = (f[:, in_pos] - in_mean) / in_std if in_vars else f[:, in_pos]
+            persistence = f[:, out_pos]
             truth_of, clim_of = {}, {}
             for lead, trows in targets.items():
-                truth_of[lead] = f[at(trows)][:, out_pos].double()
-                clim_of[lead] = c[torch.as_tensor(np.searchsorted(valid, trows), device=device)]
+                at = torch.as_tensor(np.searchsorted(valid, trows), device=device)
+                truth_of[lead], clim_of[lead] = y[at], c[at]
             for lead, trows in targets.items():
                 if forecast_fn is not None:
                     req = ForecastRequest(split, rows, axis.times[rows], lead, trows, axis.times[trows], x,
@@ -393,7 +411,7 @@ def evaluate_model(
                     pred = runner.direct(x, lead).float() * out_std + out_mean
                 add("direct", lead, pred, truth_of[lead], clim_of[lead])
                 if baselines:
-                    add("persistence", lead, f[at(rows)][:, out_pos], truth_of[lead], clim_of[lead])
+                    add("persistence", lead, persistence, truth_of[lead], clim_of[lead])
                     add("climatology", lead, clim_of[lead], truth_of[lead], clim_of[lead])
             if steps:
                 for k, pred in runner.rollout(x, rollout_step, steps):
@@ -465,6 +483,7 @@ def forecast_fields(
             raise ValueError(f"cannot roll out: input variable(s) {blockers} are time-varying but not outputs; "
                              "forecast directly (no rollout_step) or use a model whose outputs include them")
     device = resolve_device(device, model)
+    _place(model, device)
     _, _, crop = _grid(dataset, region)
     init_index = np.asarray(init_index, dtype=np.int64)
     n_rows = len(dataset.axis(split))

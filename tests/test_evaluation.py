@@ -194,6 +194,16 @@ def test_direct_and_rollout_match_the_model_by_hand(mem, model):
     assert model.training is False
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_scores_like_cpu(mem, model):
+    kw = dict(rollout_step=6, batch_size=4, max_samples=8, progress=False)
+    cpu = evaluate_model(model, mem, "test", IN, OUT, [6, 12], device="cpu", **kw)
+    gpu = evaluate_model(model, mem, "test", IN, OUT, [6, 12], device="cuda", **kw)
+    np.testing.assert_allclose(gpu.rmse, cpu.rmse, rtol=1e-3)
+    np.testing.assert_allclose(gpu.acc, cpu.acc, rtol=1e-3, atol=1e-4)
+    model.to("cpu")
+
+
 def test_model_keeps_its_training_mode(mem, model):
     model.train()
     try:
@@ -472,6 +482,8 @@ def test_jobs_fail_with_one_line(shards, checkpoint, tmp_path, capsys):
     one_error(evaluate, [cfg, f"checkpoint={tmp_path / 'nope'}", "progress=false"], "does not exist")
     one_error(evaluate, [cfg, "split=val", "progress=false"], "no split 'val'", "'train'")
     one_error(evaluate, [cfg, "leads=[60000]", "progress=false"], "shorter lead times")
+    if not torch.cuda.is_available():
+        one_error(evaluate, [cfg, "device=cuda", "progress=false"], "no CUDA GPU")
     # a checkpoint trained with a variable the dataset lacks
     model, _ = load_model(checkpoint)
     other = tiny_model([*SHARD_VARS, "relative_humidity_850"], img_size=(16, 32), embed_dim=32, depth=1, num_heads=2)
