@@ -49,7 +49,8 @@ from climax.regions import Region
 
 __all__ = [
     "METHODS", "ForecastRequest", "evaluate_model", "forecast_fields", "forecast_dataset", "write_netcdf",
-    "check_variables", "rollout_blockers", "evaluation_inits", "resolve_device", "cf_units",
+    "check_variables", "rollout_blockers", "evaluation_inits", "resolve_device", "cf_units", "history_line",
+    "ForecastFn",
 ]
 
 log = logging.getLogger("climax.evaluation")
