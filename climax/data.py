@@ -551,7 +551,8 @@ class ForecastLoader:
         rows = np.concatenate([inp, tgt])
         uniq, inv = np.unique(rows, return_inverse=True)
         need = np.zeros(len(uniq), np.uint8)
-        np.bitwise_or.at(need, inv[:len(inp)], 1)
+        if self._in_tv:  # inputs made of constants only need no row
+            np.bitwise_or.at(need, inv[:len(inp)], 1)
         np.bitwise_or.at(need, inv[len(inp):], 2)
         if self._cols[1] == self._cols[2]:
             need[:] = 3
@@ -571,7 +572,7 @@ class ForecastLoader:
             buf = self._store
         else:
             missing = need
-            todo = np.arange(len(uniq))
+            todo = np.flatnonzero(missing)
             buf = np.empty((len(self.tv_vars), len(uniq), *self.shape), _F32)
         # groups of rows with the same shard and column set; buffer rows follow the group order
         shard = self.axis.shard[uniq[todo]]
