@@ -1,12 +1,15 @@
 """``make demo``: the platform end to end on an embedded default, local Ray and local files.
 
 1. generate three years of ERA5-like sample data (WeatherBench-layout NetCDF);
-2. preprocess them on Ray Data into shards (configs/recipes/demo.yaml);
-3. build the full ClimaX (configs/model/climax-5.625.yaml), read a batch from the shards
-   (normalised with the manifest's statistics), run one forward and backward pass, print the
-   parameter count and the loss.
+2. preprocess them on Ray Data into shards (configs/recipes/demo.yaml): train 2015, val 2016,
+   test 2017;
+3. pretrain a tiny ClimaX on Ray Train (random lead times 6 h to 72 h) for a few minutes;
+4. finetune it at fixed lead times (6 h, 24 h, 72 h) from the pretraining checkpoint;
+5. evaluate on the test split (direct, 6-hour rollout, persistence, climatology): print the RMSE /
+   ACC table and the paths of the plots;
+6. write CF-compliant NetCDF forecasts and open them back with xarray.
 
-    python -m jobs.demo [workdir=demo_output] [years=[2015,2016,2017]]
+    python -m jobs.demo [workdir=demo_output] [pretrain_minutes=3] ...
 """
 
 from __future__ import annotations
@@ -25,19 +28,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    workdir: str = Field("demo_output", description="where sample data and shards go")
+    workdir: str = Field("demo_output", description="where sample data, shards, runs and results go")
     years: list[int] = Field([2015, 2016, 2017], description="years of sample data (train, val, test)")
     recipe: str = Field("configs/recipes/demo.yaml", description="preprocessing recipe")
-    model: str = Field("configs/model/climax-5.625.yaml", description="model configuration")
-    batch_size: int = 2
+    model: str = Field("configs/model/climax-tiny.yaml", description="model configuration")
+    pretrain_steps: int = Field(600, description="pretraining optimiser steps")
+    finetune_steps: int = Field(200, description="finetuning optimiser steps")
+    batch_size: int = 16
+    workers: int = Field(1, description="Ray Train workers (CPU)")
+    eval_samples: int = Field(120, description="initial times scored in the evaluation")
+
+
+def _stage(title: str) -> None:
+    print(f"\n== {title} ==", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_args(DemoConfig, __doc__, argv, config_required=False)
-    work = Path(cfg.workdir)
+    work = Path(cfg.workdir).resolve()
     t0 = time.time()
 
-    print("\n== 1. sample data ==")
+    _stage("1. sample data")
     from pipelines.sample_data import generate
 
     sample = work / "sample"
@@ -45,47 +56,60 @@ def main(argv: list[str] | None = None) -> None:
         generate(sample, years=tuple(cfg.years), formats=("weatherbench",))
     print(f"sample data in {sample}")
 
-    print("\n== 2. preprocessing on Ray Data ==")
+    _stage("2. preprocessing on Ray Data")
     from jobs import preprocess
 
     first, last = min(cfg.years), max(cfg.years)
     splits = {"train": [first, max(first, last - 2)], "val": [last - 1, last - 1], "test": [last, last]}
-    manifest = preprocess.main([cfg.recipe, f"output={work / 'shards'}",
-                                f"sources.0.path={sample / 'weatherbench'}",
-                                f"time.start='{first}-01-01'", f"time.end='{last}-12-31T18:00'",
-                                f"splits={yaml.safe_dump(splits, default_flow_style=True).strip()}"])
+    shards = work / "shards"
+    preprocess.main([cfg.recipe, f"output={shards}", f"sources.0.path={sample / 'weatherbench'}",
+                     f"time.start='{first}-01-01'", f"time.end='{last}-12-31T18:00'",
+                     f"splits={yaml.safe_dump(splits, default_flow_style=True).strip()}"])
 
-    print("\n== 3. the ClimaX model ==")
-    import numpy as np
-    import torch
+    import shutil
 
-    from climax import ClimaX
-    from climax import shards as S
-    from climax.metrics import lat_weighted_mse
+    shutil.rmtree(work / "runs", ignore_errors=True)  # a fresh run each time (same names would resume)
+    common = [f"storage_path={work / 'runs'}", f"model={cfg.model}", f"data.datasets=[{{root: {shards}}}]",
+              f"data.batch_size={cfg.batch_size}", f"scaling.num_workers={cfg.workers}", "data.max_val_batches=8"]
+    epochs = 3
+    _stage("3. pretraining on Ray Train (random leads 6-72 h)")
+    from jobs import finetune, pretrain
 
-    model_cfg = yaml.safe_load((ROOT / cfg.model).read_text() if not Path(cfg.model).is_absolute()
-                               else Path(cfg.model).read_text())
-    model = ClimaX(**model_cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"ClimaX from {cfg.model}: {n_params / 1e6:.1f} M parameters, "
-          f"{len(model.default_vars)} variables, grid {model.img_size}, patch {model.patch_size}")
-    man = S.Manifest(manifest)
-    in_vars = [v for v in man.variables if v in model.var_map]
-    shard = man.shards("train")[0]
-    times, arrays = S.read_shard(str(work / "shards" / shard["path"]), in_vars,
-                                 rows=list(range(cfg.batch_size + 1)))
-    mean, std = man.mean_std(in_vars)
-    x = np.stack([arrays[v] for v in in_vars], axis=1)
-    x = torch.from_numpy((x - mean[None, :, None, None]) / std[None, :, None, None]).float()
-    inp, target = x[:-1], x[1:]  # 6-hour forecast pairs from consecutive steps
-    lead = torch.full((len(inp),), man.step_hours)
-    t1 = time.time()
-    pred = model(inp, lead, in_vars, in_vars)
-    loss = lat_weighted_mse(pred, target, torch.from_numpy(man.lat))
-    loss.backward()
-    print(f"one forward+backward on a batch of {len(inp)} ({len(in_vars)} input variables from the shards): "
-          f"loss {loss.item():.4f} (latitude-weighted MSE, normalised units) in {time.time() - t1:.1f} s")
-    print(f"\ndemo finished in {time.time() - t0:.0f} s; outputs under {work}/")
+    pre = pretrain.main(["configs/pretrain.yaml", "name=demo-pretrain", *common,
+                         "data.leads={random: true, min_hours: 6, max_hours: 72, val_hours: [6, 72]}",
+                         f"train.epochs={epochs}", f"train.steps_per_epoch={cfg.pretrain_steps // epochs}",
+                         "optim.lr=2e-3", f"optim.warmup_steps={max(cfg.pretrain_steps // 20, 1)}"])
+    pre_ckpt = pre.get_best_checkpoint("val_loss", "min") or pre.checkpoint
+
+    _stage("4. finetuning at fixed leads (6 h, 24 h, 72 h)")
+    fine = finetune.main(["configs/finetune.yaml", "name=demo-finetune", *common,
+                          f"init_checkpoint={pre_ckpt.path}",
+                          "data.leads={random: false, hours: [6, 24, 72]}", "train.epochs=1",
+                          f"train.steps_per_epoch={cfg.finetune_steps}", "optim.lr=5e-4",
+                          f"optim.warmup_steps={max(cfg.finetune_steps // 10, 1)}"])
+    fine_ckpt = fine.get_best_checkpoint("val_loss", "min") or fine.checkpoint
+
+    _stage("5. evaluation on the test split")
+    from jobs import evaluate, forecast
+
+    evaluate.main(["configs/evaluate.yaml", f"checkpoint={fine_ckpt.path}", f"data={shards}",
+                   "leads=[6, 24, 72]", "rollout_step=6", f"max_samples={cfg.eval_samples}",
+                   f"output={work / 'evaluation'}", "progress=false"])
+
+    _stage("6. NetCDF forecasts")
+    nc = forecast.main(["configs/forecast.yaml", f"checkpoint={fine_ckpt.path}", f"data={shards}",
+                        f"init_range={{start: '{last}-01-01T00:00', end: '{last}-01-02T00:00', step: 12h}}",
+                        "leads=[6, 24, 72]", f"output={work / 'forecasts' / 'forecast.nc'}", "progress=false"])
+    import xarray as xr
+
+    with xr.open_dataset(nc) as ds:
+        print(f"xarray opens it back: {dict(ds.sizes)}, variables {list(ds.data_vars)[:4]}...")
+
+    print(f"\ndemo finished in {time.time() - t0:.0f} s; outputs under {work}/:")
+    print(f"  shards      {shards}/manifest.json")
+    print(f"  checkpoints {pre_ckpt.path}\n              {fine_ckpt.path}")
+    print(f"  evaluation  {work / 'evaluation'}/metrics.csv, rmse_vs_lead.png, acc_vs_lead.png, maps_*.png")
+    print(f"  forecasts   {nc}")
 
 
 if __name__ == "__main__":

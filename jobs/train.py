@@ -266,6 +266,9 @@ def train_loop_per_worker(config: dict) -> None:
         f"{f', region {region.name} {region.shape}' if region else ''}; {world} worker(s) on {device}; "
         f"{steps_per_epoch} steps per epoch x {cfg.train.epochs} epochs, batch {cfg.data.batch_size} per worker")
 
+    if state.epoch >= cfg.train.epochs:
+        log(f"run {cfg.name!r} already finished {state.epoch} epochs ({state.step} steps); raise train.epochs "
+            "to train further, or use another name for a new run")
     start, first_epoch = time.time(), state.epoch
     for epoch in range(state.epoch, cfg.train.epochs):
         t0, losses, n_batches = time.time(), [], 0
@@ -294,6 +297,10 @@ def train_loop_per_worker(config: dict) -> None:
                 if k.startswith("val_rmse/") or k.startswith("val_persistence_rmse/"):
                     metrics[f"{k}@{hours:g}h"] = v
         metrics["val_loss"] = float(np.mean(val_losses))
+        # one number for schedulers (ASHA) and for comparing runs: the latitude-weighted RMSE in
+        # units of each variable's standard deviation, averaged over variables and validation leads
+        metrics["val_rmse"] = float(np.mean([metrics[f"val_rmse/{v}@{h:g}h"] / s
+                                             for v, s in zip(val_out, std) for h in val_leads]))
         state.epoch = epoch + 1
         state.best_val_loss = min(state.best_val_loss, metrics["val_loss"])
         state.history.append({k: metrics[k] for k in ("epoch", "step", "train_loss", "val_loss")})
@@ -337,8 +344,8 @@ def storage(cfg: TrainConfig):
     return str(Path(cfg.storage_path).expanduser().resolve()), None
 
 
-def fit(cfg: TrainConfig):
-    """Build the TorchTrainer for ``cfg`` and run it; returns the ``ray.train.Result``."""
+def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
+    """The ``TorchTrainer`` of a run (``jobs.tune`` adds its ``TuneReportCallback``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -350,10 +357,15 @@ def fit(cfg: TrainConfig):
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep,
                                                      checkpoint_score_attribute="val_loss",
-                                                     checkpoint_score_order="min"))
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=cfg.model_dump(mode="json"),
-                           scaling_config=scaling, run_config=run)
-    return trainer.fit()
+                                                     checkpoint_score_order="min"),
+        callbacks=callbacks)
+    return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.model_dump(mode="json"),
+                        scaling_config=scaling, run_config=run)
+
+
+def fit(cfg: TrainConfig):
+    """Build the TorchTrainer for ``cfg`` and run it; returns the ``ray.train.Result``."""
+    return build_trainer(cfg).fit()
 
 
 def main(argv: list[str] | None, doc: str, default_config: str) -> Any:
@@ -372,7 +384,8 @@ def main(argv: list[str] | None, doc: str, default_config: str) -> Any:
     if result.error:
         fail(error_line(result.error), code=1)
     best = result.get_best_checkpoint("val_loss", "min") if result.best_checkpoints else result.checkpoint
-    print(f"run {cfg.name}: {result.metrics.get('step')} steps, val_loss {result.metrics.get('val_loss'):.4f}")
+    m = result.metrics or {}
+    print(f"run {cfg.name}: {m.get('step', 'no new')} steps, val_loss {m.get('val_loss', float('nan')):.4f}")
     print(f"last checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     print(f"best checkpoint: {best.path if best else None}")
     return result
