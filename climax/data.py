@@ -43,7 +43,7 @@ from climax import shards as S
 from climax.regions import Region
 from climax.sampling import ForecastSampler, TimeAxis
 
-__all__ = ["ShardDataset", "Batch", "ForecastLoader", "MixedLoader", "climatology_slots"]
+__all__ = ["ShardDataset", "Batch", "ForecastLoader", "MixedLoader"]
 
 _F32 = np.float32
 
@@ -98,16 +98,6 @@ def _filesystem(root: str, storage_options: dict | None) -> tuple[pafs.FileSyste
     import fsspec  # any other protocol, or s3 options pyarrow does not know: through fsspec
 
     return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(proto, **opts))), rest.rstrip("/")
-
-
-def climatology_slots(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(day of year 1..366, hour 0..23) of each time, as the preprocessing stores climatology slots
-    (``pipelines.stats.climatology_slots``; tested equal)."""
-    t = np.asarray(times, dtype="datetime64[ns]")
-    days = t.astype("datetime64[D]")
-    doy = (days - days.astype("datetime64[Y]")).astype(np.int64) + 1
-    hour = ((t - days) // np.timedelta64(1, "h")).astype(np.int64)
-    return doy, hour
 
 
 def _tensor_column(table: pa.Table, name: str) -> np.ndarray:
@@ -341,7 +331,7 @@ class ShardDataset:
         Constants are their own climatology."""
         variables = list(variables)
         self.check_variables(variables)
-        doy, hour = climatology_slots(np.asarray(times).reshape(-1))
+        doy, hour = S.climatology_slots(np.asarray(times).reshape(-1))
         out = np.empty((len(doy), len(variables), *self.shape), _F32)
         for j, v in enumerate(variables):
             if v in self.constants:

@@ -13,6 +13,7 @@ degrees and found by value, so orientation is never guessed. A box may cross the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +85,19 @@ class Region:
             raise ValueError(f"unknown region {name!r}; named regions: {sorted(NAMED_REGIONS)}, or give "
                              "a box as [lat_min, lat_max, lon_min, lon_max]")
         return cls.from_box(lat, lon, *NAMED_REGIONS[name], patch_size=patch_size, name=name)
+
+    @classmethod
+    def from_spec(cls, spec: str | Sequence[float] | None, lat: np.ndarray, lon: np.ndarray,
+                  patch_size: int) -> Region | None:
+        """A configuration's ``region``: None, a name of ``NAMED_REGIONS`` or [lat_min, lat_max, lon_min, lon_max]."""
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            return cls.named(spec, lat, lon, patch_size)
+        if len(spec) != 4:
+            raise ValueError(f"region {list(spec)} must be a name ({', '.join(NAMED_REGIONS)}) or "
+                             "[lat_min, lat_max, lon_min, lon_max]")
+        return cls.from_box(lat, lon, *spec, patch_size=patch_size)
 
     @property
     def shape(self) -> tuple[int, int]:

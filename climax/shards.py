@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "FORMAT", "TIME", "MANIFEST", "CONSTANTS", "CLIMATOLOGY_DIR", "Manifest", "tensor_type",
-    "shard_schema", "table_from_arrays", "arrays_from_table", "read_shard", "write_options",
+    "shard_schema", "table_from_arrays", "arrays_from_table", "read_shard", "write_options", "climatology_slots",
 ]
 
 FORMAT = "climax-shards/1"
@@ -87,6 +87,17 @@ def arrays_from_table(table: pa.Table) -> tuple[np.ndarray | None, dict[str, np.
             raise TypeError(f"column {name!r} is {col.type}, not a fixed_shape_tensor; is this a ClimaX shard?")
         arrays[name] = col.to_numpy_ndarray()
     return times, arrays
+
+
+def climatology_slots(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The climatology's slot of each time: (day of year 1..366, hour 0..23); 29 February is day 60
+    and 31 December of a leap year day 366, as in pandas' ``dayofyear``. Written by the pipeline,
+    looked up by training and evaluation: one home for both."""
+    t = np.asarray(times, dtype="datetime64[ns]")
+    days = t.astype("datetime64[D]")
+    doy = (days - days.astype("datetime64[Y]")).astype(np.int64) + 1
+    hour = ((t - days) // np.timedelta64(1, "h")).astype(np.int64)
+    return doy, hour
 
 
 def write_options(variables: Sequence[str], compression_level: int = 3) -> dict[str, Any]:

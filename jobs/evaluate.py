@@ -123,11 +123,7 @@ def resolve_variables(model, meta: dict, dataset, in_vars: list[str] | None, out
 def build_region(spec, dataset, patch_size: int):
     from climax.regions import Region
 
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        return Region.named(spec, dataset.lat, dataset.lon, patch_size)
-    return Region.from_box(dataset.lat, dataset.lon, *spec, patch_size=patch_size)
+    return Region.from_spec(spec, dataset.lat, dataset.lon, patch_size)
 
 
 def time_row(dataset, split: str, when: str) -> int:

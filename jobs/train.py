@@ -88,7 +88,9 @@ class ScalingSpec(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    num_to_keep: int | None = Field(2, description="best checkpoints kept (by validation loss)")
+    num_to_keep: int | None = Field(2, description="best checkpoints kept (by `score`)")
+    score: str = Field("val_loss", description="reported metric ranking the kept checkpoints, lower is better "
+                                               "(val_loss, val_rmse, val_rmse/<var>@<lead>h)")
 
 
 class TrainConfig(_Strict):
@@ -168,19 +170,6 @@ def build_model(cfg: TrainConfig, datasets: list, log=print):
     return model
 
 
-def _region(cfg: TrainConfig, ds, patch_size: int):
-    from climax.regions import Region
-
-    r = cfg.data.region
-    if r is None:
-        return None
-    if isinstance(r, str):
-        return Region.named(r, ds.lat, ds.lon, patch_size)
-    if len(r) != 4:
-        raise ValueError(f"data.region {r} must be a name or [lat_min, lat_max, lon_min, lon_max]")
-    return Region.from_box(ds.lat, ds.lon, *r, patch_size=patch_size)
-
-
 def _stream(loader, epoch: int, steps: int):
     """``steps`` batches for training epoch ``epoch``: data epochs epoch*m, epoch*m+1, ... where
     m passes cover one training epoch, so a resumed epoch reads exactly the same batches."""
@@ -204,6 +193,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from climax.data import ForecastLoader, MixedLoader, ShardDataset
     from climax.optim import build_optimizer, warmup_cosine
+    from climax.regions import Region
     from climax.sampling import lead_hours
     from climax.training import TrainState, freeze_backbone, load_train_state, save_train_state, train_step, validate
 
@@ -220,7 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
         frozen = freeze_backbone(model)
         log(f"backbone frozen: {len(frozen)} tensors")
     patch = model.patch_size
-    region = _region(cfg, datasets[0], patch)
+    region = Region.from_spec(cfg.data.region, datasets[0].lat, datasets[0].lon, patch)
     leads = cfg.data.leads
 
     def loader(ds, split, random_lead, hours, batch_size, shuffle, max_batches=None):
@@ -356,7 +346,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
         name=cfg.name, storage_path=path, storage_filesystem=filesystem,
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep,
-                                                     checkpoint_score_attribute="val_loss",
+                                                     checkpoint_score_attribute=cfg.checkpoint.score,
                                                      checkpoint_score_order="min"),
         callbacks=callbacks)
     return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.model_dump(mode="json"),
@@ -383,7 +373,7 @@ def main(argv: list[str] | None, doc: str, default_config: str) -> Any:
         fail(error_line(e), code=1)
     if result.error:
         fail(error_line(result.error), code=1)
-    best = result.get_best_checkpoint("val_loss", "min") if result.best_checkpoints else result.checkpoint
+    best = result.get_best_checkpoint(cfg.checkpoint.score, "min") if result.best_checkpoints else result.checkpoint
     m = result.metrics or {}
     print(f"run {cfg.name}: {m.get('step', 'no new')} steps, val_loss {m.get('val_loss', float('nan')):.4f}")
     print(f"last checkpoint: {result.checkpoint.path if result.checkpoint else None}")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from climax.shards import climatology_slots  # one home: the slots the loader looks up
+
 __all__ = ["Moments", "merge_all", "climatology_slots", "ClimatologyAccumulator"]
 
 
@@ -78,16 +80,6 @@ def merge_all(parts: Iterable[Moments]) -> Moments:
     for part in parts:
         total = total.merge(part)
     return total
-
-
-def climatology_slots(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(day of year 1..366, hour 0..23) of each time; 29 February is day 60 and 31 December of a
-    leap year day 366, as in pandas' ``dayofyear``."""
-    t = np.asarray(times, dtype="datetime64[ns]")
-    days = t.astype("datetime64[D]")
-    doy = (days - days.astype("datetime64[Y]")).astype(np.int64) + 1
-    hour = ((t - days) // np.timedelta64(1, "h")).astype(np.int64)
-    return doy, hour
 
 
 class ClimatologyAccumulator:

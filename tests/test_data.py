@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from climax import shards as S
-from climax.data import Batch, ForecastLoader, MixedLoader, ShardDataset, climatology_slots
+from climax.data import Batch, ForecastLoader, MixedLoader, ShardDataset
 from climax.regions import Region
 from climax.sampling import ForecastSampler
 
@@ -237,12 +237,8 @@ def test_region_crops_inputs_and_targets(ds):
 
 
 def test_climatology_lookup_and_fallbacks(ds, root):
-    from pipelines.stats import climatology_slots as pipeline_slots
-
     times = np.array(["2014-03-01T12", "2016-02-29T00", "2016-12-31T00", "2015-06-01T06", "2014-01-01T00"],
                      dtype="datetime64[ns]")
-    for a, b in zip(climatology_slots(times), pipeline_slots(times)):
-        np.testing.assert_array_equal(a, b)
     got = ds.climatology(["temperature_850", "orography"], times)
     assert got.shape == (5, 2, 16, 32) and got.dtype == np.float32
     table = pq.read_table(root / "climatology" / "temperature_850.parquet")

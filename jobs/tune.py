@@ -1,0 +1,771 @@
+"""Hyperparameter campaigns for finetuning on Ray Tune: the best configuration, its checkpoint, a report.
+
+    python -m jobs.tune configs/tune.yaml base.init_checkpoint=PATH [key=value ...]
+    ray job submit -- python -m jobs.tune configs/tune.yaml
+
+``base`` is a finetuning configuration (``jobs.finetune``'s, a file and/or dotted-key overrides);
+``search_space`` maps any of its keys, by dotted path, to a distribution:
+
+    optim.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}
+    optim.warmup_steps: {type: randint, low: 0, high: 1000}      # high exclusive
+    model.drop_path: {type: uniform, low: 0.0, high: 0.2}
+    data.leads.hours: {type: choice, values: [[24], [6, 24]]}
+    freeze_backbone: {type: grid, values: [false, true]}
+
+Every key and distribution is checked against the finetuning configuration before any Ray work
+(exit 2 naming it). Each trial is a driver function that builds the ``TorchTrainer`` of
+``jobs.finetune`` (same training function) with a ``TuneReportCallback``; ASHA stops poor trials
+early on ``metric`` (validation latitude-weighted RMSE in units of each variable's standard
+deviation); Optuna's TPE proposes configurations (``search: random`` or ``grid`` also work).
+
+Written to ``output``: trials.csv and trials.parquet (one row per trial: configuration, best
+validation RMSE per variable, epochs run, why it stopped), val_rmse_vs_epoch.png,
+best_checkpoint/ (model.pt for ``jobs.evaluate``/``jobs.forecast``, train_state.pt, trial.json)
+and summary.json; a summary is printed. Relaunching with the same ``name`` and ``storage_path``
+resumes the campaign: finished trials are kept, unfinished ones continue from their last
+checkpoint, errored ones get another try.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jobs.config import ConfigError, _inner_model, fail, parse_args, validate
+from jobs.train import ROOT, TrainConfig
+
+DEFAULT_BASE = "configs/finetune.yaml"
+#: keys the campaign sets for every trial (run name and storage are per trial)
+RESERVED = ("name", "storage_path", "storage_options")
+#: test hook only (see tests/test_tune.py): the first trial to start fails once, after creating this file
+FAIL_ONCE_ENV = "CLIMAX_TUNE_TEST_FAIL_ONCE"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(_Strict):
+    """One search-space entry. loguniform/uniform: low..high; randint: integers low..high-1;
+    choice: one of ``values`` (sampled); grid: every one of ``values`` (crossed with the rest)."""
+    type: Literal["loguniform", "uniform", "randint", "choice", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        t = self.type
+        if t in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"{t} needs a non-empty `values` list")
+            if self.low is not None or self.high is not None:
+                raise ValueError(f"{t} takes `values`, not low/high")
+            return self
+        if self.values is not None:
+            raise ValueError(f"{t} takes low/high, not `values`")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{t} needs `low` and `high`")
+        if not self.low < self.high:
+            raise ValueError(f"{t} needs low < high (got low={self.low:g}, high={self.high:g})")
+        if t == "loguniform" and self.low <= 0:
+            raise ValueError(f"loguniform needs low > 0 (got low={self.low:g})")
+        if t == "randint" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError(f"randint needs integer bounds (got {self.low:g}, {self.high:g})")
+        return self
+
+    def candidates(self) -> list:
+        """Representative values, each validated against the finetuning configuration."""
+        if self.type in ("choice", "grid"):
+            return list(self.values)
+        if self.type == "randint":
+            return [int(self.low), int(self.high) - 1]
+        return [self.low, self.high]
+
+
+class SchedulerSpec(_Strict):
+    type: Literal["asha", "fifo"] = Field("asha", description="asha: stop poor trials early; fifo: run every trial to the end")
+    grace_period: int = Field(1, gt=0, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2, gt=1, description="ASHA keeps 1/reduction_factor of the trials at each rung")
+    max_t: int | None = Field(None, gt=0, description="epochs of a full trial (default: the base's train.epochs)")
+
+
+class CampaignConfig(_Strict):
+    name: str = Field("climax-tune", description="campaign name; relaunching with the same name resumes")
+    storage_path: str = Field("~/climax_runs", description="campaign state and trial runs go to storage_path/name "
+                                                          "(folder or s3://; shared storage on multi-node clusters)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="s3 options for storage_path")
+    base: str | dict[str, Any] = Field(DEFAULT_BASE, description="finetuning configuration: a YAML file, or a mapping "
+                                       "{config: FILE, dotted.key: value, ...} of overrides (applied in order)")
+    search_space: dict[str, Distribution] = Field(min_length=1, description="dotted key of the finetuning "
+                                                  "configuration -> {type: loguniform|uniform|randint|choice|grid, ...}")
+    search: Literal["optuna", "random", "grid"] = Field("optuna", description="optuna: TPE; random; grid: every "
+                                                        "combination of the grid/choice entries")
+    num_samples: int | None = Field(None, gt=0, description="trials (optuna, random; default 10); grid: repeats of the "
+                                    "whole grid (default 1)")
+    time_budget_s: float | None = Field(None, gt=0, description="stop the campaign after this many seconds (per launch)")
+    metric: str = Field("val_rmse", description="what is optimised: val_rmse (lat-weighted RMSE / std, mean over "
+                        "variables and validation leads), val_loss, or one val_rmse/<var>@<lead>h")
+    mode: Literal["min"] = Field("min", description="the metrics are errors: lower is better")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    max_concurrent_trials: Literal["auto"] | int = Field("auto", description="auto: the cluster's CPUs (GPUs) divided "
+                                                         "by what one trial's workers need")
+    trial_max_failures: int = Field(1, ge=0, description="retries of a failed trial (it resumes from its checkpoint)")
+    seed: int | None = Field(0, description="seed of the search algorithm")
+    output: str = Field("tune_output", description="local folder for the table, plot, best checkpoint and summary")
+
+
+# ----------------------------------------------------------------------------- configuration
+def _read_yaml(path: str) -> dict:
+    p = Path(path).expanduser()
+    if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
+        p = ROOT / p
+    if not p.is_file():
+        raise ConfigError(f"base configuration file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"base configuration file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"base configuration file {path} must hold a mapping")
+    return data
+
+
+def set_key(cfg: dict, key: str, value: Any) -> dict:
+    """Set ``key`` (dotted path) in ``cfg``; a mapping value merges into a mapping already there."""
+    *path, last = key.split(".")
+    node: Any = cfg
+    for part in path:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key!r}: {part!r} is not a section")
+        if not isinstance(node.get(part), (dict, list)):
+            node[part] = {}
+        node = node[part]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif not isinstance(node, dict):
+        raise ConfigError(f"{key!r}: the parent of {last!r} is not a section")
+    elif isinstance(value, dict) and isinstance(node.get(last), dict):
+        for k, v in value.items():
+            set_key(node[last], k, v)
+    else:
+        node[last] = copy.deepcopy(value)
+    return cfg
+
+
+def base_config(base: str | dict) -> dict:
+    """The base finetuning configuration as a mapping (not validated yet)."""
+    if isinstance(base, str):
+        return _read_yaml(base)
+    base = dict(base)
+    cfg = _read_yaml(base.pop("config")) if base.get("config") else {}
+    base.pop("config", None)
+    for key, value in base.items():
+        set_key(cfg, key, value)
+    return cfg
+
+
+def _model_args() -> list[str]:
+    from climax.model import ClimaX
+
+    skip = {"self", "default_vars", "img_size"}  # set from the data
+    return [p for p in inspect.signature(ClimaX.__init__).parameters if p not in skip]
+
+
+def check_key(key: str) -> None:
+    """Raise ConfigError unless ``key`` addresses a finetuning configuration value."""
+    parts = key.split(".")
+    if parts[0] in RESERVED:
+        raise ConfigError(f"search_space key {key!r}: {parts[0]} is set by the campaign for each trial")
+    if parts[0] == "model":
+        args = _model_args()
+        if len(parts) != 2 or parts[1] not in args:
+            raise ConfigError(f"unknown search_space key {key!r}; model keys: {', '.join('model.' + a for a in args)}")
+        return
+    current: Any = TrainConfig
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i]) or "(top level)"
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if part not in current.model_fields:
+                raise ConfigError(f"unknown search_space key {key!r}; allowed keys at {where}: "
+                                  f"{', '.join(current.model_fields)}")
+            annotation = current.model_fields[part].annotation
+            inner = _inner_model(annotation)
+            if inner is None:
+                origin = getattr(annotation, "__origin__", None)
+                if origin is dict or "dict[" in str(annotation):
+                    return  # free-form mapping (resources_per_worker, ...)
+                if i != len(parts) - 1:
+                    raise ConfigError(f"search_space key {key!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+                return
+            current = ("list", inner) if "list[" in str(annotation) else inner
+        elif isinstance(current, tuple):  # a list of sections: an index, then the section's keys
+            if not part.isdigit():
+                raise ConfigError(f"search_space key {key!r}: {where} is a list; give an index ({where}.0. ...)")
+            current = current[1]
+        else:
+            raise ConfigError(f"search_space key {key!r}: {where} is a value, not a section")
+    if isinstance(current, tuple) or (isinstance(current, type) and issubclass(current, BaseModel)):
+        raise ConfigError(f"search_space key {key!r} is a whole section; address one of its values")
+
+
+def _is_plain(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+@dataclass
+class Campaign:
+    """A checked campaign: everything the driver and the trials need."""
+    cfg: CampaignConfig
+    base: dict                 # validated finetuning configuration (JSON-able)
+    model_base: dict | None    # the model mapping that model.* keys are set in
+    encoded: list[str]         # choice/grid keys whose values travel as JSON strings (lists, mappings)
+    max_t: int
+    storage: str               # Tune storage_path (local absolute or bucket/prefix)
+    filesystem: Any            # pyarrow filesystem (None: from the path)
+    runs_path: str             # storage_path of the trials' Ray Train runs
+    output: Path
+    num_samples: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def experiment(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.cfg.name}"
+
+
+def trial_config(base: dict, params: dict, model_base: dict | None = None, encoded: list[str] = ()) -> dict:
+    """The finetuning configuration of one trial: ``base`` with the sampled ``params`` set."""
+    cfg = copy.deepcopy(base)
+    for key, value in params.items():
+        if key in encoded and isinstance(value, str):
+            value = json.loads(value)
+        if key.startswith("model."):
+            if not isinstance(cfg.get("model"), dict):
+                cfg["model"] = copy.deepcopy(model_base or {})
+            cfg["model"][key.split(".", 1)[1]] = value
+        else:
+            set_key(cfg, key, value)
+    return cfg
+
+
+def _model_base(base: TrainConfig) -> dict:
+    from jobs.train import _model_config
+
+    if isinstance(base.model, dict):
+        return dict(base.model)
+    if base.init_checkpoint and base.model == TrainConfig.model_fields["model"].default:
+        from climax.checkpoint import read_checkpoint
+
+        _, meta, _ = read_checkpoint(base.init_checkpoint)
+        if meta.get("model_config"):
+            return {}  # the checkpoint's configuration, these keys on top
+    return _model_config(base)
+
+
+def resolve(cfg: CampaignConfig) -> Campaign:
+    """Check the base and every search-space key and distribution; raises ConfigError naming the problem."""
+    from jobs.train import storage
+
+    raw = base_config(cfg.base)
+    base = validate(TrainConfig, raw, source="base configuration")
+    space = cfg.search_space
+    for key in space:
+        check_key(key)
+    if cfg.search == "optuna":
+        bad = [k for k, d in space.items() if d.type == "grid"]
+        if bad:
+            raise ConfigError(f"search_space {bad[0]!r}: grid entries need search: grid or random (optuna samples; "
+                              "use type: choice)")
+    if cfg.search == "grid":
+        bad = [k for k, d in space.items() if d.type not in ("grid", "choice")]
+        if bad:
+            raise ConfigError(f"search_space {bad[0]!r}: search: grid needs finite entries (grid or choice), "
+                              f"not {space[bad[0]].type}")
+    if "data.leads.hours" in space and not base.data.leads.val_hours:
+        raise ConfigError("search_space 'data.leads.hours': set base data.leads.val_hours so that every trial is "
+                          "scored at the same lead times")
+    if not (cfg.metric in ("val_rmse", "val_loss") or cfg.metric.startswith("val_rmse/")):
+        raise ConfigError(f"metric {cfg.metric!r}: use val_rmse, val_loss or val_rmse/<variable>@<lead>h")
+    needs_model = any(k.startswith("model.") for k in space)
+    try:
+        model_base = _model_base(base) if needs_model else None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"base model configuration: {e}") from None
+    encoded = [k for k, d in space.items() if d.values and not all(_is_plain(v) for v in d.values)]
+    base_dump = base.model_dump(mode="json")
+    for key, dist in space.items():
+        for value in dist.candidates():
+            trial = trial_config(base_dump, {key: value}, model_base)
+            try:
+                validate(TrainConfig, trial, source=f"search_space {key!r} value {value!r}")
+            except ConfigError as e:
+                raise ConfigError(str(e)) from None
+            if key.startswith("model."):
+                _check_model_value(key, value, trial["model"])
+    epochs = [base.train.epochs]
+    if "train.epochs" in space:
+        epochs = [int(v) for v in space["train.epochs"].candidates()]
+    max_t = cfg.scheduler.max_t or max(epochs)
+    if cfg.scheduler.type == "asha" and cfg.scheduler.grace_period > max_t:
+        raise ConfigError(f"scheduler.grace_period {cfg.scheduler.grace_period} exceeds max_t {max_t} epochs")
+    if "score" in base_dump["checkpoint"]:
+        # each trial keeps its best checkpoints by the campaign's metric: the best one is always there to export
+        base_dump["checkpoint"]["score"] = cfg.metric
+    path, filesystem = storage(SimpleNamespace(storage_path=cfg.storage_path, storage_options=cfg.storage_options))
+    s3 = cfg.storage_path.startswith("s3://")
+    runs = (cfg.storage_path.rstrip("/") if s3 else path) + f"/{cfg.name}/runs"
+    num = cfg.num_samples or (1 if cfg.search == "grid" else 10)
+    return Campaign(cfg, base_dump, model_base, encoded, max_t, path, filesystem, runs,
+                    Path(cfg.output).expanduser().resolve(), num)
+
+
+def _check_model_value(key: str, value: Any, model: dict) -> None:
+    arg = key.split(".", 1)[1]
+    if arg in ("drop_path", "drop_rate") and not (isinstance(value, (int, float)) and 0 <= value < 1):
+        raise ConfigError(f"search_space {key!r} value {value!r}: a probability in [0, 1) is needed")
+    if arg in ("embed_dim", "num_heads", "depth", "decoder_depth", "patch_size") and \
+            not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise ConfigError(f"search_space {key!r} value {value!r}: a positive integer is needed")
+
+
+# ----------------------------------------------------------------------------- Ray side
+def param_space(campaign: Campaign) -> dict:
+    from ray import tune
+
+    space = {}
+    for key, d in campaign.cfg.search_space.items():
+        values = [json.dumps(v) for v in d.values] if key in campaign.encoded else d.values
+        if d.type == "loguniform":
+            space[key] = tune.loguniform(d.low, d.high)
+        elif d.type == "uniform":
+            space[key] = tune.uniform(d.low, d.high)
+        elif d.type == "randint":
+            space[key] = tune.randint(int(d.low), int(d.high))
+        elif d.type == "choice" and campaign.cfg.search != "grid":
+            space[key] = tune.choice(values)
+        else:
+            space[key] = tune.grid_search(values)
+    return space
+
+
+def run_trial(config: dict, campaign: dict) -> None:
+    """One trial: the finetuning ``TorchTrainer`` of ``config``, its reports forwarded to Tune.
+
+    The Ray Train run is named after the trial, so a retried or resumed trial continues from its
+    last checkpoint instead of starting again.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.train import build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(campaign["base"], config, campaign["model_base"], campaign["encoded"])
+    cfg.update(name=trial_id, storage_path=campaign["runs_path"], storage_options=campaign["storage_options"])
+    marker = os.environ.get(FAIL_ONCE_ENV)
+    if marker:  # test hook: the first trial to get here fails once
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+        else:
+            raise RuntimeError(f"injected failure of trial {trial_id} ({FAIL_ONCE_ENV})")
+    build_trainer(TrainConfig.model_validate(cfg), callbacks=[TuneReportCallback()]).fit()
+
+
+def max_concurrent(campaign: Campaign) -> int:
+    """Trials at once: ``max_concurrent_trials``, or what the cluster's resources hold (auto)."""
+    import ray
+
+    n = campaign.cfg.max_concurrent_trials
+    if n != "auto":
+        return max(int(n), 1)
+    sc = campaign.base["scaling"]
+    per_worker = dict(sc.get("resources_per_worker") or {})
+    per_worker.setdefault("CPU", 1)
+    if sc.get("use_gpu"):
+        per_worker.setdefault("GPU", 1)
+    have = ray.cluster_resources()
+    fits = [int(have.get(k, 0) // (v * sc["num_workers"])) for k, v in per_worker.items() if v > 0]
+    return max(min(fits or [1]), 1)
+
+
+# the campaign of this driver process: the log callback below is pickled with the Tune experiment
+# and unpickled on resume, so it finds its file and budget here rather than in its own fields
+_ACTIVE: dict[str, Any] = {}
+
+
+def _fs(campaign: Campaign):
+    import pyarrow.fs
+
+    if campaign.filesystem is not None:
+        return campaign.filesystem, campaign.experiment
+    if campaign.experiment.startswith("s3://"):
+        return pyarrow.fs.FileSystem.from_uri(campaign.experiment)
+    return pyarrow.fs.LocalFileSystem(), campaign.experiment
+
+
+def _read_json(fs, path: str) -> dict | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.readall().decode())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _write_json(fs, path: str, data: dict) -> None:
+    import pyarrow.fs
+
+    payload = json.dumps(data, indent=1).encode()
+    if isinstance(fs, pyarrow.fs.LocalFileSystem):  # atomic: temporary name, then rename
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp"
+        Path(tmp).write_bytes(payload)
+        os.replace(tmp, path)
+    else:  # one PUT is atomic on object stores
+        with fs.open_output_stream(path) as f:
+            f.write(payload)
+
+
+def _ray_callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class CampaignLog(_ray_callback_base()):
+    """One line per trial event, and a record (campaign_log.json beside the Tune state) of how often
+    each trial started and why it stopped: the table's ``attempts`` and ``stop_reason``."""
+
+    def setup(self, **info):
+        self.fs, exp = _fs(_ACTIVE["campaign"])
+        self.path = f"{exp}/campaign_log.json"
+        self.state = _read_json(self.fs, self.path) or {"launches": 0, "trials": {}}
+        self.state["launches"] += 1
+        self.start = time.time()
+        self.total = info.get("total_num_samples") or info.get("num_samples")
+        self._save()
+
+    def _save(self):
+        _write_json(self.fs, self.path, self.state)
+
+    def _rec(self, trial) -> dict:
+        return self.state["trials"].setdefault(trial.trial_id, {"starts": 0, "failures": [], "stop_reason": None})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        rec = self._rec(trial)
+        rec["starts"] += 1
+        rec["stop_reason"] = None
+        print(f"[tune] trial {trial.trial_id} started (attempt {rec['starts']}): "
+              f"{_short_config(trial.config)}", flush=True)
+        self._save()
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        msg = _error_text(trial)
+        self._rec(trial)["failures"].append(msg)
+        print(f"[tune] trial {trial.trial_id} failed ({msg}); retrying from its last checkpoint", flush=True)
+        self._save()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        rec = self._rec(trial)
+        msg = _error_text(trial)
+        rec["failures"].append(msg)
+        rec["stop_reason"] = f"error: {msg}"
+        print(f"[tune] trial {trial.trial_id} failed for good after {rec['starts']} attempt(s): {msg}", flush=True)
+        self._save()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        campaign: Campaign = _ACTIVE["campaign"]
+        result = trial.last_result or {}
+        epoch = int(result.get("epoch") or 0)
+        planned = _planned_epochs(campaign, trial.config)
+        budget = campaign.cfg.time_budget_s
+        if epoch >= min(planned, campaign.max_t):
+            reason = "completed"
+        elif budget and time.time() - self.start >= budget - 1:
+            reason = "time budget"
+        elif campaign.cfg.scheduler.type == "asha":
+            reason = "early stop (asha)"
+        else:
+            reason = "stopped"
+        self._rec(trial)["stop_reason"] = reason
+        done = sum(1 for r in self.state["trials"].values() if r["stop_reason"])
+        metric = campaign.cfg.metric
+        print(f"[tune] trial {trial.trial_id} {reason} at epoch {epoch}/{planned}: {metric} "
+              f"{result.get(metric, float('nan')):.4g} ({done}/{self.total or '?'} trials done)", flush=True)
+        self._save()
+
+
+def _short_config(config: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items())
+
+
+def _error_text(trial) -> str:
+    from jobs.common import error_line
+
+    err = getattr(trial, "get_pickled_error", lambda: None)()
+    if err is not None:
+        return error_line(err)
+    text = (getattr(trial, "get_error", lambda: None)() or "").strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "unknown error"
+
+
+def _planned_epochs(campaign: Campaign, config: dict) -> int:
+    if "train.epochs" in config:
+        return int(config["train.epochs"])
+    return int(campaign.base["train"]["epochs"])
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(campaign: Campaign):
+    """A new ``ray.tune.Tuner`` for the campaign, or the restored one when its state exists."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    cfg = campaign.cfg
+    trainable = ray.tune.with_parameters(run_trial, campaign={
+        "base": campaign.base, "model_base": campaign.model_base, "encoded": campaign.encoded,
+        "runs_path": campaign.runs_path, "storage_options": cfg.storage_options})
+    # the trial's own function only waits on the TorchTrainer: no CPU, so that the workers get them all
+    trainable = ray.tune.with_resources(trainable, {"cpu": 0})
+    fs, exp = _fs(campaign)
+    if ray.tune.Tuner.can_restore(exp, storage_filesystem=fs):
+        print(f"resuming campaign {cfg.name!r} from {campaign.experiment}", flush=True)
+        return ray.tune.Tuner.restore(exp, trainable=trainable, resume_errored=True, storage_filesystem=fs), True
+    if cfg.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=cfg.seed)
+    if cfg.scheduler.type == "asha":
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=campaign.max_t, grace_period=cfg.scheduler.grace_period,
+                                  reduction_factor=cfg.scheduler.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    tuner = ray.tune.Tuner(
+        trainable, param_space=param_space(campaign),
+        tune_config=ray.tune.TuneConfig(
+            metric=cfg.metric, mode=cfg.mode, search_alg=search_alg, scheduler=scheduler,
+            num_samples=campaign.num_samples, time_budget_s=cfg.time_budget_s,
+            max_concurrent_trials=campaign.extra["max_concurrent"], trial_dirname_creator=_trial_dirname),
+        run_config=ray.tune.RunConfig(
+            name=cfg.name, storage_path=campaign.storage, storage_filesystem=campaign.filesystem,
+            failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_max_failures),
+            callbacks=[CampaignLog()], verbose=1))
+    return tuner, False
+
+
+# ----------------------------------------------------------------------------- results
+def collect(campaign: Campaign):
+    """(table, histories): one row per trial; per trial the reported metrics by epoch."""
+    import pandas as pd
+    from ray.tune import ExperimentAnalysis
+
+    cfg = campaign.cfg
+    fs, exp = _fs(campaign)
+    analysis = ExperimentAnalysis(exp, storage_filesystem=fs, default_metric=cfg.metric, default_mode=cfg.mode)
+    log = (_read_json(fs, f"{exp}/campaign_log.json") or {}).get("trials", {})
+    rows, histories = [], {}
+    for trial in analysis.trials:
+        df = analysis.trial_dataframes.get(trial.trial_id)
+        rec = log.get(trial.trial_id, {})
+        row: dict[str, Any] = {"trial_id": trial.trial_id, "status": trial.status}
+        for key in cfg.search_space:
+            value = trial.config.get(key)
+            row[key] = json.dumps(json.loads(value)) if key in campaign.encoded and isinstance(value, str) else value
+        if df is not None and len(df) and cfg.metric in df and "epoch" in df:
+            df = df.dropna(subset=[cfg.metric]).drop_duplicates("epoch", keep="last").sort_values("epoch")
+        else:
+            df = None
+        histories[trial.trial_id] = df
+        if df is not None and len(df):
+            best = df.loc[df[cfg.metric].idxmin() if cfg.mode == "min" else df[cfg.metric].idxmax()]
+            row[cfg.metric] = float(best[cfg.metric])
+            row["best_epoch"] = int(best["epoch"])
+            row["epochs"] = int(df["epoch"].max())
+            row["last_" + cfg.metric] = float(df[cfg.metric].iloc[-1])
+            for col in df.columns:
+                if col.startswith("val_rmse/") and col != cfg.metric:
+                    row[col] = float(best[col])
+            row["checkpoint"] = best.get("checkpoint_path")
+        else:
+            row.update({cfg.metric: math.nan, "best_epoch": 0, "epochs": 0})
+        row["planned_epochs"] = min(_planned_epochs(campaign, trial.config), campaign.max_t)
+        row["attempts"] = rec.get("starts", 0)
+        reason = rec.get("stop_reason")
+        if trial.status == "ERROR":
+            reason = reason if reason and reason.startswith("error") else f"error: {_error_text(trial)}"
+        elif trial.status == "TERMINATED" and not reason:
+            reason = "completed" if row["epochs"] >= row["planned_epochs"] else "stopped"
+        elif trial.status in ("PENDING", "PAUSED", "RUNNING"):
+            reason = "not finished" if row["epochs"] else "not started"
+        row["stop_reason"] = reason
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table) and table[cfg.metric].notna().any():
+        table = table.sort_values(cfg.metric, ascending=cfg.mode == "min", na_position="last", kind="stable")
+    return table.reset_index(drop=True), histories
+
+
+def plot_history(histories: dict, best_id: str | None, metric: str, path: Path) -> Path:
+    from climax.plots import _figure, _save
+
+    fig = _figure(7.5, 4.5)
+    ax = fig.add_subplot()
+    for tid, df in histories.items():
+        if df is None or not len(df) or tid == best_id:
+            continue
+        ax.plot(df["epoch"], df[metric], color="tab:gray", alpha=0.6, marker="o", markersize=3, linewidth=1)
+    if best_id is not None and histories.get(best_id) is not None:
+        df = histories[best_id]
+        ax.plot(df["epoch"], df[metric], color="tab:red", marker="o", linewidth=2.5, label=f"best: {best_id}")
+        ax.legend()
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} against epoch, every trial (grey), the best highlighted")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def export_checkpoint(campaign: Campaign, row: dict, out: Path) -> tuple[Path, dict]:
+    """Copy the best trial's checkpoint (best by the metric among those kept) to ``out``."""
+    import shutil
+
+    import pyarrow.fs
+    import torch
+
+    fs, _ = _fs(campaign)
+    run_dir = f"{campaign.runs_path.removeprefix('s3://')}/{row['trial_id']}" if campaign.runs_path.startswith("s3://") \
+        else f"{campaign.runs_path}/{row['trial_id']}"
+    kept = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
+            if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
+    metric, sign = campaign.cfg.metric, (1 if campaign.cfg.mode == "min" else -1)
+    scored = []
+    tmp = out.parent / f".{out.name}.tmp"
+    for path in kept:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+        if not (tmp / "model.pt").exists():
+            continue
+        m = torch.load(tmp / "model.pt", map_location="cpu", weights_only=True).get("metrics") or {}
+        if metric in m:
+            scored.append((sign * m[metric], path, m))
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not scored:
+        raise RuntimeError(f"no checkpoint of trial {row['trial_id']} under {run_dir}")
+    _, path, metrics = min(scored, key=lambda s: s[0])
+    pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return Path(path), metrics
+
+
+def write_report(campaign: Campaign, table, histories) -> dict:
+    cfg = campaign.cfg
+    out = campaign.output
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "trials.csv", index=False)
+    table.astype({c: str for c in table.columns if table[c].dtype == object}).to_parquet(out / "trials.parquet",
+                                                                                          index=False)
+    scored = table[table[cfg.metric].notna()]
+    best = scored.iloc[0].to_dict() if len(scored) else None
+    plot = plot_history(histories, best["trial_id"] if best else None, cfg.metric, out / f"{cfg.metric.replace('/', '_')}_vs_epoch.png")
+    summary: dict[str, Any] = {
+        "campaign": cfg.name, "experiment": campaign.experiment, "metric": cfg.metric, "mode": cfg.mode,
+        "trials": int(len(table)), "finished": int((table["status"] == "TERMINATED").sum()),
+        "errored": int((table["status"] == "ERROR").sum()),
+        "early_stopped": int(table["stop_reason"].astype(str).str.startswith("early stop").sum()),
+        "table": str(out / "trials.csv"), "parquet": str(out / "trials.parquet"), "plot": str(plot)}
+    if best:
+        ckpt_dir = out / "best_checkpoint"
+        source, metrics = export_checkpoint(campaign, best, ckpt_dir)
+        params = {k: best[k] for k in cfg.search_space}
+        doc = {"trial_id": best["trial_id"], "metric": cfg.metric, "value": float(metrics[cfg.metric]),
+               "epoch": int(metrics["epoch"]), "params": params, "source": str(source),
+               "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+               "config": trial_config(campaign.base, {k: best[k] for k in cfg.search_space},
+                                      campaign.model_base, campaign.encoded)}
+        (ckpt_dir / "trial.json").write_text(json.dumps(doc, indent=1, default=str))
+        summary.update(best_trial=best["trial_id"], best_value=doc["value"], best_epoch=doc["epoch"],
+                       best_params=params, best_checkpoint=str(ckpt_dir))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def print_summary(summary: dict, table) -> None:
+    import pandas as pd
+
+    metric = summary["metric"]
+    cols = ["trial_id", "status", metric, "best_epoch", "epochs", "attempts", "stop_reason"]
+    params = list(summary.get("best_params", {}))
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 40):
+        print("\n" + table[[c for c in cols[:3] + params + cols[3:] if c in table]].to_string(
+            index=False, float_format=lambda x: f"{x:.4g}"))
+    print(f"\ncampaign {summary['campaign']}: {summary['trials']} trials ({summary['finished']} finished, "
+          f"{summary['early_stopped']} stopped early by ASHA, {summary['errored']} errored)")
+    if "best_trial" in summary:
+        print(f"best: trial {summary['best_trial']}, {metric} {summary['best_value']:.4g} at epoch "
+              f"{summary['best_epoch']}, " + ", ".join(f"{k}={v}" for k, v in summary["best_params"].items()))
+        print(f"best checkpoint: {summary['best_checkpoint']}")
+    print(f"table: {summary['table']} (and {Path(summary['parquet']).name}); plot: {summary['plot']}")
+
+
+def run(campaign: Campaign) -> dict:
+    """Run (or resume) the campaign on the connected Ray cluster and write the report."""
+    campaign.extra["max_concurrent"] = max_concurrent(campaign)
+    _ACTIVE["campaign"] = campaign
+    tuner, resumed = build_tuner(campaign)
+    if not resumed:
+        print(f"campaign {campaign.cfg.name!r}: {campaign.num_samples} sample(s), search {campaign.cfg.search}, "
+              f"scheduler {campaign.cfg.scheduler.type}, up to {campaign.extra['max_concurrent']} trial(s) at once, "
+              f"{campaign.max_t} epochs per full trial; state in {campaign.experiment}", flush=True)
+    tuner.fit()
+    table, histories = collect(campaign)
+    summary = write_report(campaign, table, histories)
+    print_summary(summary, table)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m jobs.tune CONFIG [key=value ...]``; returns the summary (also in output/summary.json)."""
+    from jobs.common import error_line, init_ray, setup_logging
+
+    cfg, _ = parse_args(CampaignConfig, __doc__, argv if argv is not None else sys.argv[1:],
+                        default_config="configs/tune.yaml")
+    try:
+        campaign = resolve(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    setup_logging()
+    init_ray()
+    try:
+        return run(campaign)
+    except Exception as e:  # one clear line, non-zero exit
+        fail(error_line(e), code=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
