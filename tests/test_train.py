@@ -111,7 +111,8 @@ def test_two_node_pretraining_beats_persistence(dataset, tmp_path):
     finally:
         cluster.shutdown()
     assert "2 worker(s)" in out and "epoch 3/3" in out, out
-    assert "node_rank=1" in out, out  # one worker on each node
+    # each node has one CPU and each worker takes one, so the workers sit on different Ray nodes
+    # (Ray Train's node_rank groups by IP, which both local nodes share)
     m = last_metrics(tmp_path / "runs" / "two-nodes")
     assert m["step"] == 300
     better = [v for v in ("10m_v_component_of_wind", "2m_temperature", "geopotential_500", "temperature_850")
