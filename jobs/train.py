@@ -84,6 +84,8 @@ class LoopConfig(_Strict):
 class ScalingSpec(_Strict):
     num_workers: int = Field(1, gt=0)
     use_gpu: bool = False
+    accelerator_type: str | None = Field(None, description="GPU kind per worker on a mixed cluster: A10G, A100, "
+                                                           "H100, ... (Ray's accelerator_type resource)")
     resources_per_worker: dict[str, float] | None = None
 
 
@@ -341,6 +343,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
 
     path, filesystem = storage(cfg)
     scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                      accelerator_type=cfg.scaling.accelerator_type,
                                       resources_per_worker=cfg.scaling.resources_per_worker)
     run = ray.train.RunConfig(
         name=cfg.name, storage_path=path, storage_filesystem=filesystem,
