@@ -95,6 +95,15 @@ class CheckpointSpec(_Strict):
                                                "(val_loss, val_rmse, val_rmse/<var>@<lead>h)")
 
 
+class ObservabilitySpec(_Strict):
+    tensorboard: bool = Field(True, description="TensorBoard event files of every report (tensorboardX), "
+                                                "in tensorboard_dir")
+    tensorboard_dir: str | None = Field(None, description="default: <storage_path>/<name>/tensorboard (local or s3://)")
+    mlflow_tracking_uri: str | None = Field(None, description="log the run to MLflow (e.g. http://mlflow:5000 or "
+                                                              "a folder); needs pip install '.[observability]'")
+    mlflow_experiment: str = "climax"
+
+
 class TrainConfig(_Strict):
     name: str = Field("climax-pretrain", description="run name; relaunching with the same name resumes")
     storage_path: str = Field("~/climax_runs", description="where runs and checkpoints go (folder or s3://)")
@@ -111,6 +120,7 @@ class TrainConfig(_Strict):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     max_failures: int = Field(2, description="worker-group restarts from the last checkpoint before giving up")
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -341,6 +351,8 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from jobs.observability import callbacks as observability_callbacks
+
     path, filesystem = storage(cfg)
     scaling = ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                       accelerator_type=cfg.scaling.accelerator_type,
@@ -351,7 +363,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep,
                                                      checkpoint_score_attribute=cfg.checkpoint.score,
                                                      checkpoint_score_order="min"),
-        callbacks=callbacks)
+        callbacks=[*(callbacks or []), *observability_callbacks(cfg)])
     return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.model_dump(mode="json"),
                         scaling_config=scaling, run_config=run)
 
@@ -368,6 +380,12 @@ def main(argv: list[str] | None, doc: str, default_config: str) -> Any:
     from jobs.config import fail, parse_args
 
     cfg, _ = parse_args(TrainConfig, doc, argv if argv is not None else sys.argv[1:], default_config=default_config)
+    if cfg.observability.mlflow_tracking_uri:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            fail("observability.mlflow_tracking_uri is set but MLflow is not installed: pip install '.[observability]' "
+                 "(or set observability.mlflow_tracking_uri=null)")
     setup_logging()
     init_ray()
     try:
