@@ -156,15 +156,20 @@ def test_killed_worker_restarts_from_the_last_checkpoint(dataset, tmp_path):
     assert m["step"] == 40 and m["epoch"] == 4 and m["restarts"] >= 1
 
 
-def test_relaunch_with_the_same_name_resumes(dataset, tmp_path):
+def test_relaunch_with_the_same_name_resumes(dataset, tmp_path, ray_local):
+    """Relaunching with the same name and storage_path continues the step counter and the schedule
+    (in-process, through the job's own ``fit``, on the session's local Ray)."""
+    from jobs.train import TrainConfig, fit
+
     cfg = config(dataset, tmp_path / "runs", **{"name": "resumed", "train.epochs": 2})
-    run_job("jobs.pretrain", cfg, tmp_path)
-    assert last_metrics(tmp_path / "runs" / "resumed")["step"] == 10
+    first = fit(TrainConfig.model_validate(cfg))
+    assert first.metrics["step"] == 10 and first.metrics["restarts"] == 0
     cfg["train"]["epochs"] = 3
-    out = run_job("jobs.pretrain", cfg, tmp_path)
-    assert "resumed from the checkpoint at step 10" in out, out
-    m = last_metrics(tmp_path / "runs" / "resumed")
-    assert m["step"] == 15 and m["epoch"] == 3
+    second = fit(TrainConfig.model_validate(cfg))
+    assert second.metrics["step"] == 15 and second.metrics["epoch"] == 3 and second.metrics["restarts"] == 1
+    # the schedule was rebuilt at step 10 of 15, not restarted: the last learning rate is the end of the cosine
+    assert second.metrics["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert last_metrics(tmp_path / "runs" / "resumed")["step"] == 15
 
 
 def test_original_checkpoint_finetunes_on_another_grid(dataset, tmp_path):
