@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,35 +121,42 @@ def test_two_node_pretraining_beats_persistence(dataset, tmp_path):
     assert better, {k: v for k, v in m.items() if "rmse" in k}
 
 
-def _train_workers() -> list[int]:
+def _train_workers(ray_tmp: Path) -> list[int]:
+    """PIDs of the Ray Train workers of the Ray whose temp dir is ``ray_tmp`` (the job's own local
+    Ray; each worker logs to ``python-core-worker-*_<pid>.log`` there), never anyone else's."""
+    ours = {int(p.stem.rsplit("_", 1)[1]) for p in ray_tmp.glob("**/session_*/logs/python-core-worker-*_*.log")}
     pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
-            except OSError:
-                continue
-            if b"RayTrainWorker" in cmd:
-                pids.append(int(d.name))
+    for pid in ours:
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            continue
     return pids
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(dataset, tmp_path):
     cfg = config(dataset, tmp_path / "runs", **{"name": "killed", "train.epochs": 4, "train.steps_per_epoch": 10})
-    proc = run_job("jobs.pretrain", cfg, tmp_path, wait=False)
+    ray_tmp = Path("/tmp") / f"ray-killed-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    proc = run_job("jobs.pretrain", cfg, tmp_path, env={"RAY_TMPDIR": str(ray_tmp)}, wait=False)
     run_dir = tmp_path / "runs" / "killed"
     deadline = time.time() + 300
-    killed, first_checkpoint = None, None
+    killed = None
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     while time.time() < deadline and proc.poll() is None:
-        if first_checkpoint is None and checkpoints(run_dir):
-            first_checkpoint = time.time()
-        # a moment after the first checkpoint, so that Ray has registered it: kill the worker
-        if first_checkpoint and time.time() - first_checkpoint > 1.0 and _train_workers():
-            killed = _train_workers()[0]
+        # kill once Ray Train has registered a checkpoint (its snapshot lists one), not merely
+        # once the files exist: the controller registers reports asynchronously
+        try:
+            registered = bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+        except (OSError, ValueError):
+            registered = False
+        if registered and _train_workers(ray_tmp):
+            killed = _train_workers(ray_tmp)[0]
             os.kill(killed, signal.SIGKILL)
             break
         time.sleep(0.1)
     out, _ = proc.communicate(timeout=600)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert killed is not None, out
     assert proc.returncode == 0, out
     assert "resumed from the checkpoint at step" in out, out
