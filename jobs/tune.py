@@ -1,7 +1,7 @@
 """Hyperparameter campaigns for finetuning on Ray Tune: the best configuration, its checkpoint, a report.
 
     python -m jobs.tune configs/tune.yaml base.init_checkpoint=PATH [key=value ...]
-    ray job submit -- python -m jobs.tune configs/tune.yaml
+    ray job submit --working-dir . -- python -m jobs.tune configs/tune.yaml base.init_checkpoint=PATH
 
 ``base`` is a finetuning configuration (``jobs.finetune``'s, a file and/or dotted-key overrides);
 ``search_space`` maps any of its keys, by dotted path, to a distribution:
@@ -10,7 +10,7 @@
     optim.warmup_steps: {type: randint, low: 0, high: 1000}      # high exclusive
     model.drop_path: {type: uniform, low: 0.0, high: 0.2}
     data.leads.hours: {type: choice, values: [[24], [6, 24]]}
-    freeze_backbone: {type: grid, values: [false, true]}
+    freeze_backbone: {type: choice, values: [false, true]}
 
 Every key and distribution is checked against the finetuning configuration before any Ray work
 (exit 2 naming it). Each trial is a driver function that builds the ``TorchTrainer`` of
@@ -33,6 +33,7 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from types import SimpleNamespace
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobs.config import ConfigError, _inner_model, fail, parse_args, validate
 from jobs.train import ROOT, TrainConfig
@@ -49,7 +50,12 @@ from jobs.train import ROOT, TrainConfig
 DEFAULT_BASE = "configs/finetune.yaml"
 #: keys the campaign sets for every trial (run name and storage are per trial)
 RESERVED = ("name", "storage_path", "storage_options")
-#: test hook only (see tests/test_tune.py): the first trial to start fails once, after creating this file
+#: what a trial's driver function reserves (it runs no training itself)
+DRIVER_MEMORY = 256 * 2**20
+#: how often the driver frees what stopped trials' Ray Train runs hold (see reap_stopped_runs)
+REAP_EVERY_S = 3.0
+#: test hook only (tests/test_tune.py), read on the driver: the first trial to start creates this
+#: file and fails (trials must see the same filesystem: a local cluster)
 FAIL_ONCE_ENV = "CLIMAX_TUNE_TEST_FAIL_ONCE"
 
 
@@ -92,11 +98,14 @@ class Distribution(_Strict):
             return list(self.values)
         if self.type == "randint":
             return [int(self.low), int(self.high) - 1]
-        return [self.low, self.high]
+        inside = self.low * (self.high / self.low) ** 0.37 if self.type == "loguniform" else \
+            self.low + (self.high - self.low) * 0.37  # a fractional value: an integer key needs randint
+        return [self.low, inside, self.high]
 
 
 class SchedulerSpec(_Strict):
-    type: Literal["asha", "fifo"] = Field("asha", description="asha: stop poor trials early; fifo: run every trial to the end")
+    type: Literal["asha", "fifo"] = Field("asha", description="asha: stop poor trials early; fifo: run every "
+                                                               "trial to the end")
     grace_period: int = Field(1, gt=0, description="epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(2, gt=1, description="ASHA keeps 1/reduction_factor of the trials at each rung")
     max_t: int | None = Field(None, gt=0, description="epochs of a full trial (default: the base's train.epochs)")
@@ -109,13 +118,15 @@ class CampaignConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="s3 options for storage_path")
     base: str | dict[str, Any] = Field(DEFAULT_BASE, description="finetuning configuration: a YAML file, or a mapping "
                                        "{config: FILE, dotted.key: value, ...} of overrides (applied in order)")
-    search_space: dict[str, Distribution] = Field(min_length=1, description="dotted key of the finetuning "
-                                                  "configuration -> {type: loguniform|uniform|randint|choice|grid, ...}")
+    search_space: dict[str, Distribution] = Field(
+        min_length=1, description="dotted key of the finetuning configuration -> {type: "
+                                  "loguniform|uniform|randint|choice|grid, low, high | values}")
     search: Literal["optuna", "random", "grid"] = Field("optuna", description="optuna: TPE; random; grid: every "
                                                         "combination of the grid/choice entries")
     num_samples: int | None = Field(None, gt=0, description="trials (optuna, random; default 10); grid: repeats of the "
                                     "whole grid (default 1)")
-    time_budget_s: float | None = Field(None, gt=0, description="stop the campaign after this many seconds (per launch)")
+    time_budget_s: float | None = Field(None, gt=0, description="stop the campaign after this many seconds "
+                                                                "(counted per launch)")
     metric: str = Field("val_rmse", description="what is optimised: val_rmse (lat-weighted RMSE / std, mean over "
                         "variables and validation leads), val_loss, or one val_rmse/<var>@<lead>h")
     mode: Literal["min"] = Field("min", description="the metrics are errors: lower is better")
@@ -125,6 +136,23 @@ class CampaignConfig(_Strict):
     trial_max_failures: int = Field(1, ge=0, description="retries of a failed trial (it resumes from its checkpoint)")
     seed: int | None = Field(0, description="seed of the search algorithm")
     output: str = Field("tune_output", description="local folder for the table, plot, best checkpoint and summary")
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _flatten(cls, space):
+        """Nested sections (``optim: {lr: {...}}``, or ``search_space.optim.lr=...`` on the command
+        line) become dotted keys; a mapping with a ``type`` is a distribution."""
+        if not isinstance(space, dict):
+            return space
+        flat: dict = {}
+        for key, value in space.items():
+            if isinstance(value, dict) and "type" not in value and value and \
+                    all(isinstance(v, dict) for v in value.values()):
+                for sub, dist in cls._flatten(value).items():
+                    flat[f"{key}.{sub}"] = dist
+            else:
+                flat[key] = value
+        return flat
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -377,8 +405,8 @@ def run_trial(config: dict, campaign: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(campaign["base"], config, campaign["model_base"], campaign["encoded"])
     cfg.update(name=trial_id, storage_path=campaign["runs_path"], storage_options=campaign["storage_options"])
-    marker = os.environ.get(FAIL_ONCE_ENV)
-    if marker:  # test hook: the first trial to get here fails once
+    marker = campaign.get("fail_once")
+    if marker:  # test hook (FAIL_ONCE_ENV on the driver): the first trial to get here fails once
         try:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
@@ -420,28 +448,6 @@ def _fs(campaign: Campaign):
     return pyarrow.fs.LocalFileSystem(), campaign.experiment
 
 
-def _read_json(fs, path: str) -> dict | None:
-    try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.readall().decode())
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def _write_json(fs, path: str, data: dict) -> None:
-    import pyarrow.fs
-
-    payload = json.dumps(data, indent=1).encode()
-    if isinstance(fs, pyarrow.fs.LocalFileSystem):  # atomic: temporary name, then rename
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp"
-        Path(tmp).write_bytes(payload)
-        os.replace(tmp, path)
-    else:  # one PUT is atomic on object stores
-        with fs.open_output_stream(path) as f:
-            f.write(payload)
-
-
 def _ray_callback_base():
     from ray.tune import Callback
 
@@ -449,20 +455,36 @@ def _ray_callback_base():
 
 
 class CampaignLog(_ray_callback_base()):
-    """One line per trial event, and a record (campaign_log.json beside the Tune state) of how often
-    each trial started and why it stopped: the table's ``attempts`` and ``stop_reason``."""
+    """One line per trial event, and a record of how often each trial started, its failures and
+    why it stopped (the table's ``attempts``, ``failures`` and ``stop_reason``). The record is
+    kept in Tune's own experiment checkpoint (``get_state``/``set_state``), so it survives a resume."""
+
+    def __init__(self):
+        self.state: dict = {"launches": 0, "trials": {}}
+
+    def get_state(self) -> dict:
+        return copy.deepcopy(self.state)
+
+    def set_state(self, state: dict) -> None:
+        self.state = copy.deepcopy(state)
 
     def setup(self, **info):
-        self.fs, exp = _fs(_ACTIVE["campaign"])
-        self.path = f"{exp}/campaign_log.json"
-        self.state = _read_json(self.fs, self.path) or {"launches": 0, "trials": {}}
+        _ACTIVE["log"] = self
         self.state["launches"] += 1
         self.start = time.time()
         self.total = info.get("total_num_samples") or info.get("num_samples")
-        self._save()
+        self.last_reap = 0.0
 
-    def _save(self):
-        _write_json(self.fs, self.path, self.state)
+    def _reap(self, force: bool = False):
+        if force or time.time() - self.last_reap > REAP_EVERY_S:
+            self.last_reap = time.time()
+            try:
+                reap_stopped_runs()
+            except Exception as e:  # best effort: never end a campaign over it
+                print(f"[tune] could not free the resources of stopped trials: {e}", flush=True)
+
+    def on_step_end(self, iteration, trials, **info):
+        self._reap()
 
     def _rec(self, trial) -> dict:
         return self.state["trials"].setdefault(trial.trial_id, {"starts": 0, "failures": [], "stop_reason": None})
@@ -473,13 +495,11 @@ class CampaignLog(_ray_callback_base()):
         rec["stop_reason"] = None
         print(f"[tune] trial {trial.trial_id} started (attempt {rec['starts']}): "
               f"{_short_config(trial.config)}", flush=True)
-        self._save()
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         msg = _error_text(trial)
         self._rec(trial)["failures"].append(msg)
         print(f"[tune] trial {trial.trial_id} failed ({msg}); retrying from its last checkpoint", flush=True)
-        self._save()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         rec = self._rec(trial)
@@ -487,7 +507,6 @@ class CampaignLog(_ray_callback_base()):
         rec["failures"].append(msg)
         rec["stop_reason"] = f"error: {msg}"
         print(f"[tune] trial {trial.trial_id} failed for good after {rec['starts']} attempt(s): {msg}", flush=True)
-        self._save()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         campaign: Campaign = _ACTIVE["campaign"]
@@ -508,7 +527,74 @@ class CampaignLog(_ray_callback_base()):
         metric = campaign.cfg.metric
         print(f"[tune] trial {trial.trial_id} {reason} at epoch {epoch}/{planned}: {metric} "
               f"{result.get(metric, float('nan')):.4g} ({done}/{self.total or '?'} trials done)", flush=True)
-        self._save()
+
+
+def reap_stopped_runs() -> int:
+    """Free what the Ray Train runs of stopped trials still hold; returns the placement groups removed.
+
+    When Tune stops a trial (ASHA, time budget, a failure) it kills the trial's actor, and with it
+    the run's controller. Ray keeps a dead actor's placement groups until its job ends, and Ray
+    Train's own cleaner (a detached actor per run) finds the controller's death through the
+    dashboard's State API, which a minimal Ray install lacks (and which cannot pick a cluster when
+    several run on one machine). The workers' CPUs would then stay reserved and the next trials
+    wait for ever. So the campaign driver removes the placement groups created by dead Ray Train
+    controllers of its own job, and ends their cleaners.
+    """
+    import ray
+    from ray._private.state import actors, state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    table = actors()
+    dead = {aid: a for aid, a in table.items()
+            if a["ActorClassName"] == "TrainController" and a["State"] == "DEAD" and a["JobID"] == job}
+    if not dead:
+        return 0
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached or \
+                pg.creator_actor_id.hex() not in dead:
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+        removed += 1
+    # the detached cleaners of those runs now have nothing left to do; they live on this (the head)
+    # node, where the driver of `ray job submit` runs, and exit on SIGTERM
+    addresses = {(a["Address"]["IPAddress"], a["Address"]["Port"]) for a in dead.values()}
+    node = ray.get_runtime_context().get_node_id()
+    for a in table.values():
+        if a["ActorClassName"] == "PlacementGroupCleaner" and a["State"] == "ALIVE" and a.get("Pid") and \
+                a["Address"]["NodeID"] == node and \
+                (a["OwnerAddress"]["IPAddress"], a["OwnerAddress"]["Port"]) in addresses:
+            try:
+                os.kill(int(a["Pid"]), signal.SIGTERM)
+            except OSError:  # already gone
+                pass
+    return removed
+
+
+def _asha_base():
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler
+
+
+class CampaignASHA(_asha_base()):
+    """ASHA that, on a resumed campaign, first replays the results reported before the
+    interruption: Tune restores the searcher but not the scheduler, whose rungs would otherwise
+    start empty and let the next trials through unchallenged."""
+
+    def on_trial_add(self, tune_controller, trial):
+        if not getattr(self, "_replayed", False):
+            self._replayed = True
+            for trial_id, df in (_ACTIVE.get("replay") or {}).items():
+                stub = SimpleNamespace(trial_id=trial_id)  # ASHA keys its records by trial id
+                super().on_trial_add(tune_controller, stub)
+                for result in df[[self._time_attr, self._metric]].to_dict("records"):
+                    super().on_trial_result(tune_controller, stub, result)
+                super().on_trial_remove(tune_controller, stub)
+        super().on_trial_add(tune_controller, trial)
 
 
 def _short_config(config: dict) -> str:
@@ -516,12 +602,27 @@ def _short_config(config: dict) -> str:
 
 
 def _error_text(trial) -> str:
+    """One line for the trial's latest error (the driver's copy first: storage is synced later)."""
+    from ray import cloudpickle
+
     from jobs.common import error_line
 
-    err = getattr(trial, "get_pickled_error", lambda: None)()
-    if err is not None:
-        return error_line(err)
-    text = (getattr(trial, "get_error", lambda: None)() or "").strip()
+    err = None
+    local = getattr(trial, "pickled_error_file", None)
+    try:
+        if local and Path(local).is_file():
+            err = cloudpickle.loads(Path(local).read_bytes())
+        else:
+            err = trial.get_pickled_error()
+    except Exception:
+        err = None
+    if isinstance(err, BaseException):
+        return error_line(err)[:300]
+    text = ""
+    try:
+        text = (trial.get_error() or "").strip()
+    except Exception:
+        pass
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1][:300] if lines else "unknown error"
 
@@ -539,14 +640,15 @@ def _trial_dirname(trial) -> str:
 def build_tuner(campaign: Campaign):
     """A new ``ray.tune.Tuner`` for the campaign, or the restored one when its state exists."""
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     cfg = campaign.cfg
     trainable = ray.tune.with_parameters(run_trial, campaign={
         "base": campaign.base, "model_base": campaign.model_base, "encoded": campaign.encoded,
-        "runs_path": campaign.runs_path, "storage_options": cfg.storage_options})
-    # the trial's own function only waits on the TorchTrainer: no CPU, so that the workers get them all
-    trainable = ray.tune.with_resources(trainable, {"cpu": 0})
+        "runs_path": campaign.runs_path, "storage_options": cfg.storage_options,
+        "fail_once": os.environ.get(FAIL_ONCE_ENV)})
+    # the trial's function only drives its TorchTrainer: no CPU (the workers get them all), some memory
+    trainable = ray.tune.with_resources(trainable, {"cpu": 0, "memory": DRIVER_MEMORY})
     fs, exp = _fs(campaign)
     if ray.tune.Tuner.can_restore(exp, storage_filesystem=fs):
         print(f"resuming campaign {cfg.name!r} from {campaign.experiment}", flush=True)
@@ -561,7 +663,10 @@ def build_tuner(campaign: Campaign):
 
         search_alg = BasicVariantGenerator(random_state=cfg.seed)
     if cfg.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=campaign.max_t, grace_period=cfg.scheduler.grace_period,
+        # max_t one epoch beyond the last: a trial that is not stopped early ends by returning from fit()
+        # (its Ray Train run shuts down cleanly) rather than being stopped by ASHA at its last report
+        scheduler = CampaignASHA(time_attr="epoch", max_t=campaign.max_t + (cfg.scheduler.max_t is None),
+                                  grace_period=cfg.scheduler.grace_period,
                                   reduction_factor=cfg.scheduler.reduction_factor)
     else:
         scheduler = FIFOScheduler()
@@ -586,8 +691,15 @@ def collect(campaign: Campaign):
 
     cfg = campaign.cfg
     fs, exp = _fs(campaign)
-    analysis = ExperimentAnalysis(exp, storage_filesystem=fs, default_metric=cfg.metric, default_mode=cfg.mode)
-    log = (_read_json(fs, f"{exp}/campaign_log.json") or {}).get("trials", {})
+    import logging
+
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level, quiet.level = quiet.level, logging.ERROR  # trials not started yet have no results: expected
+    try:
+        analysis = ExperimentAnalysis(exp, storage_filesystem=fs, default_metric=cfg.metric, default_mode=cfg.mode)
+    finally:
+        quiet.setLevel(level)
+    log = _ACTIVE["log"].state["trials"] if "log" in _ACTIVE else {}
     rows, histories = [], {}
     for trial in analysis.trials:
         df = analysis.trial_dataframes.get(trial.trial_id)
@@ -615,6 +727,7 @@ def collect(campaign: Campaign):
             row.update({cfg.metric: math.nan, "best_epoch": 0, "epochs": 0})
         row["planned_epochs"] = min(_planned_epochs(campaign, trial.config), campaign.max_t)
         row["attempts"] = rec.get("starts", 0)
+        row["failures"] = " | ".join(rec.get("failures", []))
         reason = rec.get("stop_reason")
         if trial.status == "ERROR":
             reason = reason if reason and reason.startswith("error") else f"error: {_error_text(trial)}"
@@ -630,6 +743,15 @@ def collect(campaign: Campaign):
     return table.reset_index(drop=True), histories
 
 
+def planned_trials(campaign: Campaign) -> int:
+    """Trials the campaign runs in all: num_samples, times the grid's size."""
+    grid = 1
+    for d in campaign.cfg.search_space.values():
+        if d.type == "grid" or (d.type == "choice" and campaign.cfg.search == "grid"):
+            grid *= len(d.values)
+    return campaign.num_samples * grid
+
+
 def plot_history(histories: dict, best_id: str | None, metric: str, path: Path) -> Path:
     from climax.plots import _figure, _save
 
@@ -643,6 +765,9 @@ def plot_history(histories: dict, best_id: str | None, metric: str, path: Path) 
         df = histories[best_id]
         ax.plot(df["epoch"], df[metric], color="tab:red", marker="o", linewidth=2.5, label=f"best: {best_id}")
         ax.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} against epoch, every trial (grey), the best highlighted")
@@ -650,37 +775,32 @@ def plot_history(histories: dict, best_id: str | None, metric: str, path: Path) 
     return _save(fig, path)
 
 
-def export_checkpoint(campaign: Campaign, row: dict, out: Path) -> tuple[Path, dict]:
-    """Copy the best trial's checkpoint (best by the metric among those kept) to ``out``."""
+def export_checkpoint(campaign: Campaign, history, out: Path) -> tuple[str, dict]:
+    """Copy the best checkpoint of one trial (by the metric, among those its run kept) to ``out``;
+    returns its source path and the metrics stored in it."""
     import shutil
 
     import pyarrow.fs
     import torch
 
     fs, _ = _fs(campaign)
-    run_dir = f"{campaign.runs_path.removeprefix('s3://')}/{row['trial_id']}" if campaign.runs_path.startswith("s3://") \
-        else f"{campaign.runs_path}/{row['trial_id']}"
-    kept = [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
-            if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")]
-    metric, sign = campaign.cfg.metric, (1 if campaign.cfg.mode == "min" else -1)
-    scored = []
+    metric = campaign.cfg.metric
+    rows = history.dropna(subset=["checkpoint_path"]).sort_values(metric, kind="stable") \
+        if "checkpoint_path" in history else history.iloc[:0]
+    for path in rows["checkpoint_path"]:
+        if fs.get_file_info(f"{path}/model.pt").type == pyarrow.fs.FileType.File:
+            break
+    else:
+        raise RuntimeError(f"no checkpoint of the best trial is left (searched {len(rows)} reported ones)")
+    local = pyarrow.fs.LocalFileSystem()
     tmp = out.parent / f".{out.name}.tmp"
-    for path in kept:
-        shutil.rmtree(tmp, ignore_errors=True)
-        pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
-        if not (tmp / "model.pt").exists():
-            continue
-        m = torch.load(tmp / "model.pt", map_location="cpu", weights_only=True).get("metrics") or {}
-        if metric in m:
-            scored.append((sign * m[metric], path, m))
     shutil.rmtree(tmp, ignore_errors=True)
-    if not scored:
-        raise RuntimeError(f"no checkpoint of trial {row['trial_id']} under {run_dir}")
-    _, path, metrics = min(scored, key=lambda s: s[0])
-    pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+    local.create_dir(str(tmp))
+    pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=local)
+    metrics = torch.load(tmp / "model.pt", map_location="cpu", weights_only=True).get("metrics") or {}
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
-    return Path(path), metrics
+    return path, metrics
 
 
 def write_report(campaign: Campaign, table, histories) -> dict:
@@ -688,20 +808,24 @@ def write_report(campaign: Campaign, table, histories) -> dict:
     out = campaign.output
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "trials.csv", index=False)
-    table.astype({c: str for c in table.columns if table[c].dtype == object}).to_parquet(out / "trials.parquet",
-                                                                                          index=False)
+    # object columns (lead-time sets, reasons, paths) as strings, missing values as nulls
+    table.astype({c: "string" for c in table.columns if table[c].dtype == object}).to_parquet(
+        out / "trials.parquet", index=False)
     scored = table[table[cfg.metric].notna()]
     best = scored.iloc[0].to_dict() if len(scored) else None
-    plot = plot_history(histories, best["trial_id"] if best else None, cfg.metric, out / f"{cfg.metric.replace('/', '_')}_vs_epoch.png")
+    plot = plot_history(histories, best["trial_id"] if best else None, cfg.metric,
+                        out / f"{cfg.metric.replace('/', '_')}_vs_epoch.png")
     summary: dict[str, Any] = {
         "campaign": cfg.name, "experiment": campaign.experiment, "metric": cfg.metric, "mode": cfg.mode,
         "trials": int(len(table)), "finished": int((table["status"] == "TERMINATED").sum()),
         "errored": int((table["status"] == "ERROR").sum()),
         "early_stopped": int(table["stop_reason"].astype(str).str.startswith("early stop").sum()),
+        "planned": planned_trials(campaign),
+        "unfinished": int(table["status"].isin(["PENDING", "RUNNING", "PAUSED"]).sum()),
         "table": str(out / "trials.csv"), "parquet": str(out / "trials.parquet"), "plot": str(plot)}
     if best:
         ckpt_dir = out / "best_checkpoint"
-        source, metrics = export_checkpoint(campaign, best, ckpt_dir)
+        source, metrics = export_checkpoint(campaign, histories[best["trial_id"]], ckpt_dir)
         params = {k: best[k] for k in cfg.search_space}
         doc = {"trial_id": best["trial_id"], "metric": cfg.metric, "value": float(metrics[cfg.metric]),
                "epoch": int(metrics["epoch"]), "params": params, "source": str(source),
@@ -726,9 +850,13 @@ def print_summary(summary: dict, table) -> None:
             index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"\ncampaign {summary['campaign']}: {summary['trials']} trials ({summary['finished']} finished, "
           f"{summary['early_stopped']} stopped early by ASHA, {summary['errored']} errored)")
+    missing = summary["unfinished"] + max(summary["planned"] - summary["trials"], 0)
+    if missing:
+        print(f"{missing} of {summary['planned']} trials not finished (interrupted, or out of time budget): "
+              "relaunch the same command to resume")
     if "best_trial" in summary:
         print(f"best: trial {summary['best_trial']}, {metric} {summary['best_value']:.4g} at epoch "
-              f"{summary['best_epoch']}, " + ", ".join(f"{k}={v}" for k, v in summary["best_params"].items()))
+              f"{summary['best_epoch']}; " + _short_config(summary["best_params"]))
         print(f"best checkpoint: {summary['best_checkpoint']}")
     print(f"table: {summary['table']} (and {Path(summary['parquet']).name}); plot: {summary['plot']}")
 
@@ -738,7 +866,9 @@ def run(campaign: Campaign) -> dict:
     campaign.extra["max_concurrent"] = max_concurrent(campaign)
     _ACTIVE["campaign"] = campaign
     tuner, resumed = build_tuner(campaign)
-    if not resumed:
+    if resumed:
+        _ACTIVE["replay"] = {k: v for k, v in collect(campaign)[1].items() if v is not None and len(v)}
+    else:
         print(f"campaign {campaign.cfg.name!r}: {campaign.num_samples} sample(s), search {campaign.cfg.search}, "
               f"scheduler {campaign.cfg.scheduler.type}, up to {campaign.extra['max_concurrent']} trial(s) at once, "
               f"{campaign.max_t} epochs per full trial; state in {campaign.experiment}", flush=True)
@@ -768,4 +898,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # run from the module's real name: the Tune experiment pickles this module's callback and
+    # trainable by reference, and ``__main__`` objects would not restore in a later launch
+    from jobs import tune
+
+    tune.main(sys.argv[1:])
