@@ -7,7 +7,8 @@
 4. finetune it at fixed lead times (6 h, 24 h, 72 h) from the pretraining checkpoint;
 5. evaluate on the test split (direct, 6-hour rollout, persistence, climatology): print the RMSE /
    ACC table and the paths of the plots;
-6. write CF-compliant NetCDF forecasts and open them back with xarray.
+6. write CF-compliant NetCDF forecasts and open them back with xarray;
+7. a small Ray Tune campaign over the finetuning (learning rate, frozen backbone; ASHA, Optuna).
 
     python -m jobs.demo [workdir=demo_output] [pretrain_minutes=3] ...
 """
@@ -37,6 +38,7 @@ class DemoConfig(BaseModel):
     batch_size: int = 16
     workers: int = Field(1, description="Ray Train workers (CPU)")
     eval_samples: int = Field(120, description="initial times scored in the evaluation")
+    tune_trials: int = Field(0, description="trials of a closing Tune campaign (0: skip; e.g. 4)")
 
 
 def _stage(title: str) -> None:
@@ -105,11 +107,34 @@ def main(argv: list[str] | None = None) -> None:
     with xr.open_dataset(nc) as ds:
         print(f"xarray opens it back: {dict(ds.sizes)}, variables {list(ds.data_vars)[:4]}...")
 
+    table = None
+    if cfg.tune_trials:
+        _stage(f"7. a Ray Tune campaign over the finetuning ({cfg.tune_trials} trials)")
+        from jobs import tune
+
+        campaign = {
+            "name": "demo-tune", "storage_path": str(work / "runs"), "output": str(work / "tune"),
+            "base": {"config": "configs/finetune.yaml", "model": cfg.model, "init_checkpoint": pre_ckpt.path,
+                     "data.datasets": [{"root": str(shards)}], "data.batch_size": cfg.batch_size,
+                     "data.max_val_batches": 4, "data.leads.hours": [24], "data.leads.val_hours": [24],
+                     "train.epochs": 3, "train.steps_per_epoch": 30},
+            "search_space": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-3},
+                             "freeze_backbone": {"type": "choice", "values": [False, True]}},
+            "search": "optuna", "num_samples": cfg.tune_trials, "metric": "val_rmse", "mode": "min",
+            "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        }
+        path = work / "tune.yaml"
+        path.write_text(yaml.safe_dump(campaign, sort_keys=False))
+        summary = tune.main([str(path)])
+        table = summary.get("table") or summary.get("trials_csv") or str(work / "tune")
+
     print(f"\ndemo finished in {time.time() - t0:.0f} s; outputs under {work}/:")
     print(f"  shards      {shards}/manifest.json")
     print(f"  checkpoints {pre_ckpt.path}\n              {fine_ckpt.path}")
     print(f"  evaluation  {work / 'evaluation'}/metrics.csv, rmse_vs_lead.png, acc_vs_lead.png, maps_*.png")
     print(f"  forecasts   {nc}")
+    if table:
+        print(f"  tuning      {table}")
 
 
 if __name__ == "__main__":
