@@ -291,6 +291,23 @@ def trial_config(base: dict, params: dict, model_base: dict | None = None, encod
     return cfg
 
 
+def _absolute_paths(cfg: dict) -> dict:
+    """Relative local paths (data roots, init checkpoint, model file) made absolute from the
+    driver's directory: Ray Train's workers run in their run's own folder."""
+    def fix(path):
+        if not isinstance(path, str) or "://" in path or Path(path).expanduser().is_absolute():
+            return path
+        full = Path(path).expanduser().resolve()
+        return str(full) if full.exists() else path
+
+    for ds in cfg["data"]["datasets"]:
+        ds["root"] = fix(ds["root"])
+    cfg["init_checkpoint"] = fix(cfg.get("init_checkpoint"))
+    if isinstance(cfg.get("model"), str) and cfg["model"] != TrainConfig.model_fields["model"].default:
+        cfg["model"] = fix(cfg["model"])
+    return cfg
+
+
 def _model_base(base: TrainConfig) -> dict:
     from jobs.train import _model_config
 
@@ -335,7 +352,7 @@ def resolve(cfg: CampaignConfig) -> Campaign:
     except (OSError, ValueError) as e:
         raise ConfigError(f"base model configuration: {e}") from None
     encoded = [k for k, d in space.items() if d.values and not all(_is_plain(v) for v in d.values)]
-    base_dump = base.model_dump(mode="json")
+    base_dump = _absolute_paths(base.model_dump(mode="json"))
     for key, dist in space.items():
         for value in dist.candidates():
             trial = trial_config(base_dump, {key: value}, model_base)
@@ -653,15 +670,16 @@ def build_tuner(campaign: Campaign):
     if ray.tune.Tuner.can_restore(exp, storage_filesystem=fs):
         print(f"resuming campaign {cfg.name!r} from {campaign.experiment}", flush=True)
         return ray.tune.Tuner.restore(exp, trainable=trainable, resume_errored=True, storage_filesystem=fs), True
+    concurrent = campaign.extra["max_concurrent"]
     if cfg.search == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=cfg.seed))
-    else:
+    else:  # Tune ignores max_concurrent_trials with a BasicVariantGenerator given: it takes its own
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        search_alg = BasicVariantGenerator(random_state=cfg.seed)
+        search_alg, concurrent = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent), None
     if cfg.scheduler.type == "asha":
         # max_t one epoch beyond the last: a trial that is not stopped early ends by returning from fit()
         # (its Ray Train run shuts down cleanly) rather than being stopped by ASHA at its last report
@@ -675,7 +693,7 @@ def build_tuner(campaign: Campaign):
         tune_config=ray.tune.TuneConfig(
             metric=cfg.metric, mode=cfg.mode, search_alg=search_alg, scheduler=scheduler,
             num_samples=campaign.num_samples, time_budget_s=cfg.time_budget_s,
-            max_concurrent_trials=campaign.extra["max_concurrent"], trial_dirname_creator=_trial_dirname),
+            max_concurrent_trials=concurrent, trial_dirname_creator=_trial_dirname),
         run_config=ray.tune.RunConfig(
             name=cfg.name, storage_path=campaign.storage, storage_filesystem=campaign.filesystem,
             failure_config=ray.tune.FailureConfig(max_failures=cfg.trial_max_failures),
@@ -848,8 +866,8 @@ def print_summary(summary: dict, table) -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 40):
         print("\n" + table[[c for c in cols[:3] + params + cols[3:] if c in table]].to_string(
             index=False, float_format=lambda x: f"{x:.4g}"))
-    print(f"\ncampaign {summary['campaign']}: {summary['trials']} trials ({summary['finished']} finished, "
-          f"{summary['early_stopped']} stopped early by ASHA, {summary['errored']} errored)")
+    print(f"\ncampaign {summary['campaign']}: {summary['trials']} trials ({summary['finished']} finished, of which "
+          f"{summary['early_stopped']} stopped early by ASHA; {summary['errored']} errored)")
     missing = summary["unfinished"] + max(summary["planned"] - summary["trials"], 0)
     if missing:
         print(f"{missing} of {summary['planned']} trials not finished (interrupted, or out of time budget): "
@@ -869,9 +887,9 @@ def run(campaign: Campaign) -> dict:
     if resumed:
         _ACTIVE["replay"] = {k: v for k, v in collect(campaign)[1].items() if v is not None and len(v)}
     else:
-        print(f"campaign {campaign.cfg.name!r}: {campaign.num_samples} sample(s), search {campaign.cfg.search}, "
-              f"scheduler {campaign.cfg.scheduler.type}, up to {campaign.extra['max_concurrent']} trial(s) at once, "
-              f"{campaign.max_t} epochs per full trial; state in {campaign.experiment}", flush=True)
+        print(f"campaign {campaign.cfg.name!r}: {planned_trials(campaign)} trials, search {campaign.cfg.search}, "
+              f"scheduler {campaign.cfg.scheduler.type}, up to {campaign.extra['max_concurrent']} at once, "
+              f"at most {campaign.max_t} epoch(s) each; state in {campaign.experiment}", flush=True)
     tuner.fit()
     table, histories = collect(campaign)
     summary = write_report(campaign, table, histories)

@@ -245,12 +245,15 @@ def test_bad_configuration_exits_2_naming_it(tmp_path, capsys, change, message):
     assert not (tmp_path / "trials.csv").exists()
 
 
-def test_search_space_on_the_command_line_and_trial_configs():
+def test_search_space_on_the_command_line_and_trial_configs(tmp_path, monkeypatch):
     from jobs import tune
     from jobs.config import apply_overrides, validate
 
-    cfg = apply_overrides({"base": {"config": "configs/finetune.yaml"}},
-                          ["search_space.optim.lr={type: loguniform, low: 1.0e-5, high: 1.0e-3}",
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards").mkdir()
+    cfg = apply_overrides({"base": {"config": str(ROOT / "configs" / "finetune.yaml")}},
+                          ["base.data.datasets=[{root: shards}]",
+                           "search_space.optim.lr={type: loguniform, low: 1.0e-5, high: 1.0e-3}",
                            "search_space.data.leads.hours={type: choice, values: [[24], [6, 24]]}",
                            "base.data.leads.val_hours=[24]", "base.train.epochs=4", "search=random"])
     campaign = tune.resolve(validate(tune.CampaignConfig, cfg))
@@ -263,3 +266,10 @@ def test_search_space_on_the_command_line_and_trial_configs():
                               campaign.model_base, campaign.encoded)
     assert trial["optim"]["lr"] == 2e-4 and trial["data"]["leads"]["hours"] == [6, 24]
     assert trial["data"]["leads"]["val_hours"] == [24] and trial["data"]["batch_size"] == 8  # from finetune.yaml
+    # relative local paths are taken from the launching directory: Ray Train's workers run elsewhere
+    assert trial["data"]["datasets"][0]["root"] == str(tmp_path / "shards")
+
+    grid = tune.resolve(validate(tune.CampaignConfig, apply_overrides(cfg, [
+        "search=grid", "search_space.optim.lr={type: grid, values: [1.0e-4, 1.0e-3]}"])))
+    assert tune.planned_trials(grid) == 2 * 2 and grid.num_samples == 1
+    assert all(set(v) == {"grid_search"} for v in tune.param_space(grid).values())
