@@ -749,8 +749,9 @@ def collect(campaign: Campaign):
         reason = rec.get("stop_reason")
         if trial.status == "ERROR":
             reason = reason if reason and reason.startswith("error") else f"error: {_error_text(trial)}"
-        elif trial.status == "TERMINATED" and not reason:
-            reason = "completed" if row["epochs"] >= row["planned_epochs"] else "stopped"
+        elif trial.status == "TERMINATED" and not reason:  # Tune's time budget stops trials without telling
+            reason = "completed" if row["epochs"] >= row["planned_epochs"] else \
+                "time budget" if cfg.time_budget_s else "stopped"
         elif trial.status in ("PENDING", "PAUSED", "RUNNING"):
             reason = "not finished" if row["epochs"] else "not started"
         row["stop_reason"] = reason
