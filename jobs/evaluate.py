@@ -48,12 +48,7 @@ class EvaluateConfig(BaseModel):
     map_init: str | None = Field(None, description="initial time of the maps (default: the first scored)")
     progress: bool = Field(True, description="show progress bars")
 
-    @field_validator("leads")
-    @classmethod
-    def _leads(cls, v: list[float]) -> list[float]:
-        if not v or min(v) <= 0:
-            raise ValueError("give at least one positive lead time in hours")
-        return v
+    _leads = field_validator("leads")(classmethod(lambda cls, v: positive_leads(v)))
 
     @field_validator("region")
     @classmethod
@@ -66,6 +61,13 @@ class EvaluateConfig(BaseModel):
     @classmethod
     def _iso(cls, v):
         return iso_time(v)
+
+
+def positive_leads(v: list[float]) -> list[float]:
+    """The lead-time check of jobs.evaluate and jobs.forecast."""
+    if not v or min(v) <= 0:
+        raise ValueError("give at least one positive lead time in hours")
+    return v
 
 
 def iso_time(v):

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from jobs.common import error_line, setup_logging
 from jobs.config import fail, parse_args
-from jobs.evaluate import build_region, iso_time, load_checkpoint_model, open_dataset, resolve_variables
+from jobs.evaluate import (build_region, iso_time, load_checkpoint_model, open_dataset, positive_leads,
+                           resolve_variables)
 
 log = logging.getLogger("jobs.forecast")
 
@@ -77,12 +78,7 @@ class ForecastConfig(BaseModel):
     def _times(cls, v):
         return None if v is None else [iso_time(t) for t in (v if isinstance(v, list) else [v])]
 
-    @field_validator("leads")
-    @classmethod
-    def _leads(cls, v: list[float]) -> list[float]:
-        if not v or min(v) <= 0:
-            raise ValueError("give at least one positive lead time in hours")
-        return v
+    _leads = field_validator("leads")(classmethod(lambda cls, v: positive_leads(v)))
 
     @model_validator(mode="after")
     def _one_source(self):

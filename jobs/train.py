@@ -351,6 +351,11 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # Ray Train workers run in their run folder: resolve local dataset roots on the driver
+    for d in cfg.data.datasets:
+        if "://" not in d.root:
+            d.root = str(Path(d.root).expanduser().resolve())
+
     from jobs.observability import callbacks as observability_callbacks
 
     path, filesystem = storage(cfg)
