@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     pre_ckpt = pre.get_best_checkpoint("val_loss", "min") or pre.checkpoint
 
     _stage("4. finetuning at fixed leads (6 h, 24 h, 72 h)")
-    fine = finetune.main(["configs/finetune.yaml", "name=demo-finetune", *common,
+    fine = finetune.main(["configs/finetune/global.yaml", "name=demo-finetune", *common,
                           f"init_checkpoint={pre_ckpt.path}",
                           "data.leads={random: false, hours: [6, 24, 72]}", "train.epochs=1",
                           f"train.steps_per_epoch={cfg.finetune_steps}", "optim.lr=5e-4",
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 
         campaign = {
             "name": "demo-tune", "storage_path": str(work / "runs"), "output": str(work / "tune"),
-            "base": {"config": "configs/finetune.yaml", "model": cfg.model, "init_checkpoint": pre_ckpt.path,
+            "base": {"config": "configs/finetune/global.yaml", "model": cfg.model, "init_checkpoint": pre_ckpt.path,
                      "data.datasets": [{"root": str(shards)}], "data.batch_size": cfg.batch_size,
                      "data.max_val_batches": 4, "data.leads.hours": [24], "data.leads.val_hours": [24],
                      "train.epochs": 3, "train.steps_per_epoch": 30},

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from jobs.config import ConfigError, _inner_model, fail, parse_args, validate
 from jobs.train import ROOT, TrainConfig
 
-DEFAULT_BASE = "configs/finetune.yaml"
+DEFAULT_BASE = "configs/finetune/global.yaml"
 #: keys the campaign sets for every trial (run name and storage are per trial)
 RESERVED = ("name", "storage_path", "storage_options")
 #: what a trial's driver function reserves (it runs no training itself)

@@ -182,7 +182,7 @@ def _models() -> dict:
 
 
 CONFIGS = {"preprocess": "configs/recipes/demo.yaml", "pretrain": "configs/pretrain.yaml",
-           "finetune": "configs/finetune.yaml", "evaluate": "configs/evaluate.yaml",
+           "finetune": "configs/finetune/global.yaml", "evaluate": "configs/evaluate.yaml",
            "forecast": "configs/forecast.yaml", "tune": "configs/tune.yaml", "demo": None}
 
 

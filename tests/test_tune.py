@@ -70,7 +70,7 @@ def campaign_config(tmp: Path, dataset: Path, checkpoint: Path) -> dict:
     return {
         "name": "campaign", "storage_path": str(tmp / "runs"), "output": str(tmp / "report"),
         "base": {
-            "config": "configs/finetune.yaml", "init_checkpoint": str(checkpoint),
+            "config": "configs/finetune/global.yaml", "init_checkpoint": str(checkpoint),
             "data": {"datasets": [{"root": str(dataset)}], "batch_size": 8, "max_val_batches": None,
                      "leads": {"random": False, "hours": [6], "val_hours": [6]}},
             "optim.warmup_steps": 2, "train": {"epochs": 2, "steps_per_epoch": 3},
@@ -226,13 +226,13 @@ def summary_paths(summary: dict) -> set[str]:
      "set base data.leads.val_hours"),
     ({"search_space": {"name": {"type": "choice", "values": ["a"]}}}, "name is set by the campaign"),
     ({"base": {"config": "configs/nope.yaml"}}, "base configuration file configs/nope.yaml does not exist"),
-    ({"base": {"config": "configs/finetune.yaml", "optim.lrr": 1}}, "unknown key 'optim.lrr'"),
+    ({"base": {"config": "configs/finetune/global.yaml", "optim.lrr": 1}}, "unknown key 'optim.lrr'"),
     ({"scheduler": {"grace_period": 9}}, "scheduler.grace_period 9 exceeds max_t"),
 ])
 def test_bad_configuration_exits_2_naming_it(tmp_path, capsys, change, message):
     from jobs import tune
 
-    cfg = {"base": {"config": "configs/finetune.yaml", "train.epochs": 3},
+    cfg = {"base": {"config": "configs/finetune/global.yaml", "train.epochs": 3},
            "search_space": {"optim.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}, "output": str(tmp_path)}
     cfg.update(change)
     path = tmp_path / "tune.yaml"
@@ -251,7 +251,7 @@ def test_search_space_on_the_command_line_and_trial_configs(tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shards").mkdir()
-    cfg = apply_overrides({"base": {"config": str(ROOT / "configs" / "finetune.yaml")}},
+    cfg = apply_overrides({"base": {"config": str(ROOT / "configs" / "finetune" / "global.yaml")}},
                           ["base.data.datasets=[{root: shards}]",
                            "search_space.optim.lr={type: loguniform, low: 1.0e-5, high: 1.0e-3}",
                            "search_space.data.leads.hours={type: choice, values: [[24], [6, 24]]}",
@@ -265,7 +265,7 @@ def test_search_space_on_the_command_line_and_trial_configs(tmp_path, monkeypatc
     trial = tune.trial_config(campaign.base, {"optim.lr": 2e-4, "data.leads.hours": "[6, 24]"},
                               campaign.model_base, campaign.encoded)
     assert trial["optim"]["lr"] == 2e-4 and trial["data"]["leads"]["hours"] == [6, 24]
-    assert trial["data"]["leads"]["val_hours"] == [24] and trial["data"]["batch_size"] == 8  # from finetune.yaml
+    assert trial["data"]["leads"]["val_hours"] == [24] and trial["data"]["batch_size"] == 8  # from finetune/global.yaml
     # relative local paths are taken from the launching directory: Ray Train's workers run elsewhere
     assert trial["data"]["datasets"][0]["root"] == str(tmp_path / "shards")
 
