@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["lat_weights", "lat_weighted_mse", "lat_weighted_rmse", "lat_weighted_acc"]
+__all__ = ["lat_weights", "lat_weighted_mse", "lat_weighted_rmse", "lat_weighted_acc", "lat_weighted_bias",
+           "lat_weighted_pearson"]
 
 
 def lat_weights(lat: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -56,4 +57,22 @@ def lat_weighted_acc(pred: torch.Tensor, target: torch.Tensor, climatology: torc
     fa, oa = pred - climatology, target - climatology
     num = (w * fa * oa).sum(dim=(-2, -1))
     den = ((w * fa**2).sum(dim=(-2, -1)) * (w * oa**2).sum(dim=(-2, -1))).sqrt()
+    return (num / den.clamp_min(eps)).mean(dim=0)
+
+
+def lat_weighted_bias(pred: torch.Tensor, target: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
+    """(V,) mean bias per variable: the area-weighted mean of ``pred - target`` over the grid,
+    averaged over the batch (positive: the prediction is too high)."""
+    return ((pred - target) * _w(lat, pred)).mean(dim=(-2, -1)).mean(dim=0)
+
+
+def lat_weighted_pearson(pred: torch.Tensor, target: torch.Tensor, lat: torch.Tensor,
+                         eps: float = 1e-12) -> torch.Tensor:
+    """(V,) Pearson correlation per variable: the area-weighted spatial correlation of each map
+    with its target (each about its own weighted mean), averaged over the batch."""
+    w = _w(lat, pred)
+    pa = pred - (pred * w).mean(dim=(-2, -1), keepdim=True)
+    ta = target - (target * w).mean(dim=(-2, -1), keepdim=True)
+    num = (w * pa * ta).sum(dim=(-2, -1))
+    den = ((w * pa**2).sum(dim=(-2, -1)) * (w * ta**2).sum(dim=(-2, -1))).sqrt()
     return (num / den.clamp_min(eps)).mean(dim=0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_metric_vs_lead", "plot_maps"]
+__all__ = ["plot_metric_vs_lead", "plot_maps", "plot_downscaling_maps"]
 
 _STYLE = {
     "direct": dict(color="tab:blue", marker="o"),
@@ -91,6 +91,42 @@ def plot_maps(forecast: np.ndarray, truth: np.ndarray, lat: Sequence[float], lon
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("longitude (deg E)")
         ax.set_ylabel("latitude (deg N)")
+        ax.set_aspect("equal")
+        fig.colorbar(mesh, ax=ax, shrink=0.8, label=units)
+    fig.suptitle(title or variable)
+    return _save(fig, path)
+
+
+def plot_downscaling_maps(coarse: np.ndarray | None, coarse_lat: Sequence[float], coarse_lon: Sequence[float],
+                          downscaled: np.ndarray, truth: np.ndarray, lat: Sequence[float], lon: Sequence[float],
+                          path: str | os.PathLike, variable: str, units: str = "", title: str | None = None) -> Path:
+    """Four maps side by side: the coarse input on its grid (blank when the variable is no input),
+    the downscaled field, the fine truth (one colour scale for the three) and downscaled - truth."""
+    downscaled, truth = np.asarray(downscaled, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    lat, lon = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
+    if downscaled.shape != truth.shape or truth.shape != (len(lat), len(lon)):
+        raise ValueError(f"downscaled {downscaled.shape}, truth {truth.shape} and grid {(len(lat), len(lon))} differ")
+    error = downscaled - truth
+    fields = [downscaled, truth] + ([np.asarray(coarse, dtype=np.float64)] if coarse is not None else [])
+    lo, hi = min(float(np.nanmin(f)) for f in fields), max(float(np.nanmax(f)) for f in fields)
+    emax = float(np.nanmax(np.abs(error))) or 1.0
+    fig = _figure(18, 3.6)
+    axes = fig.subplots(1, 4)
+    panels = [("coarse input", coarse, coarse_lat, coarse_lon, "viridis", lo, hi),
+              ("downscaled", downscaled, lat, lon, "viridis", lo, hi),
+              ("truth", truth, lat, lon, "viridis", lo, hi),
+              ("error (downscaled - truth)", error, lat, lon, "RdBu_r", -emax, emax)]
+    for ax, (name, field, la, lo_, cmap, vmin, vmax) in zip(axes, panels):
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("longitude (deg E)")
+        ax.set_ylabel("latitude (deg N)")
+        if field is None:
+            ax.text(0.5, 0.5, f"{variable}\nis no input", ha="center", va="center", transform=ax.transAxes)
+            continue
+        la, lo_ = np.asarray(la, dtype=np.float64), np.asarray(lo_, dtype=np.float64)
+        order = np.argsort(la)  # north up whatever the stored order
+        mesh = ax.pcolormesh(np.unwrap(np.deg2rad(lo_)) * 180 / np.pi, la[order], np.asarray(field)[order],
+                             cmap=cmap, vmin=vmin, vmax=vmax, shading="nearest")
         ax.set_aspect("equal")
         fig.colorbar(mesh, ax=ax, shrink=0.8, label=units)
     fig.suptitle(title or variable)

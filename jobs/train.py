@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,8 @@ class LeadConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    datasets: list[DatasetSpec] = Field(min_length=1)
+    datasets: list[DatasetSpec] = Field(default_factory=list, description="forecast datasets (at least one for "
+                                                                          "task forecast)")
     in_vars: list[str] | None = Field(None, description="input variables (default: every variable incl. constants)")
     out_vars: list[str] | None = Field(None, description="predicted variables (default: every time-varying one)")
     train_split: str = "train"
@@ -104,6 +105,19 @@ class ObservabilitySpec(_Strict):
     mlflow_experiment: str = "climax"
 
 
+class DownscalingSpec(_Strict):
+    """task: downscaling (jobs/downscaling.py): the coarse input set and the fine target set."""
+    coarse: DatasetSpec = Field(description="input dataset on the coarse grid (e.g. ERA5 or CMIP6 at 5.625 deg)")
+    fine: DatasetSpec = Field(description="target dataset on the fine grid, same times (e.g. ERA5 at 1.40625 deg)")
+    in_vars: list[str] | None = Field(None, description="coarse variables fed to the model (default: its "
+                                                        "time-varying ones)")
+    constants: list[str] | None = Field(None, description="fine-grid constants fed to the model (default: all of the "
+                                                          "fine set's; [] for none)")
+    out_vars: list[str] | None = Field(None, description="fine variables predicted (default: its time-varying ones)")
+    residual: bool = Field(True, description="predict the correction to the bilinear field (false: the field "
+                                             "itself, as the paper)")
+
+
 class TrainConfig(_Strict):
     name: str = Field("climax-pretrain", description="run name; relaunching with the same name resumes")
     storage_path: str = Field("~/climax_runs", description="where runs and checkpoints go (folder or s3://)")
@@ -114,13 +128,26 @@ class TrainConfig(_Strict):
     init_checkpoint: str | None = Field(None, description="finetune from ours or an original ClimaX .ckpt")
     ckpt_vars: list[str] | None = Field(None, description="variables of an init checkpoint that records none")
     freeze_backbone: bool = False
-    data: DataConfig
+    data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: LoopConfig = Field(default_factory=LoopConfig)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     max_failures: int = Field(2, description="worker-group restarts from the last checkpoint before giving up")
     observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
+    task: Literal["forecast", "projection", "downscaling"] = Field("forecast", description="what is learned: "
+                                                                   "forecast (data.datasets), downscaling (downscaling)")
+    downscaling: DownscalingSpec | None = Field(None, description="task downscaling: coarse and fine datasets")
+
+    @model_validator(mode="after")
+    def _task_sections(self) -> TrainConfig:
+        if self.task == "forecast" and not self.data.datasets:
+            raise ValueError("data.datasets needs at least one dataset (task forecast)")
+        if self.task == "downscaling":
+            from jobs.downscaling import check_config
+
+            check_config(self)
+        return self
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -351,8 +378,11 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    loop = train_loop_per_worker
+    if cfg.task == "downscaling":
+        from jobs.downscaling import train_loop_per_worker as loop
     # Ray Train workers run in their run folder: resolve local dataset roots on the driver
-    for d in cfg.data.datasets:
+    for d in cfg.data.datasets + ([cfg.downscaling.coarse, cfg.downscaling.fine] if cfg.downscaling else []):
         if "://" not in d.root:
             d.root = str(Path(d.root).expanduser().resolve())
 
@@ -369,7 +399,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
                                                      checkpoint_score_attribute=cfg.checkpoint.score,
                                                      checkpoint_score_order="min"),
         callbacks=[*(callbacks or []), *observability_callbacks(cfg)])
-    return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.model_dump(mode="json"),
+    return TorchTrainer(loop, train_loop_config=cfg.model_dump(mode="json"),
                         scaling_config=scaling, run_config=run)
 
 
