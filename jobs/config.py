@@ -84,6 +84,8 @@ def validate(model: type[BaseModel], cfg: dict, source: str = "config") -> BaseM
                 lines.append(f"unknown key {where!r}; allowed keys here: {', '.join(allowed)}")
             elif err["type"] == "missing":
                 lines.append(f"missing key {where!r}")
+            elif not loc:  # a check across keys: its message says what is wrong, the input is everything
+                lines.append(err["msg"].removeprefix("Value error, "))
             else:
                 lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None

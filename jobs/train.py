@@ -105,10 +105,17 @@ class ObservabilitySpec(_Strict):
     mlflow_experiment: str = "climax"
 
 
+class DownscalingData(_Strict):
+    root: str = Field(description="dataset written by jobs.preprocess (folder or s3://bucket/prefix)")
+    name: str | None = Field(None, description="label in logs (default: the folder name)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="s3 options (endpoint_url, key, ...)")
+
+
 class DownscalingSpec(_Strict):
     """task: downscaling (jobs/downscaling.py): the coarse input set and the fine target set."""
-    coarse: DatasetSpec = Field(description="input dataset on the coarse grid (e.g. ERA5 or CMIP6 at 5.625 deg)")
-    fine: DatasetSpec = Field(description="target dataset on the fine grid, same times (e.g. ERA5 at 1.40625 deg)")
+    coarse: DownscalingData = Field(description="input dataset on the coarse grid (e.g. ERA5 or CMIP6 at 5.625 deg)")
+    fine: DownscalingData = Field(description="target dataset on the fine grid, same times (e.g. ERA5 at 1.40625 "
+                                              "deg)")
     in_vars: list[str] | None = Field(None, description="coarse variables fed to the model (default: its "
                                                         "time-varying ones)")
     constants: list[str] | None = Field(None, description="fine-grid constants fed to the model (default: all of the "
