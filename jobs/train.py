@@ -199,6 +199,18 @@ def _stream(loader, epoch: int, steps: int):
                 return
 
 
+def _quiet_report_log() -> None:
+    """Ray Train V2 logs every ``ray.train.report`` with the whole metrics dict (a screenful per epoch
+    with per-variable RMSEs); our own one-line epoch summary says the same. Errors still show."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context  # internal: its logger is named by __file__
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import numpy as np
     import ray.train
@@ -212,6 +224,7 @@ def train_loop_per_worker(config: dict) -> None:
     from climax.training import TrainState, freeze_backbone, load_train_state, save_train_state, train_step, validate
 
     cfg = TrainConfig.model_validate(config)
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
