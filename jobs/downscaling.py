@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.train import TrainConfig, _hms, _stream, build_model
+from jobs.train import TrainConfig, _hms, _quiet_report_log, _stream, build_model
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -81,6 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
     from climax.training import TrainState, freeze_backbone, load_train_state, save_train_state, train_step
 
     cfg = TrainConfig.model_validate(config)
+    _quiet_report_log()
     spec = cfg.downscaling
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -123,6 +124,8 @@ def train_loop_per_worker(config: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(
         model, move_to_device=False,
         parallel_strategy_kwargs={"find_unused_parameters": not uses_all or cfg.freeze_backbone})
+    if cfg.train.compile and device.type == "cuda":
+        ddp_model = torch.compile(ddp_model)
     log(f"downscaling {coarse.name} {coarse.shape} -> {fine.name} {fine.shape}: ClimaX "
         f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, patch {net.patch_size}, inputs "
         f"{in_vars} + constants {constants}, outputs {out_vars}{' (residual on bilinear)' if spec.residual else ''}; "
@@ -198,7 +201,7 @@ def load_downscaler(meta: dict, net, coarse_root: str | None, fine_root: str | N
 
 
 def evaluate(cfg, net, meta: dict) -> Any:
-    """``jobs.evaluate`` for a downscaling checkpoint: scores on ``cfg.split`` and maps; returns the table."""
+    """``jobs.evaluate`` for a downscaling checkpoint: scores on ``cfg.split`` and maps; returns (table, folder)."""
     import pandas as pd
     import torch
 
