@@ -312,13 +312,17 @@ class Downscaler(nn.Module):
             raise ValueError(f"batch output variables {list(out_vars)} differ from the model's {self.out_vars}")
         if region is not None:
             raise ValueError("regional downscaling is not supported; downscale globally")
-        up = self.upsample(x)
+        # the interpolation and the residual sum stay in float32 under bf16 autocast: the learned
+        # correction is small against the field, and bf16 keeps only ~3 significant digits
+        with torch.autocast(x.device.type, enabled=False):
+            up = self.upsample(x.float())
         inputs = up
         if self.constants:
-            inputs = torch.cat([up, self.constant_fields.to(up.dtype).expand(len(x), -1, -1, -1)], dim=1)
+            inputs = torch.cat([up, self.constant_fields.expand(len(x), -1, -1, -1)], dim=1)
         pred = self.net(inputs, lead_times, self.model_vars, self.out_vars)
         if self.residual:
-            pred = pred + self.baseline(up).to(pred.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                pred = pred.float() + self.baseline(up)
         return pred
 
     def physical(self, y: torch.Tensor) -> torch.Tensor:
