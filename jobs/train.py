@@ -24,6 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from jobs.projection import ProjectionSpec
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -121,6 +123,9 @@ class TrainConfig(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     max_failures: int = Field(2, description="worker-group restarts from the last checkpoint before giving up")
     observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
+    task: Literal["forecast", "projection", "downscaling"] = Field(
+        "forecast", description="forecast (global/regional), projection (ClimateBench) or downscaling")
+    projection: ProjectionSpec | None = Field(None, description="task: projection (jobs/projection.py)")
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -210,6 +215,10 @@ def train_loop_per_worker(config: dict) -> None:
     from climax.training import TrainState, freeze_backbone, load_train_state, save_train_state, train_step, validate
 
     cfg = TrainConfig.model_validate(config)
+    if cfg.task == "projection":
+        from jobs.projection import projection_loop
+
+        return projection_loop(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -404,4 +413,11 @@ def main(argv: list[str] | None, doc: str, default_config: str) -> Any:
     print(f"run {cfg.name}: {m.get('step', 'no new')} steps, val_loss {m.get('val_loss', float('nan')):.4f}")
     print(f"last checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     print(f"best checkpoint: {best.path if best else None}")
+    if cfg.task == "projection":
+        from jobs.projection import after_fit
+
+        try:
+            after_fit(cfg, result)
+        except Exception as e:
+            fail(error_line(e), code=1)
     return result

@@ -23,6 +23,7 @@ from pathlib import Path
 import xarray as xr
 
 from pipelines.sources.base import Candidate, DataSource, SourceError, assemble
+from pipelines.sources.climatebench import ClimateBenchSource
 from pipelines.sources.grib import GribSource
 from pipelines.sources.netcdf import NetCDFSource
 from pipelines.sources.weatherbench import (
@@ -43,6 +44,7 @@ SOURCES: dict[str, DataSource] = {
     "grib": GribSource(),
     "netcdf": NetCDFSource(),
     "weatherbench": WeatherBenchSource(),
+    "climatebench": ClimateBenchSource(),
 }
 
 GRIB_EXTENSIONS = (".grib", ".grib1", ".grib2", ".grb", ".grb1", ".grb2")
@@ -52,6 +54,7 @@ _FORMAT_ALIASES = {
     "auto": "auto", "grib": "grib", "grib1": "grib", "grib2": "grib", "grb": "grib",
     "netcdf": "netcdf", "nc": "netcdf", "netcdf4": "netcdf", "era5": "netcdf",
     "era5-netcdf": "netcdf", "cmip6": "netcdf", "weatherbench": "weatherbench", "wb": "weatherbench",
+    "climatebench": "climatebench",
 }
 
 
@@ -59,7 +62,7 @@ def _normalise_format(fmt: str) -> str:
     key = str(fmt or "auto").strip().lower()
     if key not in _FORMAT_ALIASES:
         raise SourceError(f"unknown source format {fmt!r}; use one of auto, grib, netcdf, "
-                          "cmip6, weatherbench")
+                          "cmip6, weatherbench, climatebench")
     return _FORMAT_ALIASES[key]
 
 
