@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.projection import ProjectionSpec
+from jobs.tasks.projection import ProjectionSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ class TrainConfig(_Strict):
     observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
     task: Literal["forecast", "projection", "downscaling"] = Field(
         "forecast", description="forecast (global/regional), projection (ClimateBench) or downscaling")
-    projection: ProjectionSpec | None = Field(None, description="task: projection (jobs/projection.py)")
+    projection: ProjectionSpec | None = Field(None, description="task: projection (jobs/tasks/projection.py)")
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -216,7 +216,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = TrainConfig.model_validate(config)
     if cfg.task == "projection":
-        from jobs.projection import projection_loop
+        from jobs.tasks.projection import projection_loop
 
         return projection_loop(cfg)
     ctx = ray.train.get_context()
@@ -414,7 +414,7 @@ def main(argv: list[str] | None, doc: str, default_config: str) -> Any:
     print(f"last checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     print(f"best checkpoint: {best.path if best else None}")
     if cfg.task == "projection":
-        from jobs.projection import after_fit
+        from jobs.tasks.projection import after_fit
 
         try:
             after_fit(cfg, result)

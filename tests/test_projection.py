@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.helpers import ROOT
+
 TINY = {"patch_size": 4, "embed_dim": 64, "depth": 2, "decoder_depth": 1, "num_heads": 4, "mlp_ratio": 2.0,
         "drop_path": 0.0, "drop_rate": 0.0}
 TRAIN = ["historical", "hist-GHG", "hist-aer", "ssp126", "ssp370", "ssp585"]  # ClimateBench's training set
@@ -135,7 +137,7 @@ def test_projection_trains_and_beats_the_linear_baseline(climatebench, tmp_path,
     })
     result = fit(cfg)
     assert result.error is None and result.metrics["step"] == 360
-    from jobs.projection import after_fit, load_projection
+    from jobs.tasks.projection import after_fit, load_projection
 
     table = after_fit(cfg, result)
     # the frozen block weights are bit-identical to the pretrained ones; their norms trained
@@ -157,6 +159,12 @@ def test_projection_trains_and_beats_the_linear_baseline(climatebench, tmp_path,
     assert pred["prediction"].shape == (21, 2, 16, 32) == pred["truth"].shape
     assert list(pred["variables"]) == out_vars and list(pred["years"]) == list(range(2080, 2101))
     assert all((tmp_path / "eval" / f"maps_{v}.png").stat().st_size > 10_000 for v in out_vars)
+    # jobs.evaluate recognises the checkpoint and writes the same table
+    from jobs.evaluate import main as evaluate_main
+
+    again = evaluate_main([str(ROOT / "configs/evaluate.yaml"), f"checkpoint={result.checkpoint.path}",
+                           f"data={climatebench / 'ssp245'}", f"output={tmp_path / 'eval2'}"])
+    assert np.allclose(again["nrmse"], table["nrmse"]) and (tmp_path / "eval2" / "maps_tas.png").exists()
     # held-out ssp245: ClimaX beats the linear regression on global-mean forcings for tas
     t = table.set_index(["method", "variable"])
     assert t.loc[("climax", "tas"), "nrmse"] < t.loc[("linear_baseline", "tas"), "nrmse"], table

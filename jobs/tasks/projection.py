@@ -1,7 +1,7 @@
 """Climate projection (ClimateBench) finetuning on Ray Train, and its evaluation.
 
     python -m jobs.finetune configs/finetune/projection.yaml [init_checkpoint=PATH] [key=value ...]
-    python -m jobs.projection CONFIG.yaml checkpoint=RUN/checkpoint_... [key=value ...]   # evaluation only
+    python -m jobs.evaluate configs/evaluate.yaml checkpoint=RUN/checkpoint_... data=SHARDS/ssp245 output=DIR
 
 ``jobs.finetune`` with ``task: projection`` runs :func:`projection_loop` in every Ray Train worker
 (dispatched from ``jobs.train.train_loop_per_worker``): each ClimateBench scenario (a dataset that
@@ -21,7 +21,6 @@ grid point on the global-mean forcings) in ``metrics.csv``, and ``maps_<var>.png
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -456,7 +455,8 @@ def after_fit(cfg, result, log=print):
     """Driver side, after ``jobs.finetune``: evaluate the best checkpoint on ``projection.test``."""
     spec = cfg.projection or ProjectionSpec()
     if not spec.test:
-        log("projection.test is not set: no evaluation (run python -m jobs.projection ... checkpoint=... later)")
+        log("projection.test is not set: no evaluation (later: python -m jobs.evaluate configs/evaluate.yaml "
+            "checkpoint=RUN/checkpoint_... data=SHARDS/ssp245)")
         return None
     best = result.get_best_checkpoint(cfg.checkpoint.score, "min") if result.best_checkpoints else result.checkpoint
     if best is None:
@@ -471,31 +471,33 @@ def after_fit(cfg, result, log=print):
                         spec.test_storage_options, [ds.storage_options for ds in cfg.data.datasets], log=log)
 
 
-# ----------------------------------------------------------------------------- CLI: evaluation only
-class EvalConfig(BaseModel):
-    """``python -m jobs.projection``: evaluate a projection checkpoint."""
+def is_projection_checkpoint(checkpoint: str | Path) -> bool:
+    """Whether ``checkpoint`` (a folder holding model.pt, or the file) is a projection run's."""
+    import torch
 
-    model_config = ConfigDict(extra="forbid")
-
-    checkpoint: str = Field(description="a projection run's checkpoint folder (or its model.pt)")
-    test: str = Field(description="the test scenario's dataset (ssp245)")
-    train: list[str] = Field(min_length=1, description="the training scenarios' datasets (for the linear baseline)")
-    test_years: tuple[int, int] = (2080, 2100)
-    output: str = Field("projection_eval", description="local folder for metrics.csv and the maps")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-
-
-def main(argv: list[str] | None = None):
-    from jobs.common import error_line
-    from jobs.config import fail, parse_args
-
-    cfg, _ = parse_args(EvalConfig, __doc__, argv if argv is not None else sys.argv[1:])
+    path = Path(checkpoint)
+    path = path / "model.pt" if path.is_dir() else path
+    if not path.is_file():
+        return False
     try:
-        return evaluate(cfg.checkpoint, cfg.test, cfg.train, cfg.output, cfg.test_years, cfg.storage_options or None,
-                        [cfg.storage_options] * len(cfg.train))
-    except Exception as e:  # one clear line, non-zero exit
-        fail(error_line(e), code=1)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not ours: let the caller's loader explain
+        return False
+    return isinstance(payload, dict) and (payload.get("model_config") or {}).get("task") == "projection"
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def evaluate_run(checkpoint: str | Path, test_root: str, output: str | Path, storage_options: dict | None = None,
+                 log=print):
+    """``jobs.evaluate`` on a projection checkpoint: the test scenario ``test_root`` (``data=``), the
+    test years and the training scenarios (for the baseline) from the run's recorded configuration."""
+    import torch
+
+    path = Path(checkpoint)
+    payload = torch.load(path / "model.pt" if path.is_dir() else path, map_location="cpu", weights_only=True)
+    run = payload.get("run_config") or {}
+    spec = ProjectionSpec.model_validate(run.get("projection") or {})
+    datasets = (run.get("data") or {}).get("datasets") or []
+    if not datasets:
+        raise ValueError(f"{checkpoint}: the run configuration records no training datasets (needed for the baseline)")
+    return evaluate(checkpoint, test_root, [d["root"] for d in datasets], output, spec.test_years, storage_options,
+                    [d.get("storage_options") or {} for d in datasets], log=log)
