@@ -132,11 +132,15 @@ def test_projection_trains_and_beats_the_linear_baseline(climatebench, tmp_path,
                  "batch_size": 8},
         "projection": {"test": str(climatebench / "ssp245"), "output": str(tmp_path / "eval")},
         "optim": {"lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.0},
-        "train": {"epochs": 3, "steps_per_epoch": 120, "seed": 0},
+        "train": {"epochs": 2, "steps_per_epoch": 120, "seed": 0},
         "checkpoint": {"num_to_keep": 1},
     })
+    first = fit(cfg)
+    assert first.error is None and first.metrics["step"] == 240 and first.metrics["restarts"] == 0
+    assert {"val_rmse/tas", "val_baseline_rmse/tas", "val_loss"} <= set(first.metrics)
+    cfg.train.epochs = 3  # a relaunch with the same name resumes: step counter, schedule, weights
     result = fit(cfg)
-    assert result.error is None and result.metrics["step"] == 360
+    assert result.error is None and result.metrics["step"] == 360 and result.metrics["restarts"] == 1
     from jobs.tasks.projection import after_fit, load_projection
 
     table = after_fit(cfg, result)

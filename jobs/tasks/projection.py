@@ -242,6 +242,8 @@ def projection_loop(cfg) -> None:
                               cfg.optim.warmup_start_factor, cfg.optim.min_lr_factor, start_step=state.step)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False,
                                               parallel_strategy_kwargs={"find_unused_parameters": bool(frozen)})
+    if getattr(cfg.train, "compile", False) and device.type == "cuda":
+        ddp_model = torch.compile(ddp_model)  # checkpoints keep bare keys (climax.training.unwrap)
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"projection: {in_vars} -> {out_vars} on {list(grid)}, {spec.history}-year windows; "
@@ -257,6 +259,9 @@ def projection_loop(cfg) -> None:
     val_x, val_y = batch_of(val_samples) if val_samples else (None, None)
     lat_t = torch.as_tensor(np.asarray(lat), dtype=torch.float32, device=device)
 
+    if state.epoch >= cfg.train.epochs:
+        log(f"run {cfg.name!r} already finished {state.epoch} epochs ({state.step} steps); raise train.epochs "
+            "to train further, or use another name for a new run")
     start, first_epoch = time.time(), state.epoch
     for epoch in range(state.epoch, cfg.train.epochs):
         t0, losses = time.time(), []
