@@ -34,7 +34,7 @@ def test_reader_gives_the_layout_as_contract_fields(tmp_path):
     assert raw_in["CO2"].dims == ("time",) and raw_in["SO2"].dims == ("time", "latitude", "longitude")
     assert raw_out["tas"].dims == ("member", "time", "lat", "lon") and raw_out["pr"].attrs["units"] == "kg m-2 s-1"
 
-    ds = open_source(str(files["ssp126"][0]), "climatebench")
+    ds = open_source(str(files["ssp126"][0]))  # format auto: the inputs_/outputs_ pair is recognised
     assert sorted(ds.data_vars) == sorted(VARS)
     assert all(ds[v].dims == ("time", "lat", "lon") for v in VARS)
     years = ds["time"].values.astype("datetime64[Y]").astype(int) + 1970

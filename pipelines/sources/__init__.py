@@ -67,8 +67,9 @@ def _normalise_format(fmt: str) -> str:
 
 
 def detect_format(path: str) -> str:
-    """grib / netcdf / weatherbench for a local path: by extension, a directory is a
-    WeatherBench root, else by magic bytes (b"GRIB", b"CDF", b"\\x89HDF")."""
+    """grib / netcdf / weatherbench / climatebench for a local path: by extension (and ClimateBench's
+    inputs_/outputs_ pair), a directory is a WeatherBench root, else by magic bytes (b"GRIB",
+    b"CDF", b"\\x89HDF")."""
     p = Path(path)
     if p.is_dir():
         return "weatherbench"
@@ -76,6 +77,8 @@ def detect_format(path: str) -> str:
     if name.endswith(GRIB_EXTENSIONS):
         return "grib"
     if name.endswith(NETCDF_EXTENSIONS):
+        if p.name.startswith("inputs_") and (p.parent / f"outputs_{p.name[len('inputs_'):]}").is_file():
+            return "climatebench"  # a ClimateBench scenario: inputs_<s>.nc beside outputs_<s>.nc
         return "weatherbench" if is_weatherbench_file(p) else "netcdf"
     try:
         with open(p, "rb") as f:
