@@ -176,7 +176,7 @@ def windows(x: np.ndarray, targets: np.ndarray, history: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- metrics
 def _weights(lat: np.ndarray) -> np.ndarray:
-    return lat_weights(torch.as_tensor(np.asarray(lat, dtype=np.float64)), torch.float64).numpy()[:, None]
+    return lat_weights(torch.as_tensor(np.array(lat, dtype=np.float64)), torch.float64).numpy()[:, None]
 
 
 def global_mean(field: np.ndarray, lat: np.ndarray) -> np.ndarray:

@@ -304,7 +304,8 @@ def projection_loop(cfg) -> None:
 
             pv = predict(ddp_model, val_x, in_vars, xnorm, ynorm, device)
             pb = baseline.predict(val_x[:, -1])
-            metrics["val_loss"] = float(((ynorm(pv) - ynorm(val_y)) ** 2 * _w(lat)).mean())
+            metrics["val_loss"] = float(lat_weighted_mse(torch.from_numpy(ynorm(pv)), torch.from_numpy(ynorm(val_y)),
+                                                         torch.as_tensor(np.array(lat))))
             for j, v in enumerate(out_vars):
                 metrics[f"val_rmse/{v}"] = climatebench_nrmse(pv[:, j], val_y[:, j], lat)["rmse"]
                 metrics[f"val_baseline_rmse/{v}"] = climatebench_nrmse(pb[:, j], val_y[:, j], lat)["rmse"]
@@ -330,12 +331,6 @@ def projection_loop(cfg) -> None:
                                              "lon": [float(v) for v in datasets[0].lon]})
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
-
-
-def _w(lat) -> np.ndarray:
-    from climax.projection import _weights
-
-    return _weights(lat)
 
 
 def load_state(directory, model, optimizer=None):
@@ -378,7 +373,7 @@ def load_projection(checkpoint: str | Path):
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(checkpoint: str | Path, test_root: str, train_roots: list[str], output: str | Path,
              test_years: tuple[int, int] = (2080, 2100), storage_options: dict | None = None,
-             train_storage_options: list[dict] | None = None, log=print):
+             train_storage_options: list[dict] | None = None, historical_end: int | None = 2014, log=print):
     """Score a projection checkpoint on the test scenario; returns the metrics table (DataFrame).
 
     Writes ``metrics.csv`` (method, variable, units, nrmse_s, nrmse_g, nrmse, rmse, years) for the
@@ -404,7 +399,7 @@ def evaluate(checkpoint: str | Path, test_root: str, train_roots: list[str], out
     pred = predict(model, xw, in_vars, xnorm, ynorm)
     train = [load_scenario(ShardDataset(r, (train_storage_options or [{}] * len(train_roots))[i]), in_vars, out_vars)
              for i, r in enumerate(train_roots)]
-    samples = training_samples(train, history, 2014)
+    samples = training_samples(train, history, historical_end)
     baseline = LinearBaseline(test.lat).fit(np.stack([train[k].x[t] for k, t in samples]),
                                             np.stack([train[k].y[t] for k, t in samples]))
     base = baseline.predict(test.x[targets])
@@ -473,7 +468,8 @@ def after_fit(cfg, result, log=print):
         return None
     with best.as_directory() as d:
         return evaluate(d, spec.test, [ds.root for ds in cfg.data.datasets], output, spec.test_years,
-                        spec.test_storage_options, [ds.storage_options for ds in cfg.data.datasets], log=log)
+                        spec.test_storage_options, [ds.storage_options for ds in cfg.data.datasets],
+                        spec.historical_end, log=log)
 
 
 def is_projection_checkpoint(checkpoint: str | Path) -> bool:
@@ -505,4 +501,4 @@ def evaluate_run(checkpoint: str | Path, test_root: str, output: str | Path, sto
     if not datasets:
         raise ValueError(f"{checkpoint}: the run configuration records no training datasets (needed for the baseline)")
     return evaluate(checkpoint, test_root, [d["root"] for d in datasets], output, spec.test_years, storage_options,
-                    [d.get("storage_options") or {} for d in datasets], log=log)
+                    [d.get("storage_options") or {} for d in datasets], spec.historical_end, log=log)
