@@ -286,8 +286,11 @@ class ClimaX(nn.Module):
                              f"{region.patch_size}; this model has {self.img_size}, patch {self.patch_size}")
 
     def forward_encoder(self, x: torch.Tensor, lead_times: torch.Tensor, in_vars: Sequence[str],
-                        region: Region | None = None) -> torch.Tensor:
-        """Tokens after the final norm, (B, L, D); L is the region's patch count when given."""
+                        region: Region | None = None, extra_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens after the final norm, (B, L, D); L is the region's patch count when given.
+
+        ``extra_embed`` (B, 1 or L, D): added with the position and lead-time embeddings (the
+        projection task's time-in-window embedding, ``climax.projection``)."""
         if x.shape[1] != len(in_vars):
             raise ValueError(f"x has {x.shape[1]} channels but {len(in_vars)} variable names were given")
         self.check_grid(x, region)
@@ -302,6 +305,8 @@ class ClimaX(nn.Module):
             tokens = tokens + self.pos_embed[:, torch.as_tensor(region.patch_ids(), device=tokens.device)]
         lead = lead_times.to(tokens.dtype).reshape(-1, 1) / 100.0  # hours / 100, as the original
         tokens = tokens + self.lead_time_embed(lead).unsqueeze(1)
+        if extra_embed is not None:
+            tokens = tokens + extra_embed
         tokens = self.pos_drop(tokens)
         for blk in self.blocks:
             tokens = blk(tokens)

@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -47,9 +47,8 @@ class EvaluateConfig(BaseModel):
     map_lead: float | None = Field(None, description="lead time of the maps (default: the longest)")
     map_init: str | None = Field(None, description="initial time of the maps (default: the first scored)")
     progress: bool = Field(True, description="show progress bars")
-    task: Literal["forecast", "projection", "downscaling"] | None = Field(
-        None, description="default: the checkpoint's (downscaling: data is the fine truth; leads, rollout ignored)")
-    coarse: str | None = Field(None, description="task downscaling: the coarse input dataset (default: the run's)")
+    coarse: str | None = Field(None, description="downscaling checkpoints: the coarse input dataset (default: the "
+                                                 "run's); data is the fine truth, leads and rollout are ignored")
 
     _leads = field_validator("leads")(classmethod(lambda cls, v: positive_leads(v)))
 
@@ -192,11 +191,18 @@ def write_outputs(cfg: EvaluateConfig, df, model, dataset, in_vars, out_vars, re
 def main(argv: list[str] | None = None):
     cfg, _ = parse_args(EvaluateConfig, __doc__, argv)
     setup_logging()
+    from jobs.tasks.projection import evaluate_run, is_projection_checkpoint
+
+    if is_projection_checkpoint(cfg.checkpoint):  # ClimateBench: NRMSE table and maps (jobs/tasks/projection.py)
+        try:
+            return evaluate_run(cfg.checkpoint, cfg.data, cfg.output, cfg.storage_options or None)
+        except Exception as e:
+            fail(error_line(e), code=1)
     try:
         from climax.evaluation import evaluate_model
 
         model, meta = load_checkpoint_model(cfg.checkpoint)
-        if (cfg.task or meta.get("task", "forecast")) == "downscaling":
+        if meta.get("task") == "downscaling":  # coarse -> fine: RMSE, bias, Pearson vs bilinear; maps
             return _downscaling(cfg, model, meta)
         dataset = open_dataset(cfg.data, cfg.storage_options)
         in_vars, out_vars = resolve_variables(model, meta, dataset, cfg.in_vars, cfg.out_vars, cfg.data)
@@ -218,7 +224,7 @@ def main(argv: list[str] | None = None):
 
 
 def _downscaling(cfg: EvaluateConfig, model, meta: dict):
-    from jobs import downscaling
+    from jobs.tasks import downscaling
 
     try:
         df, out = downscaling.evaluate(cfg, model, meta)

@@ -24,6 +24,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from jobs.tasks.downscaling import DownscalingSpec
+from jobs.tasks.projection import ProjectionSpec
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,8 +51,8 @@ class LeadConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    datasets: list[DatasetSpec] = Field(default_factory=list, description="forecast datasets (at least one for "
-                                                                          "task forecast)")
+    datasets: list[DatasetSpec] = Field(default_factory=list, description="at least one (task downscaling reads "
+                                                                          "its own section instead)")
     in_vars: list[str] | None = Field(None, description="input variables (default: every variable incl. constants)")
     out_vars: list[str] | None = Field(None, description="predicted variables (default: every time-varying one)")
     train_split: str = "train"
@@ -107,26 +110,6 @@ class ObservabilitySpec(_Strict):
     mlflow_experiment: str = "climax"
 
 
-class DownscalingData(_Strict):
-    root: str = Field(description="dataset written by jobs.preprocess (folder or s3://bucket/prefix)")
-    name: str | None = Field(None, description="label in logs (default: the folder name)")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="s3 options (endpoint_url, key, ...)")
-
-
-class DownscalingSpec(_Strict):
-    """task: downscaling (jobs/downscaling.py): the coarse input set and the fine target set."""
-    coarse: DownscalingData = Field(description="input dataset on the coarse grid (e.g. ERA5 or CMIP6 at 5.625 deg)")
-    fine: DownscalingData = Field(description="target dataset on the fine grid, same times (e.g. ERA5 at 1.40625 "
-                                              "deg)")
-    in_vars: list[str] | None = Field(None, description="coarse variables fed to the model (default: its "
-                                                        "time-varying ones)")
-    constants: list[str] | None = Field(None, description="fine-grid constants fed to the model (default: all of the "
-                                                          "fine set's; [] for none)")
-    out_vars: list[str] | None = Field(None, description="fine variables predicted (default: its time-varying ones)")
-    residual: bool = Field(True, description="predict the correction to the bilinear field (false: the field "
-                                             "itself, as the paper)")
-
-
 class TrainConfig(_Strict):
     name: str = Field("climax-pretrain", description="run name; relaunching with the same name resumes")
     storage_path: str = Field("~/climax_runs", description="where runs and checkpoints go (folder or s3://)")
@@ -144,16 +127,17 @@ class TrainConfig(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     max_failures: int = Field(2, description="worker-group restarts from the last checkpoint before giving up")
     observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
-    task: Literal["forecast", "projection", "downscaling"] = Field("forecast", description="what is learned: "
-                                                                   "forecast (data.datasets), downscaling (downscaling)")
-    downscaling: DownscalingSpec | None = Field(None, description="task downscaling: coarse and fine datasets")
+    task: Literal["forecast", "projection", "downscaling"] = Field(
+        "forecast", description="forecast (global/regional), projection (ClimateBench) or downscaling")
+    projection: ProjectionSpec | None = Field(None, description="task: projection (jobs/tasks/projection.py)")
+    downscaling: DownscalingSpec | None = Field(None, description="task: downscaling (jobs/tasks/downscaling.py)")
 
     @model_validator(mode="after")
     def _task_sections(self) -> TrainConfig:
-        if self.task == "forecast" and not self.data.datasets:
-            raise ValueError("data.datasets needs at least one dataset (task forecast)")
+        if self.task != "downscaling" and not self.data.datasets:
+            raise ValueError(f"data.datasets needs at least one dataset (task {self.task})")
         if self.task == "downscaling":
-            from jobs.downscaling import check_config
+            from jobs.tasks.downscaling import check_config
 
             check_config(self)
         return self
@@ -259,6 +243,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = TrainConfig.model_validate(config)
     _quiet_report_log()
+    if cfg.task == "projection":
+        from jobs.tasks.projection import projection_loop
+
+        return projection_loop(cfg)
+    if cfg.task == "downscaling":
+        from jobs.tasks.downscaling import downscaling_loop
+
+        return downscaling_loop(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -403,9 +395,6 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    loop = train_loop_per_worker
-    if cfg.task == "downscaling":
-        from jobs.downscaling import train_loop_per_worker as loop
     # Ray Train workers run in their run folder: resolve local dataset roots on the driver
     for d in cfg.data.datasets + ([cfg.downscaling.coarse, cfg.downscaling.fine] if cfg.downscaling else []):
         if "://" not in d.root:
@@ -424,7 +413,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
                                                      checkpoint_score_attribute=cfg.checkpoint.score,
                                                      checkpoint_score_order="min"),
         callbacks=[*(callbacks or []), *observability_callbacks(cfg)])
-    return TorchTrainer(loop, train_loop_config=cfg.model_dump(mode="json"),
+    return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.model_dump(mode="json"),
                         scaling_config=scaling, run_config=run)
 
 
@@ -459,4 +448,11 @@ def main(argv: list[str] | None, doc: str, default_config: str) -> Any:
     print(f"run {cfg.name}: {m.get('step', 'no new')} steps, val_loss {m.get('val_loss', float('nan')):.4f}")
     print(f"last checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     print(f"best checkpoint: {best.path if best else None}")
+    if cfg.task == "projection":
+        from jobs.tasks.projection import after_fit
+
+        try:
+            after_fit(cfg, result)
+        except Exception as e:
+            fail(error_line(e), code=1)
     return result

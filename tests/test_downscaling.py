@@ -207,7 +207,7 @@ def test_downscaling_finetunes_beats_bilinear_and_freezes(pair, tmp_path, ray_lo
     from climax.downscaling import DownscalingLoader, make_downscaler
     from climax.optim import build_optimizer
     from climax.training import freeze_backbone, train_step
-    from jobs.downscaling import _net
+    from jobs.tasks.downscaling import _net
     from jobs.train import TrainConfig
 
     cfg = TrainConfig.model_validate({**yaml.safe_load((ROOT / "configs/finetune/downscaling.yaml").read_text()),

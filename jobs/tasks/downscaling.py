@@ -1,16 +1,18 @@
 """The downscaling task on Ray Train and its evaluation (issue 8).
 
-``python -m jobs.finetune configs/finetune/downscaling.yaml`` runs this module's
-``train_loop_per_worker`` (``jobs.train.build_trainer`` picks it for ``task: downscaling``): the
+    python -m jobs.finetune configs/finetune/downscaling.yaml [init_checkpoint=PATH] [key=value ...]
+    python -m jobs.evaluate configs/evaluate.yaml checkpoint=RUN/checkpoint_... data=FINE_SHARDS [coarse=...]
+
+``jobs.finetune`` with ``task: downscaling`` runs :func:`downscaling_loop` in every Ray Train worker
+(dispatched from ``jobs.train.train_loop_per_worker``): the
 same Ray Train run as forecasting (worker group, DDP, warmup-cosine AdamW, one line and one
 checkpoint per epoch, ``max_failures`` restarts, resume by name), with ``climax.downscaling``'s
 paired loader and model: the coarse input regridded bilinearly onto the fine grid, the fine set's
 constants, ClimaX at the fine grid at lead time 0. Validation reports latitude-weighted RMSE, mean
 bias and Pearson correlation per variable in physical units, with the bilinear baseline beside them.
 
-``python -m jobs.evaluate configs/evaluate.yaml checkpoint=RUN/checkpoint_... task=downscaling``
-(the task is read from the checkpoint when not given) calls :func:`evaluate`: the metrics table
-(``metrics.csv``, ``metrics.json``) and the maps (coarse input, downscaled, truth, error) per variable.
+``jobs.evaluate`` on a downscaling checkpoint (it records its task) calls :func:`evaluate`: the metrics table (``metrics.csv``, ``metrics.json``) and the maps (coarse
+input, downscaled, truth, error) per variable.
 """
 
 from __future__ import annotations
@@ -23,11 +25,35 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.train import TrainConfig, _hms, _quiet_report_log, _stream, build_model
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-def check_config(cfg: TrainConfig) -> None:
+class DownscalingData(_Strict):
+    root: str = Field(description="dataset written by jobs.preprocess (folder or s3://bucket/prefix)")
+    name: str | None = Field(None, description="label in logs (default: the folder name)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="s3 options (endpoint_url, key, ...)")
+
+
+class DownscalingSpec(_Strict):
+    """The ``downscaling:`` section of a training configuration (``task: downscaling``)."""
+
+    coarse: DownscalingData = Field(description="input dataset on the coarse grid (e.g. ERA5 or CMIP6 at 5.625 deg)")
+    fine: DownscalingData = Field(description="target dataset on the fine grid, same times (e.g. ERA5 at 1.40625 "
+                                              "deg)")
+    in_vars: list[str] | None = Field(None, description="coarse variables fed to the model (default: its "
+                                                        "time-varying ones)")
+    constants: list[str] | None = Field(None, description="fine-grid constants fed to the model (default: all of the "
+                                                          "fine set's; [] for none)")
+    out_vars: list[str] | None = Field(None, description="fine variables predicted (default: its time-varying ones)")
+    residual: bool = Field(True, description="predict the correction to the bilinear field (false: the field "
+                                             "itself, as the paper)")
+
+
+def check_config(cfg) -> None:
     """What a downscaling configuration must hold (called by TrainConfig's validation)."""
     if cfg.downscaling is None:
         raise ValueError("task downscaling needs a 'downscaling' section: downscaling.coarse.root (input shards "
@@ -50,9 +76,11 @@ def open_datasets(spec) -> tuple[Any, Any]:
     return coarse, fine
 
 
-def _net(cfg: TrainConfig, fine, in_vars, constants, out_vars, log):
+def _net(cfg, fine, in_vars, constants, out_vars, log):
     """ClimaX at the fine grid (``jobs.train.build_model``: from the model config or the init
     checkpoint, its position embedding interpolated) over inputs, constants and outputs."""
+    from jobs.train import build_model
+
     view = SimpleNamespace(name=fine.name, variables=list(dict.fromkeys(in_vars + out_vars)),
                            constants=list(constants), lat=fine.lat, lon=fine.lon)
     mcfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"in_vars": None, "out_vars": None})})
@@ -71,7 +99,8 @@ def metrics_of(scores: dict, prefix: str = "val") -> dict[str, float]:
     return out
 
 
-def train_loop_per_worker(config: dict) -> None:
+def downscaling_loop(cfg) -> None:
+    """The Ray Train worker loop of ``task: downscaling`` (``cfg``: the validated TrainConfig)."""
     import ray.train
     import ray.train.torch
     import torch
@@ -79,9 +108,8 @@ def train_loop_per_worker(config: dict) -> None:
     from climax.downscaling import DownscalingLoader, evaluate_downscaling, make_downscaler, resolve_variables
     from climax.optim import build_optimizer, warmup_cosine
     from climax.training import TrainState, freeze_backbone, load_train_state, save_train_state, train_step
+    from jobs.train import _hms, _stream
 
-    cfg = TrainConfig.model_validate(config)
-    _quiet_report_log()
     spec = cfg.downscaling
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
