@@ -300,7 +300,7 @@ def _absolute_paths(cfg: dict) -> dict:
         full = Path(path).expanduser().resolve()
         return str(full) if full.exists() else path
 
-    for ds in cfg["data"]["datasets"]:
+    for ds in cfg["data"]["datasets"] + [cfg["downscaling"][k] for k in ("coarse", "fine") if cfg.get("downscaling")]:
         ds["root"] = fix(ds["root"])
     cfg["init_checkpoint"] = fix(cfg.get("init_checkpoint"))
     if isinstance(cfg.get("model"), str) and cfg["model"] != TrainConfig.model_fields["model"].default:
