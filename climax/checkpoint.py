@@ -70,10 +70,12 @@ class LoadReport:
         for title, items in (("interpolated", self.interpolated), ("mapped by variable name", self.mapped),
                              ("initialised (not in the checkpoint)", self.initialised),
                              ("ignored (not in the model)", self.ignored),
-                             ("ignored (pretraining decoder)", self.decoder), ("notes", self.notes)):
+                             ("notes", self.notes)):
             if items:
                 lines.append(f"  {title} ({len(items)}):")
                 lines += [f"    - {item}" for item in items]
+        if self.decoder:  # one line: the masked-pretraining decoder is left out as a whole
+            lines.append(f"  ignored (pretraining decoder): {len(self.decoder)} tensors {self.decoder[0].split('.')[0]}.*")
         return "\n".join(lines)
 
 
