@@ -10,11 +10,14 @@ local Ray, through the real jobs (``jobs.pretrain.main``, ``jobs.finetune.main``
    - ``forecast``: ClimaX's objective for all ``--pretrain-steps`` steps;
    - ``masked->forecast``: ``objective.kind=schedule``, the first ``--masked-share`` of the steps
      masked reconstruction (mask_ratio 0.75, var_drop 0.25), the rest forecast;
-2. finetuning of both (and, for reference, of a model from scratch) on the same global-forecast
+   - for reference, ``forecast, fewer steps``: forecast-only with just the masked arm's forecast
+     steps (what do the masked steps add?);
+2. finetuning of each (and, for reference, of a model from scratch) on the same global-forecast
    task: every variable (the held-out one included, new to both checkpoints) at 6, 24 and 72 h,
    ``--finetune-steps`` steps;
 3. validation RMSE per variable at 6, 24 and 72 h (2016, physical units, first ``--val-batches``
-   batches of each lead), pretraining wall time and samples/s of masked and forecast steps.
+   batches of each lead), pretraining wall time and samples/s of masked and forecast steps, and
+   the FLOPs of one training step (forecast vs masked, counted by torch.utils.flop_counter).
 
 Prints a table; writes ``results.json`` into ``--workdir`` and the plot to ``--plot``. Several
 ``--seeds`` repeat the whole comparison (data fixed) and report the mean.
@@ -81,17 +84,20 @@ def run_arms(args, shards: Path, seed: int) -> dict:
         "masked->forecast": ["objective.kind=schedule", f"objective.masked_steps={masked_steps}",
                              f"objective.mask_ratio={args.mask_ratio}", f"objective.var_drop={args.var_drop}"],
     }
+    if args.short_reference:  # the masked arm without its masked steps: what did those steps add?
+        arms["forecast, fewer steps"] = ["objective.kind=forecast"]
     out: dict = {"pretrain": {}, "finetune": {}}
     ckpts: dict = {"scratch": None}
     for arm, extra in arms.items():
-        name = f"pre-{arm.replace('->', '-')}-s{seed}"
+        name = f"pre-{arm.replace('->', '-').replace(', ', '-').replace(' ', '-')}-s{seed}"
+        steps = S - masked_steps if arm == "forecast, fewer steps" else S
         t0 = time.time()
         # two epochs: with --masked-share 0.5, the masked arm reconstructs in epoch 1 and forecasts in epoch 2
         res = pretrain.main(["configs/pretrain.yaml", f"name={name}", *common, *extra,
                              f"data.in_vars={pre_in}", f"data.out_vars={pre_out}",
                              "data.leads={random: true, min_hours: 6, max_hours: 72, val_hours: [6, 72]}",
-                             "data.max_val_batches=8", "train.epochs=2", f"train.steps_per_epoch={S // 2}",
-                             f"optim.lr={args.lr}", f"optim.warmup_steps={max(S // 20, 1)}"])
+                             "data.max_val_batches=8", "train.epochs=2", f"train.steps_per_epoch={steps // 2}",
+                             f"optim.lr={args.lr}", f"optim.warmup_steps={max(steps // 20, 1)}"])
         wall = time.time() - t0
         hist = res.metrics_dataframe.to_dict("records") if res.metrics_dataframe is not None else [res.metrics]
         out["pretrain"][arm] = {"wall_s": wall, "steps": res.metrics["step"],
@@ -100,11 +106,12 @@ def run_arms(args, shards: Path, seed: int) -> dict:
                                 "val_loss_by_epoch": [h.get("val_loss") for h in hist]}
         ckpts[arm] = res.checkpoint.path  # the last one: equal steps for both arms
     mean, std = ds.normalizer(ds.variables)
-    for arm in ("forecast", "masked->forecast", "scratch"):
+    for arm in (*arms, "scratch"):
         if arm == "scratch" and not args.scratch:
             continue
         init = [f"init_checkpoint={ckpts[arm]}"] if ckpts[arm] else []
-        res = finetune.main(["configs/finetune/global.yaml", f"name=ft-{arm.replace('->', '-')}-s{seed}",
+        tag = arm.replace('->', '-').replace(', ', '-').replace(' ', '-')
+        res = finetune.main(["configs/finetune/global.yaml", f"name=ft-{tag}-s{seed}",
                              *common, *init, "data.leads={random: false, hours: [6, 24, 72]}",
                              f"data.max_val_batches={args.val_batches}", "train.epochs=1",
                              f"train.steps_per_epoch={F}", f"optim.lr={args.ft_lr}",
@@ -116,6 +123,45 @@ def run_arms(args, shards: Path, seed: int) -> dict:
             "val_rmse_normalised": m["val_rmse"],
         }
     out["std"] = dict(zip(ds.variables, map(float, std)))
+    return out
+
+
+def step_flops(args, shards: Path) -> dict:
+    """FLOPs of one training step (forward + backward, ``torch.utils.flop_counter``: matmuls,
+    attention) on one batch: forecast vs masked (default decoder, and a lighter one). Counted, not
+    timed: wall and CPU times of a step are not reproducible on a shared 2-core machine."""
+    import torch
+    import yaml
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from climax import ClimaX
+    from climax.data import ForecastLoader, ShardDataset
+    from climax.masking import MaskedObjective, attach_decoder, step_generator
+    from climax.metrics import lat_weighted_mse
+
+    ds = ShardDataset(str(shards))
+    in_vars = ds.constants + ds.variables
+    batch = next(iter(ForecastLoader(ds, "train", in_vars, ds.variables, [6], False, args.batch_size, max_batches=1)))
+    lat = torch.as_tensor(ds.lat, dtype=torch.float32)
+    mcfg = yaml.safe_load((ROOT / (args.flops_model or args.model)).read_text())
+    mcfg = {k: v for k, v in mcfg.items() if k not in ("default_vars", "img_size")}  # the data's
+    out = {}
+    for label, decoder in (("forecast", None), ("masked, decoder dim 128 depth 2 (default)", dict(dim=128, depth=2)),
+                           ("masked, decoder dim 64 depth 1", dict(dim=64, depth=1))):
+        torch.manual_seed(0)
+        model = ClimaX(in_vars, img_size=ds.shape, **mcfg)
+        if decoder:
+            attach_decoder(model, **decoder)
+        objective = MaskedObjective(args.mask_ratio, args.var_drop)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            if decoder:
+                pred, target, points = objective(model, batch.x, batch.in_vars, batch.out_vars, step_generator(0, 0))
+                loss = lat_weighted_mse(pred, target, lat, points)
+            else:
+                loss = lat_weighted_mse(model(batch.x, batch.lead_hours, batch.in_vars, batch.out_vars), batch.y, lat)
+            loss.backward()
+        out[label] = counter.get_total_flops()
     return out
 
 
@@ -185,7 +231,8 @@ def plot(res: dict, held: str, path: Path) -> None:
     ax.set_ylabel("validation RMSE change (%)\nmasked->forecast vs forecast-only")
     ax.set_title("after finetuning: below 0 = masked pretraining helped")
     ax.legend(title="lead", fontsize=8)
-    for arm, style in (("forecast", "o-"), ("masked->forecast", "s-"), ("scratch", "^--")):
+    for arm, style in (("forecast", "o-"), ("masked->forecast", "s-"), ("forecast, fewer steps", "d:"),
+                       ("scratch", "^--")):
         if arm not in res["finetune"]:
             continue
         r = res["finetune"][arm]["rmse"]
@@ -222,6 +269,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--held-out", default="specific_humidity_850")
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--no-scratch", dest="scratch", action="store_false", help="skip the from-scratch reference")
+    ap.add_argument("--no-short-reference", dest="short_reference", action="store_false",
+                    help="skip the forecast-only pretraining with only the masked arm's forecast steps")
+    ap.add_argument("--flops-only", action="store_true", help="only count the FLOPs of a forecast and a masked step")
+    ap.add_argument("--flops-model", default=None, help="model configuration of the FLOP count (default: --model)")
     ap.add_argument("--plot", default=str(ROOT / "benchmarks" / "masked_pretraining.png"))
     args = ap.parse_args(argv)
 
@@ -235,15 +286,24 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f}", flush=True)
     from jobs.common import init_ray
 
-    init_ray(num_cpus=2)  # as the jobs start it (the dashboard's State API lets Ray Train clean up)
     t0 = time.time()
+    if not (work / "shards" / "manifest.json").exists():
+        init_ray(num_cpus=2)
     shards = prepare_data(work)
     data_s = time.time() - t0
+    flops = step_flops(args, shards)
+    for label, f in flops.items():
+        print(f"training step FLOPs ({args.batch_size} samples) {label}: {f / 1e9:.2f} GFLOP "
+              f"({f / flops['forecast']:.2f}x forecast)", flush=True)
+    if args.flops_only:
+        return {"step_flops": flops}
     import shutil
 
+    init_ray(num_cpus=2)  # as the jobs start it (the dashboard's State API lets Ray Train clean up)
     shutil.rmtree(work / "runs", ignore_errors=True)  # fresh runs (same names would resume)
     per_seed = [run_arms(args, shards, seed) for seed in range(args.seeds)]
     res = average(per_seed)
+    res["step_flops"] = flops
     res.update(config=vars(args), machine=machine(), data_s=data_s, total_s=time.time() - t0,
                per_seed=per_seed if args.seeds > 1 else None, summary=summary(res, args.held_out))
     (work / "results.json").write_text(json.dumps(res, indent=1, default=str))

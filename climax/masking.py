@@ -171,7 +171,9 @@ class MaskedObjective:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, in_vars: Sequence[str], out_vars: Sequence[str],
                  generator: torch.Generator | None = None, return_mask: bool = False):
-        net = getattr(model, "module", model)  # DDP: call the wrapper, read the shapes from the model
+        from climax.training import unwrap
+
+        net = unwrap(model)  # call the (DDP) wrapper, read the shapes from the model
         recon = [v for v in in_vars if v in set(out_vars)]
         if not recon:
             raise ValueError(f"masked pretraining reconstructs the time-varying inputs, but none of {list(in_vars)} "
