@@ -55,8 +55,9 @@ class TrainState:
 
 
 def unwrap(model: nn.Module) -> ClimaX:
-    """The ClimaX inside a DDP / FSDP wrapper."""
-    return model.module if hasattr(model, "module") else model
+    """The ClimaX inside ``torch.compile`` and DDP / FSDP wrappers (checkpoints hold bare keys)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
+    return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
 
 
 def autocast(device: torch.device, bf16: bool):

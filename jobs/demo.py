@@ -38,7 +38,7 @@ class DemoConfig(BaseModel):
     batch_size: int = 16
     workers: int = Field(1, description="Ray Train workers (CPU)")
     eval_samples: int = Field(120, description="initial times scored in the evaluation")
-    tune_trials: int = Field(0, description="trials of a closing Tune campaign (0: skip; e.g. 4)")
+    tune_trials: int = Field(4, description="trials of the closing Ray Tune campaign (0: skip it)")
 
 
 def _stage(title: str) -> None:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             "base": {"config": "configs/finetune/global.yaml", "model": cfg.model, "init_checkpoint": pre_ckpt.path,
                      "data.datasets": [{"root": str(shards)}], "data.batch_size": cfg.batch_size,
                      "data.max_val_batches": 4, "data.leads.hours": [24], "data.leads.val_hours": [24],
-                     "train.epochs": 3, "train.steps_per_epoch": 30},
+                     "train.epochs": 3, "train.steps_per_epoch": 20},
             "search_space": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-3},
                              "freeze_backbone": {"type": "choice", "values": [False, True]}},
             "search": "optuna", "num_samples": cfg.tune_trials, "metric": "val_rmse", "mode": "min",

@@ -909,6 +909,11 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         fail(str(e))
     setup_logging()
+    import logging
+
+    # Tune's TensorBoard logger renames every "val_rmse/<var>@<h>h" metric ('@' is not allowed in
+    # TensorBoard tags) with one warning per metric and trial; the renamed tags are fine.
+    logging.getLogger("tensorboardX.summary").setLevel(logging.ERROR)
     init_ray()
     try:
         return run(campaign)
