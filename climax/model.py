@@ -295,10 +295,12 @@ class ClimaX(nn.Module):
                              f"{region.patch_size}; this model has {self.img_size}, patch {self.patch_size}")
 
     def forward_encoder(self, x: torch.Tensor, lead_times: torch.Tensor, in_vars: Sequence[str],
-                        region: Region | None = None, var_mask: torch.Tensor | None = None,
-                        keep: torch.Tensor | None = None) -> torch.Tensor:
+                        region: Region | None = None, extra_embed: torch.Tensor | None = None,
+                        var_mask: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens after the final norm, (B, L, D); L is the region's patch count when given.
 
+        ``extra_embed`` (B, 1 or L, D): added with the position and lead-time embeddings (the
+        projection task's time-in-window embedding, ``climax.projection``).
         Masked pretraining (``climax/masking.py``): ``var_mask`` (B, V) bool drops variables per sample
         before the aggregation; ``keep`` (B, L_keep) patch indices keeps only those tokens (MAE).
         """
@@ -316,6 +318,8 @@ class ClimaX(nn.Module):
             tokens = tokens + self.pos_embed[:, torch.as_tensor(region.patch_ids(), device=tokens.device)]
         lead = lead_times.to(tokens.dtype).reshape(-1, 1) / 100.0  # hours / 100, as the original
         tokens = tokens + self.lead_time_embed(lead).unsqueeze(1)
+        if extra_embed is not None:
+            tokens = tokens + extra_embed
         if keep is not None:  # only the kept tokens enter the blocks
             tokens = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         tokens = self.pos_drop(tokens)

@@ -189,6 +189,13 @@ def write_outputs(cfg: EvaluateConfig, df, model, dataset, in_vars, out_vars, re
 def main(argv: list[str] | None = None):
     cfg, _ = parse_args(EvaluateConfig, __doc__, argv)
     setup_logging()
+    from jobs.tasks.projection import evaluate_run, is_projection_checkpoint
+
+    if is_projection_checkpoint(cfg.checkpoint):  # ClimateBench: NRMSE table and maps (jobs/tasks/projection.py)
+        try:
+            return evaluate_run(cfg.checkpoint, cfg.data, cfg.output, cfg.storage_options or None)
+        except Exception as e:
+            fail(error_line(e), code=1)
     try:
         from climax.evaluation import evaluate_model
 

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jobs.objective import ObjectiveSpec
+from jobs.tasks.projection import ProjectionSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +126,17 @@ class TrainConfig(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     max_failures: int = Field(2, description="worker-group restarts from the last checkpoint before giving up")
     observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
+    task: Literal["forecast", "projection", "downscaling"] = Field(
+        "forecast", description="forecast (global/regional), projection (ClimateBench) or downscaling")
+    projection: ProjectionSpec | None = Field(None, description="task: projection (jobs/tasks/projection.py)")
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+
+    @model_validator(mode="after")
+    def _objective_for_forecasting(self) -> TrainConfig:
+        if self.objective.uses_masking and self.task != "forecast":
+            raise ValueError(f"objective.kind={self.objective.kind} pretrains the forecast task; "
+                             f"task {self.task!r} trains with objective.kind=forecast")
+        return self
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -233,6 +244,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = TrainConfig.model_validate(config)
     _quiet_report_log()
+    if cfg.task == "projection":
+        from jobs.tasks.projection import projection_loop
+
+        return projection_loop(cfg)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -448,4 +463,11 @@ def main(argv: list[str] | None, doc: str, default_config: str) -> Any:
     print(f"run {cfg.name}: {m.get('step', 'no new')} steps, val_loss {m.get('val_loss', float('nan')):.4f}")
     print(f"last checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     print(f"best checkpoint: {best.path if best else None}")
+    if cfg.task == "projection":
+        from jobs.tasks.projection import after_fit
+
+        try:
+            after_fit(cfg, result)
+        except Exception as e:
+            fail(error_line(e), code=1)
     return result

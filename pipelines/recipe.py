@@ -24,7 +24,7 @@ class SourceSpec(_Strict):
     """One archive: a local glob, an ``s3://`` glob, or a WeatherBench root folder."""
 
     path: str = Field(description="local glob, s3:// glob, or a WeatherBench folder")
-    format: Literal["auto", "grib", "netcdf", "weatherbench"] = "auto"
+    format: Literal["auto", "grib", "netcdf", "weatherbench", "climatebench"] = "auto"
     member: int | None = Field(None, description="ensemble member to select, for files with several")
     storage_options: dict = Field(default_factory=dict, description="s3fs options (endpoint_url, key, ...)")
 

@@ -45,6 +45,22 @@ SINGLE_LEVEL: dict[str, str] = {
     "total_cloud_cover": "(0 - 1)",
 }
 
+#: ClimateBench (Watson-Parris et al. 2022) forcings and responses, yearly, under their own names
+#: (the climate-projection task). CO2 is cumulative emissions and CH4 a global emission rate (both
+#: global scalars in the files, broadcast over the grid by the reader); SO2 and BC are emission
+#: fields. Precipitation is stored in mm/day as ClimateBench's own scripts convert it.
+CLIMATEBENCH: dict[str, str] = {
+    "CO2": "GtCO2",
+    "CH4": "GtCH4 yr**-1",
+    "SO2": "kg m**-2 s**-1",
+    "BC": "kg m**-2 s**-1",
+    "tas": "K",
+    "diurnal_temperature_range": "K",
+    "pr": "mm day**-1",
+    "pr90": "mm day**-1",
+}
+SINGLE_LEVEL.update(CLIMATEBENCH)
+
 #: Constant (time-invariant) fields and their canonical units. ``latitude`` is computed from the
 #: grid, never read from a file.
 CONSTANTS: dict[str, str] = {
@@ -313,6 +329,13 @@ def conversion(found: str | None, climax_name: str) -> tuple[float, float]:
         raise UnitsError("no units attribute")
     f = str(found).strip()
     low = f.lower()
+
+    if base in CLIMATEBENCH:
+        if _same_units(f, canonical) or (base in ("tas", "diurnal_temperature_range") and _is_any(f, "K")):
+            return 1.0, 0.0
+        if base in ("pr", "pr90") and _is_any(f, "kg m**-2 s**-1", "mm s**-1"):
+            return 86400.0, 0.0  # a water flux of 1 kg m-2 s-1 is 1 mm s-1 = 86400 mm/day
+        raise UnitsError(f"units {f!r} are not {canonical!r} (ClimateBench's) and no conversion is known")
 
     if base in ("temperature", "2m_temperature"):
         if _is_any(f, "K", "kelvin", "degK", "deg_K"):

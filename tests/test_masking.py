@@ -162,6 +162,11 @@ def test_objective_config():
         validate(ObjectiveSpec, {"kind": "schedule"})
     with pytest.raises(ConfigError, match="unknown key 'ratio'"):
         validate(ObjectiveSpec, {"kind": "masked", "ratio": 0.5})
+    from jobs.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="pretrains the forecast task"):
+        validate(TrainConfig, {"data": {"datasets": [{"root": "x"}]}, "task": "downscaling",
+                               "objective": {"kind": "masked"}})
 
 
 def test_masked_run_lowers_reconstruction_loss_then_finetunes(dataset, tmp_path, ray_local):  # noqa: F811

@@ -23,6 +23,7 @@ from pathlib import Path
 import xarray as xr
 
 from pipelines.sources.base import Candidate, DataSource, SourceError, assemble
+from pipelines.sources.climatebench import ClimateBenchSource
 from pipelines.sources.grib import GribSource
 from pipelines.sources.netcdf import NetCDFSource
 from pipelines.sources.weatherbench import (
@@ -43,6 +44,7 @@ SOURCES: dict[str, DataSource] = {
     "grib": GribSource(),
     "netcdf": NetCDFSource(),
     "weatherbench": WeatherBenchSource(),
+    "climatebench": ClimateBenchSource(),
 }
 
 GRIB_EXTENSIONS = (".grib", ".grib1", ".grib2", ".grb", ".grb1", ".grb2")
@@ -52,6 +54,7 @@ _FORMAT_ALIASES = {
     "auto": "auto", "grib": "grib", "grib1": "grib", "grib2": "grib", "grb": "grib",
     "netcdf": "netcdf", "nc": "netcdf", "netcdf4": "netcdf", "era5": "netcdf",
     "era5-netcdf": "netcdf", "cmip6": "netcdf", "weatherbench": "weatherbench", "wb": "weatherbench",
+    "climatebench": "climatebench",
 }
 
 
@@ -59,13 +62,14 @@ def _normalise_format(fmt: str) -> str:
     key = str(fmt or "auto").strip().lower()
     if key not in _FORMAT_ALIASES:
         raise SourceError(f"unknown source format {fmt!r}; use one of auto, grib, netcdf, "
-                          "cmip6, weatherbench")
+                          "cmip6, weatherbench, climatebench")
     return _FORMAT_ALIASES[key]
 
 
 def detect_format(path: str) -> str:
-    """grib / netcdf / weatherbench for a local path: by extension, a directory is a
-    WeatherBench root, else by magic bytes (b"GRIB", b"CDF", b"\\x89HDF")."""
+    """grib / netcdf / weatherbench / climatebench for a local path: by extension (and ClimateBench's
+    inputs_/outputs_ pair), a directory is a WeatherBench root, else by magic bytes (b"GRIB",
+    b"CDF", b"\\x89HDF")."""
     p = Path(path)
     if p.is_dir():
         return "weatherbench"
@@ -73,6 +77,8 @@ def detect_format(path: str) -> str:
     if name.endswith(GRIB_EXTENSIONS):
         return "grib"
     if name.endswith(NETCDF_EXTENSIONS):
+        if p.name.startswith("inputs_") and (p.parent / f"outputs_{p.name[len('inputs_'):]}").is_file():
+            return "climatebench"  # a ClimateBench scenario: inputs_<s>.nc beside outputs_<s>.nc
         return "weatherbench" if is_weatherbench_file(p) else "netcdf"
     try:
         with open(p, "rb") as f:
