@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from climax.masking import DECODER
 from climax.model import ClimaX
 from climax.variables import NAME_ALIASES, ORIGINAL_DEFAULT_VARS
 
@@ -56,20 +57,25 @@ class LoadReport:
     mapped: list[str] = field(default_factory=list)
     initialised: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    decoder: list[str] = field(default_factory=list)  # masked-pretraining decoder, not part of ClimaX
     notes: list[str] = field(default_factory=list)
 
     @property
     def exact(self) -> bool:
+        """Every tensor matched as it is (a pretraining decoder left out does not count)."""
         return not (self.interpolated or self.mapped or self.initialised or self.ignored)
 
     def __str__(self) -> str:
         lines = [f"checkpoint {self.source}: {len(self.loaded)} tensors loaded as they are"]
         for title, items in (("interpolated", self.interpolated), ("mapped by variable name", self.mapped),
                              ("initialised (not in the checkpoint)", self.initialised),
-                             ("ignored (not in the model)", self.ignored), ("notes", self.notes)):
+                             ("ignored (not in the model)", self.ignored),
+                             ("notes", self.notes)):
             if items:
                 lines.append(f"  {title} ({len(items)}):")
                 lines += [f"    - {item}" for item in items]
+        if self.decoder:  # one line: the masked-pretraining decoder is left out as a whole
+            lines.append(f"  ignored (pretraining decoder): {len(self.decoder)} tensors {self.decoder[0].split('.')[0]}.*")
         return "\n".join(lines)
 
 
@@ -290,7 +296,8 @@ def load_checkpoint(
             report.initialised.append(f"{key} (the checkpoint's tensor of shape {tuple(state[key].shape)} "
                                       f"does not fit the model's {tuple(init.shape)} and is not used)")
 
-    report.ignored += sorted(set(state) - used)
+    for key in sorted(set(state) - used):
+        (report.decoder if key.startswith(f"{DECODER}.") else report.ignored).append(key)
     if list(names) != list(model_vars):
         missing = [v for v in model_vars if v not in ckpt_index]
         extra = [v for v in names if v not in set(model_vars)]

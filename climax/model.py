@@ -230,16 +230,20 @@ class ClimaX(nn.Module):
         out = torch.einsum("blhd,hed->blhe", mixed, w_v.reshape(H, dh, D)) + b_v.reshape(H, dh)
         return self.var_agg.out_proj(out.reshape(B, L, D))
 
-    def embed_and_aggregate(self, x: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    def embed_and_aggregate(self, x: torch.Tensor, ids: list[int], var_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embedding, variable embedding and aggregation fused: (B, V, H, W) -> (B, L, D).
 
         Exactly ``aggregate_variables(embed_tokens(x, ids) + var_embed)`` (see the module
         docstring), without materialising the (B, V, L, D) tokens. H and W may be those of a
         regional crop (multiples of p); L is then the crop's number of patches.
+        ``var_mask`` (B, V) bool, False = variable absent from that sample (masked pretraining):
+        its values are replaced by zeros and its attention scores by -inf, an exact key-padding mask.
         """
         B, V, Hh, Ww = x.shape
         p, D, nh = self.patch_size, self.embed_dim, self.num_heads
         dh, k, L = D // nh, p * p, (Hh // p) * (Ww // p)
+        if var_mask is not None:
+            x = torch.where(var_mask[:, :, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         patches = x.reshape(B, V, Hh // p, p, Ww // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B * L, V, k)
         w_p = torch.stack([self.token_embeds[i].proj.weight.reshape(D, k) for i in ids])  # (V, D, k)
         c = torch.stack([self.token_embeds[i].proj.bias for i in ids]) + self.var_embed[0, ids]  # (V, D)
@@ -248,7 +252,11 @@ class ClimaX(nn.Module):
         q = F.linear(self.var_query.reshape(1, D), w_q, b_q).reshape(nh, dh)
         u = torch.einsum("he,hed->hd", q, w_k.reshape(nh, dh, D)) / math.sqrt(dh)  # (nh, D)
         scores = torch.einsum("nvk,vkh->nhv", patches, torch.einsum("vdk,hd->vkh", w_p, u))
-        attn = (scores + torch.einsum("vd,hd->hv", c, u)).softmax(dim=-1)  # (N, nh, V)
+        scores = scores + torch.einsum("vd,hd->hv", c, u)
+        if var_mask is not None:
+            absent = (~var_mask)[:, None, None, :].expand(B, L, 1, V).reshape(B * L, 1, V)
+            scores = scores.masked_fill(absent, float("-inf"))
+        attn = scores.softmax(dim=-1)  # (N, nh, V)
         w_vh = w_v.reshape(nh, dh, D)
         m = torch.einsum("hed,vdk->hvke", w_vh, w_p).reshape(nh, V * k, dh)  # value proj of pixels
         mixed = (attn.unsqueeze(-1) * patches.unsqueeze(1)).reshape(B * L, nh, V * k)
@@ -256,12 +264,13 @@ class ClimaX(nn.Module):
         out = out + torch.einsum("nhv,hve->nhe", attn, torch.einsum("hed,vd->hve", w_vh, c)) + b_v.reshape(nh, dh)
         return self.var_agg.out_proj(out.reshape(B, L, D))
 
-    def _aggregate_reference(self, x: torch.Tensor) -> torch.Tensor:
+    def _aggregate_reference(self, x: torch.Tensor, var_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The straightforward formulation of the original code (projects all V x L tokens)."""
         B, V, L, D = x.shape
         x = x.permute(0, 2, 1, 3).reshape(B * L, V, D)
         query = self.var_query.expand(B * L, -1, -1)
-        out, _ = self.var_agg(query, x, x, need_weights=False)
+        pad = None if var_mask is None else (~var_mask)[:, None, :].expand(B, L, V).reshape(B * L, V)
+        out, _ = self.var_agg(query, x, x, key_padding_mask=pad, need_weights=False)
         return out.reshape(B, L, D)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -286,19 +295,23 @@ class ClimaX(nn.Module):
                              f"{region.patch_size}; this model has {self.img_size}, patch {self.patch_size}")
 
     def forward_encoder(self, x: torch.Tensor, lead_times: torch.Tensor, in_vars: Sequence[str],
-                        region: Region | None = None, extra_embed: torch.Tensor | None = None) -> torch.Tensor:
+                        region: Region | None = None, extra_embed: torch.Tensor | None = None,
+                        var_mask: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens after the final norm, (B, L, D); L is the region's patch count when given.
 
         ``extra_embed`` (B, 1 or L, D): added with the position and lead-time embeddings (the
-        projection task's time-in-window embedding, ``climax.projection``)."""
+        projection task's time-in-window embedding, ``climax.projection``).
+        Masked pretraining (``climax/masking.py``): ``var_mask`` (B, V) bool drops variables per sample
+        before the aggregation; ``keep`` (B, L_keep) patch indices keeps only those tokens (MAE).
+        """
         if x.shape[1] != len(in_vars):
             raise ValueError(f"x has {x.shape[1]} channels but {len(in_vars)} variable names were given")
         self.check_grid(x, region)
         ids = self.var_ids(in_vars)
         if self.fast_var_agg:
-            tokens = self.embed_and_aggregate(x, ids)
+            tokens = self.embed_and_aggregate(x, ids, var_mask)
         else:
-            tokens = self._aggregate_reference(self.embed_tokens(x, ids) + self.var_embed[:, ids].unsqueeze(2))
+            tokens = self._aggregate_reference(self.embed_tokens(x, ids) + self.var_embed[:, ids].unsqueeze(2), var_mask)
         if region is None:
             tokens = tokens + self.pos_embed
         else:  # only the box's patches, with their own position embeddings
@@ -307,6 +320,8 @@ class ClimaX(nn.Module):
         tokens = tokens + self.lead_time_embed(lead).unsqueeze(1)
         if extra_embed is not None:
             tokens = tokens + extra_embed
+        if keep is not None:  # only the kept tokens enter the blocks
+            tokens = tokens.gather(1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         tokens = self.pos_drop(tokens)
         for blk in self.blocks:
             tokens = blk(tokens)
@@ -319,13 +334,20 @@ class ClimaX(nn.Module):
         in_vars: Sequence[str],
         out_vars: Sequence[str] | None = None,
         region: Region | None = None,
+        mask=None,
     ) -> torch.Tensor:
         """Predict ``out_vars`` (default: all default variables) at ``lead_times`` hours ahead.
 
         x: (B, len(in_vars), H, W) normalised fields, or the crop of a ``region`` (then H, W are
         the region's and only its patches and position embeddings are used); lead_times: (B,) in
         hours. Returns (B, len(out_vars), H, W).
+        ``mask`` (a ``climax.masking.Mask``): masked-field reconstruction through the attached
+        ``mae_decoder`` instead of the forecast head (``climax/masking.py``).
         """
+        if mask is not None:
+            from climax.masking import reconstruct
+
+            return reconstruct(self, x, lead_times, in_vars, out_vars, mask)
         out_ids = self.var_ids(out_vars) if out_vars is not None else None
         tokens = self.forward_encoder(x, lead_times, in_vars, region)
         preds = self.unpatchify(self.head(tokens), None if region is None else region.patch_grid)

@@ -84,14 +84,21 @@ def _lat(lat: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
 def train_step(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler | None, lat: np.ndarray,
                device: torch.device, grad_clip: float | None = 1.0, bf16: bool = True,
-               region: Any = None) -> float:
-    """One optimiser step on a batch (``climax.data.Batch``); returns the loss."""
+               region: Any = None, masked: Any = None, generator: torch.Generator | None = None) -> float:
+    """One optimiser step on a batch (``climax.data.Batch``); returns the loss.
+
+    ``masked`` (a ``climax.masking.MaskedObjective``, masks drawn from ``generator``): reconstruct the
+    masked input at lead time 0 instead of forecasting; the loss counts the masked points only.
+    """
     model.train()
     x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
     lead = batch.lead_hours.to(device, non_blocking=True)
     with autocast(device, bf16):
-        pred = model(x, lead, batch.in_vars, batch.out_vars, region=region)
-    loss = lat_weighted_mse(pred.float(), y, _lat(lat, device))
+        if masked is None:
+            pred, target, points = model(x, lead, batch.in_vars, batch.out_vars, region=region), y, None
+        else:
+            pred, target, points = masked(model, x, batch.in_vars, batch.out_vars, generator)
+    loss = lat_weighted_mse(pred.float(), target, _lat(lat, device), points)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"the training loss is {loss.item()} on a batch of {batch.dataset!r} with inputs "
                                  f"at {batch.input_time[:3]}...; lower the learning rate or check the data")

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from jobs.objective import ObjectiveSpec
 from jobs.tasks.downscaling import DownscalingSpec
 from jobs.tasks.projection import ProjectionSpec
 
@@ -131,6 +132,7 @@ class TrainConfig(_Strict):
         "forecast", description="forecast (global/regional), projection (ClimateBench) or downscaling")
     projection: ProjectionSpec | None = Field(None, description="task: projection (jobs/tasks/projection.py)")
     downscaling: DownscalingSpec | None = Field(None, description="task: downscaling (jobs/tasks/downscaling.py)")
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
 
     @model_validator(mode="after")
     def _task_sections(self) -> TrainConfig:
@@ -140,6 +142,13 @@ class TrainConfig(_Strict):
             from jobs.tasks.downscaling import check_config
 
             check_config(self)
+        return self
+
+    @model_validator(mode="after")
+    def _objective_for_forecasting(self) -> TrainConfig:
+        if self.objective.uses_masking and self.task != "forecast":
+            raise ValueError(f"objective.kind={self.objective.kind} pretrains the forecast task; "
+                             f"task {self.task!r} trains with objective.kind=forecast")
         return self
 
 
@@ -196,6 +205,10 @@ def build_model(cfg: TrainConfig, datasets: list, log=print):
     mcfg["default_vars"] = base_vars + [v for v in data_vars if v not in base_vars]
     mcfg["img_size"] = [len(datasets[0].lat), len(datasets[0].lon)]
     model = ClimaX(**mcfg)
+    if cfg.objective.uses_masking:  # before loading: a masked checkpoint's decoder continues
+        from climax.masking import attach_decoder
+
+        attach_decoder(model, **cfg.objective.decoder.model_dump())
     if cfg.init_checkpoint:
         report = load_checkpoint(model, cfg.init_checkpoint, ckpt_vars=cfg.ckpt_vars)
         log(f"loaded {cfg.init_checkpoint}:\n{report}")
@@ -236,6 +249,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from climax.data import ForecastLoader, MixedLoader, ShardDataset
+    from climax.masking import MaskedObjective, step_generator, validate_masked
     from climax.optim import build_optimizer, warmup_cosine
     from climax.regions import Region
     from climax.sampling import lead_hours
@@ -264,6 +278,10 @@ def train_loop_per_worker(config: dict) -> None:
         log(f"backbone frozen: {len(frozen)} tensors")
     patch = model.patch_size
     region = Region.from_spec(cfg.data.region, datasets[0].lat, datasets[0].lon, patch)
+    objective = cfg.objective
+    masked = MaskedObjective(objective.mask_ratio, objective.var_drop) if objective.uses_masking else None
+    if masked is not None and region is not None:
+        raise ValueError(f"objective.kind={objective.kind} pretrains on the whole grid; set data.region=null")
     leads = cfg.data.leads
 
     def loader(ds, split, random_lead, hours, batch_size, shuffle, max_batches=None):
@@ -304,7 +322,7 @@ def train_loop_per_worker(config: dict) -> None:
     uses_all = all(set(_variables(cfg, ds)[0]) == set(model.default_vars) for ds in datasets)
     ddp_model = ray.train.torch.prepare_model(
         model, move_to_device=False,
-        parallel_strategy_kwargs={"find_unused_parameters": not uses_all or cfg.freeze_backbone})
+        parallel_strategy_kwargs={"find_unused_parameters": not uses_all or cfg.freeze_backbone or masked is not None})
     if cfg.train.compile and device.type == "cuda":
         ddp_model = torch.compile(ddp_model)  # checkpoints still hold bare keys (climax.training.unwrap)
     n_params = sum(p.numel() for p in model.parameters())
@@ -317,12 +335,17 @@ def train_loop_per_worker(config: dict) -> None:
             "to train further, or use another name for a new run")
     start, first_epoch = time.time(), state.epoch
     for epoch in range(state.epoch, cfg.train.epochs):
-        t0, losses, n_batches = time.time(), [], 0
+        t0, losses, n_batches, mask_losses = time.time(), [], 0, []
         for batch in _stream(train_data, epoch, steps_per_epoch):
             lat_b = lat if batch.dataset == val_ds.name or region is not None else \
                 next(ds.lat for ds in datasets if ds.name == batch.dataset)
+            is_masked = objective.masked_at(state.step, cfg.train.seed)
             losses.append(train_step(ddp_model, batch, optimizer, scheduler, lat_b, device,
-                                     cfg.optim.grad_clip, cfg.train.bf16, region=region))
+                                     cfg.optim.grad_clip, cfg.train.bf16, region=region,
+                                     masked=masked if is_masked else None,
+                                     generator=step_generator(cfg.train.seed, state.step, rank) if is_masked else None))
+            if is_masked:
+                mask_losses.append(losses[-1])
             state.step += 1
             n_batches += 1
             if cfg.train.log_every and state.step % cfg.train.log_every == 0:
@@ -343,6 +366,14 @@ def train_loop_per_worker(config: dict) -> None:
                 if k.startswith("val_rmse/") or k.startswith("val_persistence_rmse/"):
                     metrics[f"{k}@{hours:g}h"] = v
         metrics["val_loss"] = float(np.mean(val_losses))
+        if masked is not None:  # reconstruction loss; the run's val_loss when it only reconstructs
+            vl = loader(val_ds, cfg.data.val_split, False, [val_leads[0]], cfg.data.val_batch_size or
+                        cfg.data.batch_size, False, cfg.data.max_val_batches)
+            metrics.update(validate_masked(ddp_model, vl, lat, masked, device, cfg.train.bf16, cfg.train.seed))
+            if mask_losses:
+                metrics["train_mask_loss"] = float(np.mean(mask_losses))
+            if objective.kind == "masked":
+                metrics["val_loss"] = metrics["val_mask_loss"]
         # one number for schedulers (ASHA) and for comparing runs: the latitude-weighted RMSE in
         # units of each variable's standard deviation, averaged over variables and validation leads
         metrics["val_rmse"] = float(np.mean([metrics[f"val_rmse/{v}@{h:g}h"] / s
@@ -352,9 +383,10 @@ def train_loop_per_worker(config: dict) -> None:
         state.history.append({k: metrics[k] for k in ("epoch", "step", "train_loss", "val_loss")})
         elapsed = time.time() - start
         eta = elapsed / (epoch + 1 - first_epoch) * (cfg.train.epochs - epoch - 1)
+        mask_part = f" mask {metrics['val_mask_loss']:.4f}" if masked is not None else ""
         rm = ", ".join(f"{v} {metrics[f'val_rmse/{v}@{val_leads[0]:g}h']:.3g}" for v in val_out[:4])
         log(f"epoch {epoch + 1}/{cfg.train.epochs} step {state.step}/{total_steps} loss {metrics['train_loss']:.4f} "
-            f"val {metrics['val_loss']:.4f} rmse@{val_leads[0]:g}h [{rm}{', ...' if len(val_out) > 4 else ''}] "
+            f"val {metrics['val_loss']:.4f}{mask_part} rmse@{val_leads[0]:g}h [{rm}{', ...' if len(val_out) > 4 else ''}] "
             f"{metrics['samples_per_s']:.1f} samples/s ETA {_hms(eta)}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
