@@ -52,23 +52,32 @@ def make_batch(cfg: dict, batch: int, device: torch.device, seed: int = 0) -> Si
                            in_vars=vars_, out_vars=vars_, dataset="random", input_time=["-"])
 
 
-def run(cfg: dict, batch: int, steps: int, device: torch.device, bf16: bool, compile_: bool) -> dict:
+def run(cfg: dict, batch: int, steps: int, device: torch.device, bf16: bool, compile_: bool,
+        masked: bool = False) -> dict:
     torch.manual_seed(0)
-    model = ClimaX(**cfg).to(device)
+    model = ClimaX(**cfg)
+    objective = gen = None
+    if masked:  # masked-field reconstruction (jobs.pretrain objective.kind=masked), default ratios
+        from climax.masking import MaskedObjective, attach_decoder
+
+        attach_decoder(model)
+        objective, gen = MaskedObjective(), torch.Generator().manual_seed(0)
+    model = model.to(device)
     step_model = torch.compile(model) if compile_ else model
     opt = build_optimizer(model, lr=5e-4)
     sched = warmup_cosine(opt, 10, 10_000)
     lat = np.linspace(-88, 88, cfg["img_size"][0])
     b = make_batch(cfg, batch, device)
     for _ in range(3):  # warm-up (and compilation)
-        train_step(step_model, b, opt, sched, lat, device, bf16=bf16)
+        train_step(step_model, b, opt, sched, lat, device, bf16=bf16, masked=objective, generator=gen)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        train_step(step_model, b, opt, sched, lat, device, bf16=bf16)  # returns a float: synchronises
+        train_step(step_model, b, opt, sched, lat, device, bf16=bf16, masked=objective,
+                   generator=gen)  # returns a float: synchronises
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -180,24 +189,29 @@ def main() -> None:
         print(f"  bf16 forward vs fp32: relative L2 error {rel:.2e}; bf16 loss on a fixed batch "
               f"{l0:.4f} -> {l1:.4f} in 30 steps", flush=True)
         rows = {}
-        variants = [("fp32 eager", False, False), ("bf16 eager", True, False)]
+        variants = [("fp32 eager", False, False, False), ("bf16 eager", True, False, False)]
         if not args.no_compile:
-            variants.append(("bf16 compiled", True, True))
-        for label, bf16, comp in variants:
+            variants.append(("bf16 compiled", True, True, False))
+        variants.append(("bf16 masked", True, False, True))  # masked pretraining step, same batch
+        for label, bf16, comp, masked in variants:
             try:
-                r = run(cfg, batch, args.steps, device, bf16, comp)
+                r = run(cfg, batch, args.steps, device, bf16, comp, masked)
             except Exception as e:  # noqa: BLE001 - report and go on (e.g. compile unsupported)
                 print(f"  {label:14s} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             rows[label] = r
             mfu = flops / r["step_s"] / (args.peak_tflops * 1e12)
+            rate = "(FLOPs not counted)" if masked else \
+                f"{flops / r['step_s'] / 1e12:6.1f} TFLOP/s  MFU {100 * mfu:5.1f} %"
             print(f"  {label:14s} step {r['step_s'] * 1e3:8.1f} ms  {r['samples_s']:8.1f} samples/s  "
-                  f"{flops / r['step_s'] / 1e12:6.1f} TFLOP/s  MFU {100 * mfu:5.1f} %  peak {r['peak_gib']:6.2f} GiB",
-                  flush=True)
+                  f"{rate}  peak {r['peak_gib']:6.2f} GiB", flush=True)
         base = rows.get("fp32 eager")
         for label, r in rows.items():
             if base and label != "fp32 eager":
                 print(f"  ratio {label} / fp32 eager: {base['step_s'] / r['step_s']:.2f}x samples/s", flush=True)
+        if "bf16 masked" in rows and "bf16 eager" in rows:
+            print(f"  masked step / forecast step (bf16 eager): "
+                  f"{rows['bf16 masked']['step_s'] / rows['bf16 eager']['step_s']:.2f}x the time", flush=True)
 
 
 if __name__ == "__main__":
