@@ -230,6 +230,29 @@ def _stream(loader, epoch: int, steps: int):
                 return
 
 
+def start_or_resume(cfg: TrainConfig, model, total_steps: int, log=print, load=None):
+    """``(optimizer, scheduler, state)`` of a run on the worker: fresh, or restored from the
+    checkpoint Ray Train hands back after a failure or a relaunch with the same name (weights,
+    optimiser, counters; the schedule restarts at the restored step). Every task's loop uses this.
+    ``load(directory, model, optimizer) -> TrainState`` defaults to ``climax.training.load_train_state``."""
+    import ray.train
+
+    from climax.optim import build_optimizer, warmup_cosine
+    from climax.training import TrainState, load_train_state
+
+    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = (load or load_train_state)(d, model, optimizer)
+        state.restarts += 1
+        log(f"resumed from the checkpoint at step {state.step} (epoch {state.epoch}); restart {state.restarts}")
+    scheduler = warmup_cosine(optimizer, min(cfg.optim.warmup_steps, max(total_steps - 1, 0)), total_steps,
+                              cfg.optim.warmup_start_factor, cfg.optim.min_lr_factor, start_step=state.step)
+    return optimizer, scheduler, state
+
+
 def _quiet_report_log() -> None:
     """Ray Train V2 logs every ``ray.train.report`` with the whole metrics dict (a screenful per epoch
     with per-variable RMSEs); our own one-line epoch summary says the same. Errors still show."""
@@ -250,10 +273,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     from climax.data import ForecastLoader, MixedLoader, ShardDataset
     from climax.masking import MaskedObjective, step_generator, validate_masked
-    from climax.optim import build_optimizer, warmup_cosine
     from climax.regions import Region
     from climax.sampling import lead_hours
-    from climax.training import TrainState, freeze_backbone, load_train_state, save_train_state, train_step, validate
+    from climax.training import freeze_backbone, save_train_state, train_step, validate
 
     cfg = TrainConfig.model_validate(config)
     _quiet_report_log()
@@ -309,16 +331,7 @@ def train_loop_per_worker(config: dict) -> None:
     lat = region.lat(val_ds.lat) if region is not None else val_ds.lat
 
     model.to(device)
-    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_train_state(d, model, optimizer)
-        state.restarts += 1
-        log(f"resumed from the checkpoint at step {state.step} (epoch {state.epoch}); restart {state.restarts}")
-    scheduler = warmup_cosine(optimizer, min(cfg.optim.warmup_steps, max(total_steps - 1, 0)), total_steps,
-                              cfg.optim.warmup_start_factor, cfg.optim.min_lr_factor, start_step=state.step)
+    optimizer, scheduler, state = start_or_resume(cfg, model, total_steps, log)
     uses_all = all(set(_variables(cfg, ds)[0]) == set(model.default_vars) for ds in datasets)
     ddp_model = ray.train.torch.prepare_model(
         model, move_to_device=False,

@@ -106,9 +106,8 @@ def downscaling_loop(cfg) -> None:
     import torch
 
     from climax.downscaling import DownscalingLoader, evaluate_downscaling, make_downscaler, resolve_variables
-    from climax.optim import build_optimizer, warmup_cosine
-    from climax.training import TrainState, freeze_backbone, load_train_state, save_train_state, train_step
-    from jobs.train import _hms, _stream
+    from climax.training import freeze_backbone, save_train_state, train_step
+    from jobs.train import _hms, _stream, start_or_resume
 
     spec = cfg.downscaling
     ctx = ray.train.get_context()
@@ -138,16 +137,7 @@ def downscaling_loop(cfg) -> None:
     _, fstd = fine.normalizer(out_vars)
 
     model.to(device)
-    optimizer = build_optimizer(net, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_train_state(d, net, optimizer)
-        state.restarts += 1
-        log(f"resumed from the checkpoint at step {state.step} (epoch {state.epoch}); restart {state.restarts}")
-    scheduler = warmup_cosine(optimizer, min(cfg.optim.warmup_steps, max(total_steps - 1, 0)), total_steps,
-                              cfg.optim.warmup_start_factor, cfg.optim.min_lr_factor, start_step=state.step)
+    optimizer, scheduler, state = start_or_resume(cfg, net, total_steps, log)
     uses_all = set(model.model_vars) == set(net.default_vars)
     ddp_model = ray.train.torch.prepare_model(
         model, move_to_device=False,

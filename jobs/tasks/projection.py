@@ -181,10 +181,9 @@ def projection_loop(cfg) -> None:
 
     from climax.data import ShardDataset
     from climax.metrics import lat_weighted_mse
-    from climax.optim import build_optimizer, warmup_cosine
     from climax.projection import LinearBaseline, freeze_projection, load_scenario
-    from climax.training import TrainState, autocast, save_train_state, unwrap
-    from jobs.train import _hms
+    from climax.training import autocast, save_train_state, unwrap
+    from jobs.train import _hms, start_or_resume
 
     spec = cfg.projection or ProjectionSpec()
     ctx = ray.train.get_context()
@@ -230,16 +229,7 @@ def projection_loop(cfg) -> None:
 
         frozen += [f"backbone.{n}" for n in freeze_backbone(model.backbone)]
     model.to(device)
-    optimizer = build_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay, tuple(cfg.optim.betas))
-    state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_state(d, model, optimizer)
-        state.restarts += 1
-        log(f"resumed from the checkpoint at step {state.step} (epoch {state.epoch}); restart {state.restarts}")
-    scheduler = warmup_cosine(optimizer, min(cfg.optim.warmup_steps, max(total_steps - 1, 0)), total_steps,
-                              cfg.optim.warmup_start_factor, cfg.optim.min_lr_factor, start_step=state.step)
+    optimizer, scheduler, state = start_or_resume(cfg, model, total_steps, log, load=load_state)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False,
                                               parallel_strategy_kwargs={"find_unused_parameters": bool(frozen)})
     if getattr(cfg.train, "compile", False) and device.type == "cuda":
@@ -383,7 +373,6 @@ def evaluate(checkpoint: str | Path, test_root: str, train_roots: list[str], out
     import pandas as pd
 
     from climax.data import ShardDataset
-    from climax.plots import plot_maps
     from climax.projection import LinearBaseline, climatebench_nrmse, load_scenario, window_targets, windows
 
     model, in_vars, out_vars, xnorm, ynorm = load_projection(checkpoint)
