@@ -133,9 +133,16 @@ def head():
 
 def submit(head: dict, submission_id: str, *entrypoint: str) -> None:
     """`ray job submit --working-dir . --no-wait -- ENTRYPOINT` from the project root."""
-    out = subprocess.run([RAY, "job", "submit", "--address", head["address"], "--submission-id", submission_id,
-                          "--working-dir", ".", "--no-wait", "--", *entrypoint],
-                         cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=180)
+    deadline = time.time() + 120
+    while True:
+        out = subprocess.run([RAY, "job", "submit", "--address", head["address"], "--submission-id", submission_id,
+                              "--working-dir", ".", "--no-wait", "--", *entrypoint],
+                             cwd=ROOT, env=head["env"], capture_output=True, text=True, timeout=180)
+        # A fresh head answers the job API before its job agent is up: Ray then says
+        # "No available agent to submit job, please try again later" (status 500). Retry that only.
+        if out.returncode == 0 or "No available agent" not in out.stdout + out.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert out.returncode == 0, out.stdout + out.stderr
 
 

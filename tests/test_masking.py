@@ -165,7 +165,8 @@ def test_objective_config():
     from jobs.train import TrainConfig
 
     with pytest.raises(ConfigError, match="pretrains the forecast task"):
-        validate(TrainConfig, {"data": {"datasets": [{"root": "x"}]}, "task": "downscaling",
+        validate(TrainConfig, {"task": "downscaling",
+                               "downscaling": {"coarse": {"root": "c"}, "fine": {"root": "f"}},
                                "objective": {"kind": "masked"}})
 
 
