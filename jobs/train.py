@@ -253,6 +253,19 @@ def start_or_resume(cfg: TrainConfig, model, total_steps: int, log=print, load=N
     return optimizer, scheduler, state
 
 
+def epoch_metrics(cfg: TrainConfig, state, epoch: int, losses: list, n_batches: int, world: int, t0: float,
+                  scheduler) -> dict[str, Any]:
+    """The training half of an epoch's metrics (every task's loop); counts the epoch's samples."""
+    import numpy as np
+
+    train_time = time.time() - t0
+    samples = n_batches * cfg.data.batch_size * world
+    state.samples += samples
+    return {"epoch": epoch + 1, "step": state.step, "train_loss": float(np.mean(losses)),
+            "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / max(train_time, 1e-9),
+            "restarts": state.restarts}
+
+
 def _quiet_report_log() -> None:
     """Ray Train V2 logs every ``ray.train.report`` with the whole metrics dict (a screenful per epoch
     with per-variable RMSEs); our own one-line epoch summary says the same. Errors still show."""
@@ -363,12 +376,7 @@ def train_loop_per_worker(config: dict) -> None:
             n_batches += 1
             if cfg.train.log_every and state.step % cfg.train.log_every == 0:
                 log(f"  step {state.step}/{total_steps} loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
-        train_time = time.time() - t0
-        samples = n_batches * cfg.data.batch_size * world
-        state.samples += samples
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "train_loss": float(np.mean(losses)),
-                                   "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / max(train_time, 1e-9),
-                                   "restarts": state.restarts}
+        metrics: dict[str, Any] = epoch_metrics(cfg, state, epoch, losses, n_batches, world, t0, scheduler)
         val_losses = []
         for hours in val_leads:
             vl = loader(val_ds, cfg.data.val_split, False, [hours], cfg.data.val_batch_size or cfg.data.batch_size,

@@ -107,7 +107,7 @@ def downscaling_loop(cfg) -> None:
 
     from climax.downscaling import DownscalingLoader, evaluate_downscaling, make_downscaler, resolve_variables
     from climax.training import freeze_backbone, save_train_state, train_step
-    from jobs.train import _hms, _stream, start_or_resume
+    from jobs.train import _hms, _stream, epoch_metrics, start_or_resume
 
     spec = cfg.downscaling
     ctx = ray.train.get_context()
@@ -167,12 +167,7 @@ def downscaling_loop(cfg) -> None:
             n_batches += 1
             if cfg.train.log_every and state.step % cfg.train.log_every == 0:
                 log(f"  step {state.step}/{total_steps} loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
-        train_time = time.time() - t0
-        samples = n_batches * cfg.data.batch_size * world
-        state.samples += samples
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "train_loss": float(np.mean(losses)),
-                                   "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / max(train_time, 1e-9),
-                                   "restarts": state.restarts}
+        metrics: dict[str, Any] = epoch_metrics(cfg, state, epoch, losses, n_batches, world, t0, scheduler)
         val = loader(cfg.data.val_split, cfg.data.val_batch_size or cfg.data.batch_size, False,
                      cfg.data.max_val_batches)
         scores = evaluate_downscaling(ddp_model, val, fine.lat, device, cfg.train.bf16).result()
