@@ -199,10 +199,10 @@ class ShardDataset:
                 self._files.popitem(last=False)  # closed when the last reader drops it
         return entry
 
-    def _read_whole(self, rel: str) -> pa.Table:
+    def _read_whole(self, rel: str, columns: Sequence[str] | None = None) -> pa.Table:
         # ParquetFile, not pq.read_table: that one imports pyarrow.dataset and pandas (about 1 s)
         with self.fs.open_input_file(self._path(rel)) as f:
-            return pq.ParquetFile(f).read()
+            return pq.ParquetFile(f).read(columns=columns)
 
     def open_files(self) -> int:
         """How many shards are open now (the LRU's size)."""
@@ -302,8 +302,12 @@ class ShardDataset:
             hit = self._clim.get(var)
         if hit is not None:
             return hit
-        cdir = self.manifest.raw.get("climatology", {}).get("path", S.CLIMATOLOGY_DIR)
-        table = self._read_whole(f"{cdir}/{var}.parquet")
+        info = self.manifest.raw.get("climatology") or {}
+        if "parts" in info:  # one part per window of slots, every variable a column (issue 14)
+            table = pa.concat_tables([self._read_whole(rel, columns=["dayofyear", "hour", var])
+                                      for rel in info["parts"]])
+        else:  # datasets built before one-pass climatology: one file per variable
+            table = self._read_whole(f"{info.get('path', S.CLIMATOLOGY_DIR)}/{var}.parquet")
         doy = table.column("dayofyear").to_numpy().astype(np.int64)
         hour = table.column("hour").to_numpy().astype(np.int64)
         fields = np.concatenate([_tensor_column(table, var), self.time_mean([var])[0][None]]).astype(_F32, copy=False)

@@ -6,7 +6,9 @@ Layout under the output root (a local folder or ``s3://bucket/prefix``)::
 
     manifest.json                      written last: its presence means the dataset is complete
     constants.parquet                  one row: land_sea_mask, orography, latitude, ... (time-free)
-    climatology/<variable>.parquet     rows (dayofyear, hour) of the training years, plus time mean
+    climatology/<window>.parquet       rows (dayofyear, hour, count) of the training years, one
+                                       column per variable, one file per window of slots
+    climatology/time_mean.parquet      the time mean of each variable over the training years
     <split>/<year>/<start>.parquet     one row per time step
 
 A shard is a Parquet file with a ``time`` column (timestamp[ns], UTC, naive) and one column per
@@ -21,6 +23,7 @@ Values are raw, in physical units; the manifest's statistics normalise them at l
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +34,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "FORMAT", "TIME", "MANIFEST", "CONSTANTS", "CLIMATOLOGY_DIR", "Manifest", "tensor_type",
-    "shard_schema", "table_from_arrays", "arrays_from_table", "read_shard", "write_options", "climatology_slots",
+    "shard_schema", "table_from_arrays", "arrays_from_table", "read_shard", "read_climatology", "write_options", "climatology_slots",
 ]
 
 FORMAT = "climax-shards/1"
@@ -123,6 +126,22 @@ def read_shard(path: str, columns: Sequence[str] | None = None, rows: Sequence[i
         cols = [c for c in cols if c != TIME]
     table = pf.read_row_groups(list(rows), columns=cols) if rows is not None else pf.read(columns=cols)
     return arrays_from_table(table)
+
+
+def read_climatology(root: str, variable: str, filesystem: Any = None) -> pa.Table:
+    """Rows (dayofyear, hour, count, ``variable``) of a dataset's training climatology, from its
+    parts (one per window of slots, every variable a column) as the manifest lists them."""
+    import pyarrow.fs as pafs
+
+    fs, base = (filesystem, root.rstrip("/")) if filesystem is not None else pafs.FileSystem.from_uri(
+        root if "://" in root else os.path.abspath(root))
+    with fs.open_input_file(f"{base}/{MANIFEST}") as f:
+        info = json.loads(f.read())["climatology"]
+    tables = []
+    for rel in info["parts"]:
+        with fs.open_input_file(f"{base}/{rel}") as f:
+            tables.append(pq.ParquetFile(f).read(columns=["dayofyear", "hour", "count", variable]))
+    return pa.concat_tables(tables)
 
 
 def shard_metadata(path: str, filesystem: Any = None) -> dict | None:

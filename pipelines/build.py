@@ -28,7 +28,7 @@ import os
 import platform
 import uuid
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -150,11 +150,22 @@ def scan_file(item: dict, variables: list[str]) -> dict:
 # ----------------------------------------------------------------------------- 2. plan
 @dataclass
 class Plan:
+    """What the build writes. ``units`` are the Ray tasks: a "window" unit writes the training
+    shards of one window of climatology slots for every training year plus that window's
+    climatology part; a "shard" unit writes one validation/test shard; "constants" the constants."""
+
     chunks: list[dict]
     files: list[dict]
     dst: regrid.Grid
     time_vars: list[str]
     const_vars: list[str]
+    units: list[dict] = field(default_factory=list)
+
+
+def _slot_keys(tns: np.ndarray) -> np.ndarray:
+    """One integer per climatology slot (day of year, hour): (doy - 1) * 24 + hour."""
+    doy, hour = S.climatology_slots(np.asarray(tns, dtype=np.int64).astype("datetime64[ns]"))
+    return (doy - 1) * 24 + hour
 
 
 def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
@@ -239,35 +250,68 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
     h, w = dst.shape
     rows = max(1, recipe.shard_bytes // max(1, len(time_vars) * h * w * 4))
     step = recipe.time.step_ns
-    chunks: list[dict] = []
     tset = set(tns.tolist())
+    splits_of_year = {int(y): recipe.split_of(int(y)) for y in set(years.tolist())}
+    # Training years are cut by windows of climatology slots (day of year x hour), the same
+    # windows in every year, so that one task sees every training step of its slots and writes
+    # their climatology exactly, without a second pass over the shards (docs/design.md).
+    train = np.array([splits_of_year[int(y)] == "train" for y in years], dtype=bool)
+    slot_of = _slot_keys(tns)
+    train_slots = np.unique(slot_of[train])
+    window_of_slot = {int(s): k // rows for k, s in enumerate(train_slots)}
+
+    def prev_of(first: int, split: str) -> int | None:
+        prev = first - step
+        ok = split == "train" and prev in tset and recipe.split_of(
+            int(np.datetime64(prev, "ns").astype("datetime64[Y]").astype(int) + 1970)) == "train"
+        return prev if ok else None
+
+    chunks: list[dict] = []
+    units: list[dict] = []
+    windows: dict[int, list[int]] = defaultdict(list)
     for year in sorted(set(years.tolist())):
-        split = recipe.split_of(year)
-        ys = tns[years == year]
-        for k in range(0, len(ys), rows):
-            part = ys[k:k + rows].tolist()
-            prev = part[0] - step
-            prev_ok = split == "train" and prev in tset and recipe.split_of(
-                int(np.datetime64(prev, "ns").astype("datetime64[Y]").astype(int) + 1970)) == "train"
+        split = splits_of_year[int(year)]
+        sel = years == year
+        ys, ss = tns[sel], slot_of[sel]
+        if split == "train":
+            wins = np.array([window_of_slot[int(s)] for s in ss])
+            parts = [(int(k), ys[wins == k]) for k in np.unique(wins)]
+        else:
+            parts = [(None, ys[k:k + rows]) for k in range(0, len(ys), rows)]
+        for win, part_arr in parts:
+            part = part_arr.tolist()
+            prev = prev_of(part[0], split)
             reads: dict[int, dict] = defaultdict(lambda: {"variables": set(), "times": set()})
             for v in time_vars:
-                for t in part + ([prev] if prev_ok else []):
+                for t in part + ([prev] if prev is not None else []):
                     r = reads[where[v][t]]
                     r["variables"].add(v)
                     r["times"].add(t)
             start = np.datetime64(part[0], "ns").astype("datetime64[m]").item()
-            chunks.append({
+            chunk = {
                 "kind": "shard", "index": len(chunks), "split": split, "year": year,
                 "path": f"{split}/{year}/{start:%Y-%m-%dT%H%M}.parquet",
-                "times": part, "prev": prev if prev_ok else None,
+                "times": part, "prev": prev,
                 "reads": [{"file": i, "variables": sorted(r["variables"]), "times": sorted(r["times"])}
                           for i, r in sorted(reads.items())],
-            })
+            }
+            chunks.append(chunk)
+            if win is None:
+                units.append({"kind": "shard", "chunks": [chunk["index"]]})
+            else:
+                windows[win].append(chunk["index"])
+    for win in sorted(windows):
+        slots = train_slots[win * rows:(win + 1) * rows]
+        units.append({"kind": "window", "window": win, "chunks": windows[win],
+                      "slots": [int(s) for s in slots], "path": f"{S.CLIMATOLOGY_DIR}/{win:05d}.parquet"})
     consts = list(const_vars)
     if consts:
         chunks.append({"kind": "constants", "index": len(chunks), "path": S.CONSTANTS, "variables": consts,
                        "reads": [{"file": const_file[v], "variables": [v]} for v in consts if v not in COMPUTED]})
-    return Plan(chunks, files, dst, time_vars, const_vars)
+        units.append({"kind": "constants", "chunks": [chunks[-1]["index"]]})
+    # windows first (the longest tasks), then the single shards
+    units.sort(key=lambda u: {"window": 0, "shard": 1, "constants": 2}[u["kind"]])
+    return Plan(chunks, files, dst, time_vars, const_vars, units)
 
 
 # ----------------------------------------------------------------------------- 3. work
@@ -278,7 +322,7 @@ def _sources_fingerprint(chunk: dict, files: list[dict]) -> str:
 
 
 def _existing(path: str, recipe_fp: str, sources_fp: str, storage_options) -> dict | None:
-    """The footer metadata of a finished shard made from the same recipe and sources, else None."""
+    """The footer metadata of a finished file made from the same recipe and sources, else None."""
     fs, p = storage.filesystem(path, storage_options)
     if not fs.exists(p):
         return None
@@ -323,36 +367,114 @@ def _open_cached(f: dict):
     return ds
 
 
-def _read_fields(f: dict, variables: list[str], times: list[int] | None, dst: regrid.Grid, method: str,
-                 cache_dir: str | None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
-    """Decode, check and regrid ``variables`` of one file at ``times`` (None: constants)."""
+#: Bytes a task holds per source grid point and time step while decoding and regridding one
+#: sub-block: the decoded float32/float64 values, the float64 copy and its transpose that the
+#: sparse product takes. Measured on GRIB and NetCDF inputs (benchmarks/RESULTS.md).
+_BYTES_PER_SOURCE_POINT = 32
+
+
+def block_steps(src_points: int, budget_bytes: int) -> int:
+    """Time steps decoded at once so that one sub-block stays within ``budget_bytes``."""
+    return max(1, int(budget_bytes // max(1, src_points * _BYTES_PER_SOURCE_POINT)))
+
+
+def _runs(idx: np.ndarray, k: int):
+    """(start, count, selection) of consecutive groups of at most ``k`` positions of ``idx``, each
+    selection a slice when contiguous (HDF5 and GRIB readers are much faster on slices)."""
+    for a in range(0, len(idx), k):
+        part = idx[a:a + k]
+        if len(part) > 1 and bool(np.all(np.diff(part) == 1)):
+            yield a, len(part), slice(int(part[0]), int(part[-1]) + 1)
+        else:
+            yield a, len(part), part
+
+
+def _check_finite(values: np.ndarray, path: str, v: str, times: list[int] | None) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        where_ = "" if times is None else f" at {_iso(times[int(np.argwhere(bad)[0][0])])}"
+        raise SourceError(
+            f"{path}: variable {v}{where_} has {int(bad.sum())} NaN/Inf values; the file is "
+            "damaged or masked (e.g. a sea-only field); fix or replace it, or drop the variable")
+
+
+def _read_into(f: dict, variables: list[str], times: list[int], put, dst: regrid.Grid, method: str,
+               cache_dir: str | None, budget_bytes: int) -> None:
+    """Decode, check and regrid ``variables`` of file ``f`` at ``times`` in sub-blocks of a few
+    steps of one variable, handing each regridded block to ``put(variable, times, block)``.
+
+    Memory is bounded by ``budget_bytes`` whatever the source resolution: a 0.25 deg field is
+    never held for more steps than the budget allows (issue 14)."""
     ds = _open_cached(f)
-    if times is not None:
-        idx = ds.get_index("time").get_indexer(np.asarray(times, dtype="int64").astype("datetime64[ns]"))
-        if (idx < 0).any():
-            raise SourceError(f"{f['path']}: time {_iso(times[int(np.argmax(idx < 0))])} was listed when the "
-                              "file was scanned but is gone now; was the file replaced during the run?")
-        # a contiguous run becomes a slice: HDF5/GRIB readers are much faster on slices than on lists
-        contiguous = len(idx) > 1 and bool(np.all(np.diff(idx) == 1))
-        ds = ds.isel(time=slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx)
+    idx = ds.get_index("time").get_indexer(np.asarray(times, dtype="int64").astype("datetime64[ns]"))
+    if (idx < 0).any():
+        raise SourceError(f"{f['path']}: time {_iso(times[int(np.argmax(idx < 0))])} was listed when the "
+                          "file was scanned but is gone now; was the file replaced during the run?")
     rg = regrid.get_regridder(_grid_of(ds), dst, method, cache_dir=cache_dir)
-    out, attrs = {}, {}
+    k = block_steps(rg.src.size, budget_bytes)
     for v in variables:
-        da = ds[v].transpose(*(("time",) if times is not None else ()), "lat", "lon")
-        values = np.asarray(da.values, dtype=np.float32)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            where_ = "" if times is None else f" at {_iso(times[int(np.argwhere(bad)[0][0])])}"
-            raise SourceError(
-                f"{f['path']}: variable {v}{where_} has {int(bad.sum())} NaN/Inf values; the file is "
-                "damaged or masked (e.g. a sea-only field); fix or replace it, or drop the variable")
+        da = ds[v].transpose("time", "lat", "lon")
+        for a, n, sel in _runs(idx, k):
+            block_times = times[a:a + n]
+            values = np.asarray(da.isel(time=sel).values, dtype=np.float32)
+            _check_finite(values, f["path"], v, block_times)
+            put(v, block_times, rg(values, copy=False))
+            del values
+
+
+def _read_constants(f: dict, variables: list[str], dst: regrid.Grid, method: str,
+                    cache_dir: str | None) -> dict[str, np.ndarray]:
+    ds = _open_cached(f)
+    rg = regrid.get_regridder(_grid_of(ds), dst, method, cache_dir=cache_dir)
+    out = {}
+    for v in variables:
+        values = np.asarray(ds[v].transpose("lat", "lon").values, dtype=np.float32)
+        _check_finite(values, f["path"], v, None)
         out[v] = rg(values)
-        attrs[v] = {"units": da.attrs.get("units", ""), "source_name": da.attrs.get("source_name", "")}
-    return out, attrs
+    return out
 
 
-def run_chunk(chunk: dict, ctx: dict) -> dict:
-    """Write one shard (or the constants) and return its metadata (runs as a Ray task)."""
+def _chunk_arrays(chunk: dict, ctx: dict, dst: regrid.Grid) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The chunk's fields on the target grid (float32 (n, H, W) per variable), and the step before
+    it (for differences across chunk edges)."""
+    files = ctx["files"]
+    n = len(chunk["times"])
+    index = {t: k for k, t in enumerate(chunk["times"])}
+    h, w = dst.shape
+    arrays = {v: np.empty((n, h, w), np.float32) for v in ctx["time_vars"]}
+    prev: dict[str, np.ndarray] = {}
+
+    def put(v: str, times: list[int], block: np.ndarray) -> None:
+        for t, field_ in zip(times, block):
+            if t == chunk["prev"]:
+                prev[v] = np.array(field_, np.float32)
+            else:
+                arrays[v][index[t]] = field_
+
+    for r in chunk["reads"]:
+        _read_into(files[r["file"]], r["variables"], r["times"], put, dst, ctx["method"], ctx["regrid_cache"],
+                   ctx["block_bytes"])
+    return arrays, prev
+
+
+def _chunk_stats(chunk: dict, arrays: dict[str, np.ndarray], prev: dict[str, np.ndarray]) -> dict:
+    if chunk.get("split") != "train":
+        return {}
+    return {v: {"values": Moments.of(a).to_dict(), "diffs": Moments.of_diffs(prev.get(v), a).to_dict()}
+            for v, a in arrays.items()}
+
+
+def _write_table(path: str, table: pa.Table, variables: list[str], ctx: dict) -> str:
+    data = table_bytes(table, variables, ctx["compression_level"])
+    write_atomic(path, data, ctx["storage_options"])
+    digest = hashlib.sha256(data).hexdigest()
+    del data
+    return digest
+
+
+def run_chunk(chunk: dict, ctx: dict, *, keep_arrays: bool = False) -> dict:
+    """Write one shard (or the constants) and return its metadata. With ``keep_arrays`` the
+    result also holds the chunk's fields (``arrays``, from the shard itself when it is skipped)."""
     recipe_fp, files, out, so = ctx["recipe_fp"], ctx["files"], ctx["output"], ctx["storage_options"]
     dst = regrid.Grid(np.asarray(ctx["lat"]), np.asarray(ctx["lon"]))
     sources_fp = _sources_fingerprint(chunk, files)
@@ -360,14 +482,18 @@ def run_chunk(chunk: dict, ctx: dict) -> dict:
     if not ctx["overwrite"]:
         meta = _existing(path, recipe_fp, sources_fp, so)
         if meta is not None:
-            return {**_summary(chunk), "rows": meta["rows"], "stats": meta["stats"], "sha256": _sha256_of(path, so),
-                    "skipped": True}
+            res = {**_summary(chunk), "rows": meta["rows"], "stats": meta["stats"], "sha256": _sha256_of(path, so),
+                   "skipped": True}
+            if keep_arrays:
+                fs, p = storage.filesystem(path, so)
+                with fs.open(p, "rb") as fh:
+                    res["arrays"] = S.arrays_from_table(pq.read_table(fh))[1]
+            return res
 
     if chunk["kind"] == "constants":
         arrays: dict[str, np.ndarray] = {}
         for r in chunk["reads"]:
-            got, _ = _read_fields(files[r["file"]], r["variables"], None, dst, ctx["method"], ctx["regrid_cache"])
-            arrays.update(got)
+            arrays.update(_read_constants(files[r["file"]], r["variables"], dst, ctx["method"], ctx["regrid_cache"]))
         if "latitude" in chunk["variables"]:
             arrays["latitude"] = np.repeat(dst.lat[:, None], dst.shape[1], axis=1).astype(np.float32)
         arrays = {v: arrays[v] for v in chunk["variables"]}
@@ -375,33 +501,16 @@ def run_chunk(chunk: dict, ctx: dict) -> dict:
         times = None
         rows = 1
     else:
-        n = len(chunk["times"])
-        index = {t: k for k, t in enumerate(chunk["times"])}
-        h, w = dst.shape
-        arrays = {v: np.empty((n, h, w), np.float32) for v in ctx["time_vars"]}
-        prev = {}
-        for r in chunk["reads"]:
-            got, _ = _read_fields(files[r["file"]], r["variables"], r["times"], dst, ctx["method"],
-                                  ctx["regrid_cache"])
-            for v, a in got.items():
-                for k, t in enumerate(r["times"]):
-                    if t == chunk["prev"]:
-                        prev[v] = a[k]
-                    else:
-                        arrays[v][index[t]] = a[k]
-        stats = {}
-        if chunk["split"] == "train":
-            for v, a in arrays.items():
-                stats[v] = {"values": Moments.of(a).to_dict(), "diffs": Moments.of_diffs(prev.get(v), a).to_dict()}
+        arrays, prev = _chunk_arrays(chunk, ctx, dst)
+        stats = _chunk_stats(chunk, arrays, prev)
         times = np.asarray(chunk["times"], dtype="int64").astype("datetime64[ns]")
-        rows = n
+        rows = len(chunk["times"])
     meta = {"recipe": recipe_fp, "sources": sources_fp, "rows": rows, "stats": stats}
-    data = table_bytes(S.table_from_arrays(times, arrays, metadata=meta), list(arrays), ctx["compression_level"])
-    write_atomic(path, data, so)
-    digest = hashlib.sha256(data).hexdigest()
-    del data, arrays
-    pa.default_memory_pool().release_unused()  # give the encoder's buffers back between tasks
-    return {**_summary(chunk), "rows": rows, "stats": stats, "sha256": digest, "skipped": False}
+    digest = _write_table(path, S.table_from_arrays(times, arrays, metadata=meta), list(arrays), ctx)
+    res = {**_summary(chunk), "rows": rows, "stats": stats, "sha256": digest, "skipped": False}
+    if keep_arrays:
+        res["arrays"] = arrays
+    return res
 
 
 def _summary(chunk: dict) -> dict:
@@ -412,64 +521,137 @@ def _summary(chunk: dict) -> dict:
     return out
 
 
-def run_climatology(variable: str, ctx: dict) -> dict:
-    """Day-of-year x hour climatology of one variable over the training shards (a Ray task)."""
-    fs, _ = storage.filesystem(ctx["output"], ctx["storage_options"])
-    acc = ClimatologyAccumulator(tuple(ctx["shape"]))
-    for rel in ctx["train_shards"]:
-        _, p = storage.filesystem(_join(ctx["output"], rel), ctx["storage_options"])
-        with fs.open(p, "rb") as f:
-            times, arrays = S.arrays_from_table(pq.read_table(f, columns=[S.TIME, variable]))
-        acc.add(times, arrays[variable])
-    doy, hour, counts, clim, mean = acc.result()
-    table = pa.table({"dayofyear": doy, "hour": hour, "count": counts,
-                      variable: pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(clim))})
-    write_atomic(_join(ctx["output"], S.CLIMATOLOGY_DIR, f"{variable}.parquet"),
-                 table_bytes(table, [variable], ctx["compression_level"]), ctx["storage_options"])
-    return {"variable": variable, "slots": int(len(doy)), "time_mean": mean}
+def _window_fingerprint(chunks: list[dict], ctx: dict) -> str:
+    text = "|".join([ctx["recipe_fp"], *(f"{c['path']}:{_sources_fingerprint(c, ctx['files'])}" for c in chunks)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _part_time_sums(table: pa.Table, variables: list[str]) -> tuple[dict[str, np.ndarray], int]:
+    """float64 sum over the window's steps of each variable, from its climatology part (count x
+    the stored float32 slot mean): the same numbers whether the part was just written or read back."""
+    counts = table.column("count").to_numpy().astype(np.float64)
+    sums = {}
+    for v in variables:
+        clim = table.column(v).combine_chunks().to_numpy_ndarray()
+        sums[v] = np.tensordot(counts, clim.astype(np.float64), axes=(0, 0))
+    return sums, int(counts.sum())
+
+
+def run_window(unit: dict, ctx: dict) -> dict:
+    """Write the training shards of one window of climatology slots (every training year) and the
+    window's climatology part; return each chunk's metadata and the window's float64 time sums.
+
+    Every step of a slot falls in this window, so the day-of-year x hour means are complete here:
+    the climatology needs no second read of the shards (issue 14)."""
+    path = _join(ctx["output"], unit["path"])
+    variables = ctx["time_vars"]
+    chunks = unit["chunk_list"]
+    fp = _window_fingerprint(chunks, ctx)
+    if not ctx["overwrite"] and _existing(path, ctx["recipe_fp"], fp, ctx["storage_options"]) is not None:
+        results = [run_chunk(c, ctx) for c in chunks]
+        if not any(not r["skipped"] for r in results):  # everything there: take the part as it is
+            fs, p = storage.filesystem(path, ctx["storage_options"])
+            with fs.open(p, "rb") as fh:
+                table = pq.read_table(fh)
+            sums, n = _part_time_sums(table, variables)
+            return {"chunks": results, "time_sums": sums, "count": n, "skipped": True}
+    slots = np.asarray(unit["slots"], dtype=np.int64)
+    pos = {int(s): k for k, s in enumerate(slots)}
+    h, w = len(ctx["lat"]), len(ctx["lon"])
+    acc = {v: np.zeros((len(slots), h, w), np.float64) for v in variables}
+    counts = np.zeros(len(slots), np.int64)
+    results = []
+    for chunk in chunks:
+        res = run_chunk(chunk, ctx, keep_arrays=True)
+        arrays = res.pop("arrays")
+        at = np.array([pos[int(s)] for s in _slot_keys(np.asarray(chunk["times"]))], dtype=np.int64)
+        counts[at] += 1  # a slot occurs once per year, so `at` has no repeats
+        for v in variables:
+            acc[v][at] += arrays[v]
+        del arrays
+        results.append(res)
+    used = counts > 0
+    doy, hour = slots[used] // 24 + 1, slots[used] % 24
+    clim = {v: (acc[v][used] / counts[used][:, None, None]).astype(np.float32) for v in variables}
+    del acc
+    table = pa.table({"dayofyear": doy.astype(np.int16), "hour": hour.astype(np.int8),
+                      "count": counts[used].astype(np.int32),
+                      **{v: pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(clim[v]))
+                         for v in variables}},
+                     metadata={S.META_KEY: json.dumps({"recipe": ctx["recipe_fp"], "sources": fp}).encode()})
+    del clim
+    _write_table(path, table, variables, ctx)
+    sums, n = _part_time_sums(table, variables)
+    pa.default_memory_pool().release_unused()  # give the encoder's buffers back between tasks
+    return {"chunks": results, "time_sums": sums, "count": n, "skipped": False}
+
+
+def run_unit(unit: dict, ctx: dict) -> dict:
+    """One Ray task: a window of training shards + its climatology part, or one shard."""
+    if unit["kind"] == "window":
+        return run_window(unit, ctx)
+    res = run_chunk(unit["chunk_list"][0], ctx)
+    pa.default_memory_pool().release_unused()
+    return {"chunks": [res], "time_sums": None, "count": 0, "skipped": res["skipped"]}
 
 
 # ----------------------------------------------------------------------------- driver
-def _ray_map(items: list, fn, ctx: dict, name: str) -> list:
-    """Run ``fn(item, ctx)`` for every item as a Ray Data map (streaming, with progress bars)."""
+def _guarded(fn, *args):
+    """Errors travel back as data: the message names the file, variable and time step, and the
+    driver raises it once as a BuildError instead of a Ray traceback per task."""
+    try:
+        return {"ok": fn(*args)}
+    except Exception as e:  # noqa: BLE001 - re-raised in the driver
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def _run_tasks(fn, items: list, ctx: Any, name: str, *, memory: int | None = None,
+               progress: bool = True, on_result=None) -> list:
+    """Run ``fn(item, ctx)`` for every item as plain Ray tasks; results in input order.
+
+    Plain tasks rather than Ray Data: our stages are independent items that write their own
+    output and return small metadata; no data flows between them, so Ray Data's operators, its
+    two internal actors (~400 MB) and its start-up (8-12 s on 2 cores) bought nothing (measured,
+    benchmarks/RESULTS.md). ``memory`` is Ray's logical memory resource per task (the recipe's
+    ``max_task_mb``), so a node never runs more tasks at once than its memory holds.
+    ``on_result(i, result)`` is called in input order as results arrive (to merge and free them)."""
     import ray
+    from tqdm.auto import tqdm
 
     if not items:
         return []
     ctx_ref = ray.put(ctx)
-
-    def apply(row: dict) -> dict:
-        # Errors travel back as data: Ray Data wraps task exceptions in a generic
-        # UserCodeException that loses the message naming the file, variable and time step.
-        try:
-            result = fn(json.loads(row["item"]), ray.get(ctx_ref))
-        except Exception as e:  # noqa: BLE001 - re-raised in the driver
-            return {"order": row["order"], "result": "", "error": f"{type(e).__name__}: {e}"}
-        return {"order": row["order"], "result": json.dumps(result, default=_jsonable), "error": ""}
-
-    ds = ray.data.from_items([{"order": i, "item": json.dumps(it)} for i, it in enumerate(items)],
-                             override_num_blocks=len(items))
-    # Ray Data streams results in completion order; put them back in input order (determinism).
-    rows = sorted(ds.map(apply, num_cpus=1).take_all(), key=lambda r: r["order"])
-    errors = sorted({r["error"] for r in rows if r["error"]})
-    if errors:
-        more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-        raise BuildError(f"{name} stage failed: {errors[0]}{more}")
-    return [json.loads(r["result"], object_hook=_unjsonable) for r in rows]
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.ndarray):
-        return {"__ndarray__": o.tolist(), "dtype": str(o.dtype)}
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"cannot serialise {type(o)}")
-
-
-def _unjsonable(d: dict) -> Any:
-    if "__ndarray__" in d:
-        return np.asarray(d["__ndarray__"], dtype=d["dtype"])
-    return d
+    opts: dict[str, Any] = {"num_cpus": 1, "max_retries": 3}
+    if memory:
+        opts["memory"] = int(memory)
+    task = ray.remote(_guarded).options(name=f"build.{name}", **opts)
+    refs = [task.remote(fn, it, ctx_ref) for it in items]
+    order = {r: i for i, r in enumerate(refs)}
+    done: dict[int, Any] = {}
+    out: list[Any] = [None] * len(items)
+    next_i = 0
+    errors: list[str] = []
+    pending = list(refs)
+    with tqdm(total=len(items), desc=name, unit="task", disable=not progress, leave=False) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=None)
+            for r in ready:
+                got = ray.get(r)
+                bar.update(1)
+                if "error" in got:
+                    errors.append(got["error"])
+                    continue
+                done[order[r]] = got["ok"]
+            if errors:
+                for r in pending:
+                    ray.cancel(r)
+                more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+                raise BuildError(f"{name} stage failed: {sorted(errors)[0]}{more}")
+            while next_i in done:  # hand results over in input order (determinism)
+                res = done.pop(next_i)
+                out[next_i] = on_result(next_i, res) if on_result else res
+                next_i += 1
+    return out
 
 
 def _versions() -> dict:
@@ -484,43 +666,78 @@ def _versions() -> dict:
     return out
 
 
-def build(recipe: Recipe, overwrite: bool = False) -> dict:
-    """Run the whole build on the connected Ray cluster; return the manifest."""
+def build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
+          timings: dict[str, float] | None = None) -> dict:
+    """Run the whole build on the connected Ray cluster; return the manifest.
+
+    ``timings``, when given, receives the wall time of each stage (for benchmarks)."""
+    import time as _time
+
+    timings = {} if timings is None else timings
     so = recipe.storage_options or None
     fs, root = storage.filesystem(recipe.output, so)
     manifest_path = _join(recipe.output, S.MANIFEST)
     _, mp = storage.filesystem(manifest_path, so)
     if fs.exists(mp):  # a stale manifest must not describe shards this run may change
         fs.rm(mp)
+    budget = recipe.max_task_mb * 2**20
 
+    t = _time.perf_counter()
     items = expand_sources(recipe)
     log.info("scanning %d source files", len(items))
-    files = _ray_map(items, lambda it, c: scan_file(it, c["variables"]), {"variables": recipe.variables}, "scan")
+    files = _run_tasks(scan_file, items, recipe.variables, "scan", progress=progress)
+    timings["scan"] = _time.perf_counter() - t
+    t = _time.perf_counter()
     plan = plan_chunks(recipe, files)
+    h, w = plan.dst.shape
+    # what a task holds besides its decode sub-blocks: the chunk's fields, the window's float64
+    # climatology sums (twice the chunk) and the encoded shard
+    chunk_bytes = max((len(c.get("times", [1])) for c in plan.chunks), default=1) * max(1, len(plan.time_vars)) * h * w * 4
+    block_bytes = max(budget - 4 * chunk_bytes, budget // 4)
     ctx = {
         "recipe_fp": recipe.fingerprint(), "output": recipe.output, "storage_options": so,
         "files": [{k: v for k, v in f.items() if k != "times"} for f in files],
         "lat": plan.dst.lat.tolist(), "lon": plan.dst.lon.tolist(), "method": recipe.grid.method,
         "regrid_cache": recipe.regrid_cache, "time_vars": plan.time_vars, "overwrite": overwrite,
-        "compression_level": recipe.compression_level,
+        "compression_level": recipe.compression_level, "block_bytes": block_bytes,
     }
-    log.info("writing %d shards", len(plan.chunks))
-    results = sorted(_ray_map(plan.chunks, run_chunk, ctx, "shards"), key=lambda r: r["index"])
+    timings["plan"] = _time.perf_counter() - t
+    t = _time.perf_counter()
+    log.info("writing %d shards in %d tasks", len(plan.chunks), len(plan.units))
 
-    train = [r["path"] for r in results if r["kind"] == "shard" and r["split"] == "train"]
-    cctx = {"output": recipe.output, "storage_options": so, "shape": list(plan.dst.shape),
-            "train_shards": train, "compression_level": recipe.compression_level}
-    clim = {c["variable"]: c for c in _ray_map(plan.time_vars, run_climatology, cctx, "climatology")}
-    if clim:
-        mean_table = S.table_from_arrays(None, {v: np.asarray(c["time_mean"], np.float32) for v, c in clim.items()})
+    results: list[dict] = []
+    time_sum = {v: np.zeros((h, w), np.float64) for v in plan.time_vars}
+    time_count = 0
+    windows_done = 0
+
+    def take(_i: int, res: dict) -> None:
+        nonlocal time_count, windows_done
+        results.extend(res["chunks"])
+        if res["time_sums"] is not None:
+            for v, s in res["time_sums"].items():
+                time_sum[v] += s
+            time_count += res["count"]
+            windows_done += 1
+
+    # each task carries its own chunks (time lists, reads); the shared context stays small
+    units = [{**u, "chunk_list": [plan.chunks[i] for i in u["chunks"]]} for u in plan.units]
+    _run_tasks(run_unit, units, ctx, "shards", memory=budget, progress=progress, on_result=take)
+    del units
+    results.sort(key=lambda r: r["index"])
+    timings["shards"] = _time.perf_counter() - t
+    t = _time.perf_counter()
+
+    parts = [u["path"] for u in plan.units if u["kind"] == "window"]
+    if parts:
+        mean = {v: (time_sum[v] / max(time_count, 1)).astype(np.float32) for v in plan.time_vars}
         write_atomic(_join(recipe.output, S.CLIMATOLOGY_DIR, "time_mean.parquet"),
-                     table_bytes(mean_table, list(clim), recipe.compression_level), so)
+                     table_bytes(S.table_from_arrays(None, mean), list(mean), recipe.compression_level), so)
 
     statistics = {}
     for v in recipe.variables:
-        parts = [r["stats"][v] for r in results if v in r.get("stats", {})]
-        values = merge_all(Moments.from_dict(p["values"]) for p in parts)
-        diffs = merge_all(Moments.from_dict(p["diffs"]) for p in parts)
+        parts_v = [r["stats"][v] for r in results if v in r.get("stats", {})]
+        values = merge_all(Moments.from_dict(p["values"]) for p in parts_v)
+        diffs = merge_all(Moments.from_dict(p["diffs"]) for p in parts_v)
         statistics[v] = {"mean": values.mean, "std": values.std, "count": values.count,
                          "diff_std": diffs.std if diffs.count else None}
 
@@ -537,6 +754,7 @@ def build(recipe: Recipe, overwrite: bool = False) -> dict:
     splits = {}
     for name in recipe.splits:
         rs = [r for r in results if r["kind"] == "shard" and r["split"] == name]
+        rs.sort(key=lambda r: r["start"])  # training shards are planned by window, listed by time
         splits[name] = {
             "years": list(recipe.splits[name]),
             "start": rs[0]["start"] if rs else None,
@@ -557,29 +775,33 @@ def build(recipe: Recipe, overwrite: bool = False) -> dict:
         "splits": splits,
         "statistics": statistics,
         "climatology": {"path": S.CLIMATOLOGY_DIR, "over": "train", "slots": "dayofyear x hour",
-                        "time_mean": f"{S.CLIMATOLOGY_DIR}/time_mean.parquet"} if clim else None,
+                        "parts": parts, "time_mean": f"{S.CLIMATOLOGY_DIR}/time_mean.parquet"} if parts else None,
         "recipe": recipe.model_dump(mode="json"),
         "recipe_fingerprint": recipe.fingerprint(),
         "versions": _versions(),
         "sources": [{"path": f["path"], "format": f["format"], "fingerprint": f["fingerprint"],
                      "calendar": f["calendar"]} for f in files],
     }
-    _remove_stale(recipe, {r["path"] for r in results})
+    _remove_stale(recipe, {r["path"] for r in results} | set(parts))
     write_atomic(manifest_path, json.dumps(manifest, indent=1).encode(), so)
+    timings["driver"] = _time.perf_counter() - t
     log.info("wrote %s (%d shards, %d skipped)", manifest_path, len(results),
              sum(r.get("skipped", False) for r in results))
     return manifest
 
 
 def _remove_stale(recipe: Recipe, keep: set[str]) -> None:
-    """Delete shards of an earlier recipe that this plan does not produce (and leftover temps)."""
+    """Delete shards and climatology parts of an earlier recipe that this plan does not produce
+    (and leftover temporaries)."""
     so = recipe.storage_options or None
     fs, root = storage.filesystem(recipe.output, so)
-    for split in ("train", "val", "test"):
-        base = f"{root.rstrip('/')}/{split}"
+    for sub in ("train", "val", "test", S.CLIMATOLOGY_DIR):
+        base = f"{root.rstrip('/')}/{sub}"
         if not fs.exists(base):
             continue
         for p in fs.find(base):
             rel = p[len(root.rstrip("/")) + 1:]
+            if rel == f"{S.CLIMATOLOGY_DIR}/time_mean.parquet":
+                continue
             if rel not in keep and (p.endswith(".parquet") or p.endswith(".tmp")):
                 fs.rm(p)

@@ -80,6 +80,9 @@ class Recipe(_Strict):
     shard_bytes: int = Field(16 * 2**20, description="target uncompressed bytes per shard (bounds task memory)")
     compression_level: int = Field(1, description="zstd level of the shards (1: fastest; 3-9: a few % smaller)")
     regrid_cache: str | None = Field(None, description="local folder caching regridding weights")
+    max_task_mb: int = Field(
+        768, ge=1, description="memory one build task may hold (MiB), decoding and regridding included; "
+        "also Ray's memory request per task, so a node runs no more tasks than its memory holds")
 
     @field_validator("variables")
     @classmethod
@@ -113,7 +116,7 @@ class Recipe(_Strict):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes the shards' content (not where they go)."""
-        content = self.model_dump(mode="json", exclude={"output", "storage_options", "regrid_cache"})
+        content = self.model_dump(mode="json", exclude={"output", "storage_options", "regrid_cache", "max_task_mb"})
         for s in content["sources"]:
             s.pop("storage_options", None)
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

@@ -471,7 +471,8 @@ class Regridder:
                 )
         self.weights: sp.csr_matrix = weights
 
-    def __call__(self, field: np.ndarray) -> np.ndarray:
+    def __call__(self, field: np.ndarray, *, copy: bool = True) -> np.ndarray:
+        """``copy=False``: an identity regrid may return ``field`` itself (when it is float32)."""
         a = np.asarray(field)
         if a.ndim < 2 or a.shape[-2:] != self.src.shape:
             raise RegridError(
@@ -479,7 +480,7 @@ class Regridder:
                 "(nlat, nlon); transpose it to (..., lat, lon)"
             )
         if self.src == self.dst:  # identity weights: skip the sparse product (exact either way)
-            return np.array(a, dtype=np.float32, order="C", copy=True)
+            return np.array(a, dtype=np.float32, order="C", copy=True if copy else None)
         lead = a.shape[:-2]
         flat = a.reshape(-1, self.src.size)
         out = np.empty((flat.shape[0], self.dst.size), dtype=np.float32)

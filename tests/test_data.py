@@ -241,7 +241,7 @@ def test_climatology_lookup_and_fallbacks(ds, root):
                      dtype="datetime64[ns]")
     got = ds.climatology(["temperature_850", "orography"], times)
     assert got.shape == (5, 2, 16, 32) and got.dtype == np.float32
-    table = pq.read_table(root / "climatology" / "temperature_850.parquet")
+    table = S.read_climatology(str(root), "temperature_850")
     doy, hour = table.column("dayofyear").to_numpy(), table.column("hour").to_numpy()
     clim = table.column("temperature_850").combine_chunks().to_numpy_ndarray()
     row = lambda d, h: clim[int(np.flatnonzero((doy == d) & (hour == h))[0])]

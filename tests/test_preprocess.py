@@ -141,7 +141,7 @@ def test_constants_and_climatology(built, archive):
     np.testing.assert_allclose(consts["latitude"][0, :, 0], manifest["grid"]["lat"])
     assert 0 <= consts["land_sea_mask"].min() and consts["land_sea_mask"].max() <= 1
     times, truth = _truth(archive, "2m_temperature", (2014, 2015))
-    clim = pq.read_table(out / "climatology" / "2m_temperature.parquet")
+    clim = S.read_climatology(str(out), "2m_temperature")
     doy, hour = clim.column("dayofyear").to_numpy(), clim.column("hour").to_numpy()
     values = clim.column("2m_temperature").combine_chunks().to_numpy_ndarray()
     k = int(np.flatnonzero((doy == 32) & (hour == 12))[0])  # 1 February 12 UTC of 2014 and 2015
