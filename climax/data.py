@@ -218,9 +218,9 @@ class ShardDataset:
             raise KeyError(f"dataset {self.name}: shard {rel} has no column(s) {lacking}; rebuild the dataset")
         md = pf.metadata
         with lock:
-            if md.num_row_groups == md.num_rows:  # the shard format: one time step per row group
+            if md.num_row_groups == md.num_rows:  # one time step per row group (finer grids)
                 return pf.read_row_groups(rows.tolist(), columns=list(columns), use_threads=True)
-            # any other row grouping: read the groups that hold the rows, then take the rows
+            # several steps per row group: read the groups that hold the rows, then take the rows
             sizes = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)])
             ends = np.cumsum(sizes)
             group = np.searchsorted(ends, rows, side="right")

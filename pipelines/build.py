@@ -101,7 +101,8 @@ def _join(root: str, *parts: str) -> str:
 def table_bytes(table: pa.Table, variables: list[str], compression_level: int) -> memoryview:
     """The Parquet file as one buffer (hashed and written as is, without a copy)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **S.write_options(variables, compression_level))
+    shape = table.schema.field(variables[0]).type.shape if variables else None
+    pq.write_table(table, sink, **S.write_options(variables, compression_level, shape))
     return memoryview(sink.getvalue())
 
 
@@ -566,8 +567,10 @@ def run_window(unit: dict, ctx: dict) -> dict:
         arrays = res.pop("arrays")
         at = np.array([pos[int(s)] for s in _slot_keys(np.asarray(chunk["times"]))], dtype=np.int64)
         counts[at] += 1  # a slot occurs once per year, so `at` has no repeats
+        # a year's steps of a window are usually consecutive slots: add in place, no gather
+        sel = slice(int(at[0]), int(at[-1]) + 1) if len(at) and at[-1] - at[0] == len(at) - 1 else at
         for v in variables:
-            acc[v][at] += arrays[v]
+            acc[v][sel] += arrays[v]
         del arrays
         results.append(res)
     used = counts > 0

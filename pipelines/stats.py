@@ -30,25 +30,31 @@ class Moments:
 
     @classmethod
     def of(cls, values: np.ndarray, block: int = 1 << 20) -> Moments:
-        """Moments of all elements, in float64 blocks of ``block`` elements (bounded memory)."""
+        """Moments of all elements: two passes (mean, then squared deviations) over float64
+        blocks of ``block`` elements, merged with Chan's formula (bounded memory)."""
         a = np.asarray(values).reshape(-1)
-        if a.size == 0:
-            return cls()
-        mean = float(a.sum(dtype=np.float64) / a.size)
-        m2 = 0.0
+        total = cls()
         for k in range(0, a.size, block):
-            m2 += float(np.square(a[k:k + block].astype(np.float64) - mean).sum())
-        return cls(int(a.size), mean, m2)
+            x = a[k:k + block].astype(np.float64)
+            mean = float(x.sum() / x.size)
+            x -= mean
+            total = total.merge(cls(int(x.size), mean, float(np.dot(x, x))))
+        return total
 
     @classmethod
-    def of_diffs(cls, first: np.ndarray | None, values: np.ndarray) -> Moments:
+    def of_diffs(cls, first: np.ndarray | None, values: np.ndarray, block: int = 1 << 20) -> Moments:
         """Moments of the differences between consecutive fields of ``values`` (axis 0), preceded
-        by ``first`` when given, computed frame by frame in float64."""
-        total, prev = cls(), first
-        for frame in values:
-            if prev is not None:
-                total = total.merge(cls.of(frame.astype(np.float64) - prev))
-            prev = frame
+        by ``first`` when given, in float64, a block of fields at a time."""
+        v = np.asarray(values)
+        if first is not None:
+            v = np.concatenate([np.asarray(first, v.dtype)[None], v])
+        if len(v) < 2:
+            return cls()
+        per = max(1, block // max(1, v[0].size))
+        total = cls()
+        for k in range(0, len(v) - 1, per):
+            seg = v[k:k + per + 1].astype(np.float64)
+            total = total.merge(cls.of(np.diff(seg, axis=0), block=max(block, seg[1:].size)))
         return total
 
     def merge(self, other: Moments) -> Moments:
