@@ -392,7 +392,7 @@ def make_recipe(root: str, years: list[int], out: str, shard_bytes: int | None, 
 
 
 def run_ours(root: str, years: list[int], out: str, num_cpus: int, shard_bytes: int | None,
-             level: int | None, step_hours: int = 1) -> dict:
+             level: int | None, step_hours: int = 1, nodes: int = 0) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster this benchmark starts itself
     import ray
 
@@ -402,7 +402,17 @@ def run_ours(root: str, years: list[int], out: str, num_cpus: int, shard_bytes: 
     stages: dict[str, float] = {}
     recipe = make_recipe(root, years, out, shard_bytes, level, step_hours)
     t = time.perf_counter()
-    ray.init(num_cpus=num_cpus, log_to_driver=False)
+    cluster = None
+    if nodes:  # scale-out: `nodes` Ray nodes of one CPU each on this machine (ray.cluster_utils)
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        for _ in range(nodes - 1):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, log_to_driver=False)
     init_s = time.perf_counter() - t
     t0 = time.perf_counter()
     manifest = build(recipe, overwrite=True, progress=False, timings=stages)
@@ -410,6 +420,8 @@ def run_ours(root: str, years: list[int], out: str, num_cpus: int, shard_bytes: 
     shards = sum(len(s["shards"]) for s in manifest["splits"].values())
     rows = sum(s["rows"] for s in manifest["splits"].values())
     ray.shutdown()
+    if cluster is not None:
+        cluster.shutdown()
     return {"wall_s": wall, "stages_s": stages, "ray_init_s": init_s, "driver_ru_maxrss_mb": peak_rss_mb(),
             "driver_vm_hwm_mb": vm_hwm_mb(), "shards": shards,
             "rows": rows, "shard_bytes": recipe.shard_bytes, "compression_level": recipe.compression_level}
@@ -458,7 +470,7 @@ def run_grib_ours(files: list[str], out: str, num_cpus: int, resolution: float, 
     from pipelines.build import build
     from pipelines.recipe import Recipe
 
-    end = np.datetime64(f"{FIRST_YEAR}-01-01") + np.timedelta64(days * 24 - step_hours, "h")
+    end = (np.datetime64(f"{FIRST_YEAR}-01-01T00:00") + np.timedelta64(days * 24 - step_hours, "h")).astype("datetime64[m]")
     d = {"sources": [{"path": os.path.dirname(files[0]) + "/*.grib", "format": "grib"}], "variables": GRIB_VARS,
          "grid": {"resolution": resolution, "method": "conservative"},
          "time": {"start": f"{FIRST_YEAR}-01-01", "end": str(end), "step": f"{step_hours}h"},
@@ -503,6 +515,30 @@ def grib_main(args: argparse.Namespace, workdir: str) -> None:
     print(f"target whole-tree PSS <= 2.0 GB: {'met' if ok else 'MISSED'}")
 
 
+def scaling_main(args: argparse.Namespace, workdir: str) -> None:
+    years = list(range(FIRST_YEAR, FIRST_YEAR + args.years))
+    raw_root = ensure_data(Path(workdir) / f"raw_{args.step_hours}h", years, args.step_hours)
+    root = subset_root(raw_root, years, Path(workdir) / f"input_{args.years}y")
+    files = input_files(root, years)
+    in_bytes = sum(os.path.getsize(f) for f in files)
+    print(f"input: {len(files)} NetCDF files, {in_bytes / MB:.0f} MB; ours on 1 then 2 one-CPU Ray nodes "
+          "(ray.cluster_utils.Cluster on this machine)", flush=True)
+    res = {}
+    for n in (1, 2):
+        spec = {"which": "ours", "root": root, "years": years, "baseline_shards": 0, "num_cpus": 1,
+                "shard_bytes": args.shard_bytes, "level": args.compression_level, "step_hours": args.step_hours,
+                "nodes": n}
+        res[n] = launch_generic(spec, args, os.path.join(workdir, f"out_nodes{n}"), files)
+        r = res[n]
+        print(f"{n} node(s): wall {r['wall_s']:.1f} s, {in_bytes / MB / r['wall_s']:.1f} MB/s, whole-tree PSS peak "
+              f"{r['peak_total_pss_mb']:.0f} MB (workers {r['peak_workers_mb']:.0f} MB RSS), stages "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in r["stages_s"].items()), flush=True)
+    same = all((Path(workdir, "out_nodes1", p.relative_to(Path(workdir, "out_nodes2"))).read_bytes() == p.read_bytes())
+               for p in Path(workdir, "out_nodes2").rglob("*.parquet"))
+    print(f"throughput 2 nodes / 1 node: {res[1]['wall_s'] / res[2]['wall_s']:.2f}x (target 1.8x); "
+          f"shards byte-identical: {same}")
+
+
 def launch_generic(spec: dict, args: argparse.Namespace, out: str, files: list[str]) -> dict:
     if os.path.exists(out):
         shutil.rmtree(out)
@@ -534,7 +570,8 @@ def child_main(argv: list[str]) -> None:
     elif a["which"] == "baseline":
         res = run_baseline(a["root"], a["years"], a["out"], a["baseline_shards"])
     else:
-        res = run_ours(a["root"], a["years"], a["out"], a["num_cpus"], a["shard_bytes"], a["level"], a["step_hours"])
+        res = run_ours(a["root"], a["years"], a["out"], a["num_cpus"], a["shard_bytes"], a["level"], a["step_hours"],
+                       a.get("nodes", 0))
     with open(a["result"], "w") as f:
         json.dump(res, f)
 
@@ -646,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--profile", action="store_true", help="also profile one shard task in-process")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--scaling", action="store_true",
+                   help="scale-out mode: ours on a ray.cluster_utils.Cluster of 1 then 2 one-CPU nodes")
     p.add_argument("--grib", action="store_true",
                    help="the 0.25 deg GRIB mode: 0.25 -> 5.625 and 1.40625 deg conservative, whole-tree PSS")
     p.add_argument("--grib-days", type=int, default=60, help="days of 6-hourly 0.25 deg GRIB (default 60: 240 steps)")
@@ -658,6 +697,13 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="climax-preprocess-bench-")
     os.makedirs(workdir, exist_ok=True)
+    if args.scaling:
+        try:
+            scaling_main(args, workdir)
+        finally:
+            if not args.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+        return 0
     if args.grib:
         try:
             grib_main(args, workdir)

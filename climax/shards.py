@@ -133,13 +133,22 @@ def write_options(variables: Sequence[str], compression_level: int = 3, shape: S
 
 def read_shard(path: str, columns: Sequence[str] | None = None, rows: Sequence[int] | None = None,
                filesystem: Any = None) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
-    """Read a shard (or only some columns / rows: one row group per row) into numpy."""
+    """Read a shard (or only some columns / rows, reading only the row groups that hold them)."""
     cols = None if columns is None else [TIME] + [c for c in columns if c != TIME]
     pf = pq.ParquetFile(path, filesystem=filesystem) if filesystem is not None else pq.ParquetFile(path)
     if cols is not None and TIME not in pf.schema_arrow.names:
         cols = [c for c in cols if c != TIME]
-    table = pf.read_row_groups(list(rows), columns=cols) if rows is not None else pf.read(columns=cols)
-    return arrays_from_table(table)
+    if rows is None:
+        return arrays_from_table(pf.read(columns=cols))
+    rows = np.asarray(list(rows), dtype=np.int64)
+    md = pf.metadata
+    ends = np.cumsum([md.row_group(i).num_rows for i in range(md.num_row_groups)])
+    group = np.searchsorted(ends, rows, side="right")  # the row group holding each row
+    groups = np.unique(group)
+    table = pf.read_row_groups(groups.tolist(), columns=cols)
+    starts = np.concatenate([[0], ends[:-1]])
+    offset = np.concatenate([[0], np.cumsum(ends[groups] - starts[groups])[:-1]])  # of each group read
+    return arrays_from_table(table.take(pa.array(offset[np.searchsorted(groups, group)] + rows - starts[group])))
 
 
 def read_climatology(root: str, variable: str, filesystem: Any = None) -> pa.Table:
