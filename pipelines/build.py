@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from climax import shards as S
-from pipelines import regrid, storage
+from pipelines import node_cache, regrid, storage
 from pipelines.recipe import Recipe
 from pipelines.sources import SourceError, list_files, open_source
 from pipelines.sources.weatherbench import file_year
@@ -486,6 +486,16 @@ def _versions() -> dict:
 
 def build(recipe: Recipe, overwrite: bool = False) -> dict:
     """Run the whole build on the connected Ray cluster; return the manifest."""
+    # local copies of remote sources (only formats that cannot be streamed): those a killed run
+    # left are removed first, this run's when it ends (one task per node; pipelines.node_cache)
+    node_cache.cleanup_nodes()
+    try:
+        return _build(recipe, overwrite)
+    finally:
+        node_cache.cleanup_nodes()
+
+
+def _build(recipe: Recipe, overwrite: bool = False) -> dict:
     so = recipe.storage_options or None
     fs, root = storage.filesystem(recipe.output, so)
     manifest_path = _join(recipe.output, S.MANIFEST)
