@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from climax import shards as S
-from pipelines import regrid, storage
+from pipelines import node_cache, regrid, storage
 from pipelines.recipe import Recipe
 from pipelines.sources import SourceError, list_files, open_source
 from pipelines.sources.weatherbench import file_year
@@ -679,6 +679,17 @@ def build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
     """Run the whole build on the connected Ray cluster; return the manifest.
 
     ``timings``, when given, receives the wall time of each stage (for benchmarks)."""
+    # local copies of remote sources (only formats that cannot be streamed): those a killed run
+    # left are removed first, this run's when it ends (one task per node; pipelines.node_cache)
+    node_cache.cleanup_nodes()
+    try:
+        return _build(recipe, overwrite, progress=progress, timings=timings)
+    finally:
+        node_cache.cleanup_nodes()
+
+
+def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
+           timings: dict[str, float] | None = None) -> dict:
     import time as _time
 
     timings = {} if timings is None else timings

@@ -2,16 +2,15 @@
 
 ``storage_options`` follow s3fs, e.g. ``{"key": ..., "secret": ...,
 "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}``; the ``AWS_ENDPOINT_URL``
-environment variable is honoured when no endpoint is given. ecCodes reads files, not streams, so
-remote inputs are copied to local files (:func:`local_copy`, :func:`fetch`).
+environment variable is honoured when no endpoint is given. Remote inputs are read by byte ranges
+(:mod:`pipelines.streaming`); what needs a local file goes to the node's bounded download cache
+(:mod:`pipelines.node_cache`); :func:`local_copy` is a one-off temporary download.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import glob as _glob
-import hashlib
 import os
 import shutil
 import tempfile
@@ -28,9 +27,6 @@ class StorageError(SourceError):
 
 class PathNotFoundError(StorageError, FileNotFoundError):
     """Nothing matches a path or pattern."""
-
-
-_CACHE_DIR: str | None = None
 
 
 def is_remote(path: str) -> bool:
@@ -184,33 +180,3 @@ def local_copy(path: str, storage_options: dict | None = None) -> Iterator[str]:
         yield dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def fetch(path: str, storage_options: dict | None = None) -> str:
-    """Local path for ``path`` that stays valid for the life of the process (for lazy datasets
-    opened from remote files). Downloads go to one temporary folder removed at exit; the same
-    object (same ETag/size) is downloaded once.
-    """
-    global _CACHE_DIR
-    if not is_remote(path):
-        with local_copy(path, storage_options) as p:
-            return p
-    fs, stripped = filesystem(path, storage_options)
-    try:
-        info = fs.info(stripped)
-    except Exception as exc:
-        if isinstance(exc, FileNotFoundError):
-            _check_bucket(fs, path, stripped, storage_options)
-        raise explain(exc, path, storage_options) from None
-    if _CACHE_DIR is None or not os.path.isdir(_CACHE_DIR):
-        _CACHE_DIR = tempfile.mkdtemp(prefix="climax-fetch-")
-        atexit.register(shutil.rmtree, _CACHE_DIR, True)
-    tag = f"{path}|{info.get('ETag') or info.get('etag')}|{info.get('size')}"
-    sub = os.path.join(_CACHE_DIR, hashlib.sha1(tag.encode()).hexdigest()[:16])
-    dest = os.path.join(sub, Path(stripped).name or "object")
-    if not os.path.exists(dest):
-        os.makedirs(sub, exist_ok=True)
-        part = dest + ".part"
-        _download(path, part, storage_options)
-        os.replace(part, dest)
-    return dest

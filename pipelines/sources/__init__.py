@@ -99,8 +99,9 @@ def open_source(path: str, format: str = "auto", *, variables: list[str] | None 
                 member: int | None = None, storage_options: dict | None = None) -> xr.Dataset:
     """Open one source file (GRIB, NetCDF) or WeatherBench root as a contract Dataset.
 
-    ``path`` may be local or ``s3://bucket/key`` (downloaded once to a process-lifetime
-    temporary file, since ecCodes reads files; see :mod:`pipelines.storage`).
+    ``path`` may be local or an object-store URL (``s3://bucket/key``, any fsspec protocol):
+    GRIB and NetCDF 4 are streamed by byte ranges (:mod:`pipelines.streaming`), other files are
+    copied to the node's bounded download cache (:mod:`pipelines.node_cache`).
     """
     from pipelines import storage  # imported here: storage imports sources.base
 
@@ -109,22 +110,64 @@ def open_source(path: str, format: str = "auto", *, variables: list[str] | None 
     if variables is not None and isinstance(variables, str):
         variables = [variables]
     if storage.is_remote(path):
-        if fmt == "weatherbench":
-            raise SourceError(f"{path}: WeatherBench roots must be local folders; copy it first "
-                              "(e.g. `aws s3 sync`) or list its files with expand_paths")
-        local = storage.fetch(path, storage_options)
-        try:
-            ds = _open_local(local, fmt, variables, member)
-        except SourceError as exc:
-            raise SourceError(str(exc).replace(local, path)) from None
-        ds.attrs["source_file"] = path
-        for v in ds.data_vars.values():
-            v.attrs["source_file"] = path
-        return ds
+        return _open_remote(path, fmt, variables, member, storage_options)
     local = path[len("file://"):] if path.startswith("file://") else path
     if not os.path.exists(local):
         raise SourceError(f"{path}: no such file or directory")
     return _open_local(local, fmt, variables, member)
+
+
+def remote_format(path: str, storage_options: dict | None = None) -> str:
+    """grib / netcdf / weatherbench for an object-store URL: by extension (a WeatherBench file by
+    its ``<folder>/<folder>_...nc`` name), else by the magic bytes of one ranged read."""
+    name = path.rsplit("/", 1)[-1].lower()
+    if name.endswith(GRIB_EXTENSIONS):
+        return "grib"
+    if name.endswith(NETCDF_EXTENSIONS):
+        return "weatherbench" if is_weatherbench_file(path) else "netcdf"
+    from pipelines import streaming
+
+    fs, p, size, _ = streaming.object_info(path, storage_options)
+    if size == 0:
+        raise SourceError(f"{path}: is empty; the file is truncated or corrupt; re-download it")
+    head = streaming.read_ranges(fs, p, [(0, min(1024, size))], path, storage_options)[0]
+    if head.startswith(b"CDF") or head.startswith(b"\x89HDF"):
+        return "netcdf"
+    if b"GRIB" in head:
+        return "grib"
+    raise SourceError(
+        f"{path}: cannot tell the format (no known extension, first bytes {head[:4]!r}); pass "
+        "format='grib' or 'netcdf'"
+    )
+
+
+def _open_remote(path: str, fmt: str, variables, member, storage_options) -> xr.Dataset:
+    from pipelines import node_cache
+    from pipelines.sources.weatherbench import open_file
+
+    if fmt == "auto":
+        fmt = remote_format(path, storage_options)
+    if fmt == "weatherbench" and not is_weatherbench_file(path):
+        raise SourceError(f"{path}: WeatherBench roots must be local folders; copy it first "
+                          "(e.g. `aws s3 sync`) or list its files with expand_paths")
+    if fmt == "grib":
+        return GribSource().open(path, variables=variables, member=member,
+                                 storage_options=storage_options)
+    if fmt == "netcdf":
+        return NetCDFSource().open(path, variables=variables, member=member,
+                                   storage_options=storage_options)
+    if fmt == "weatherbench":
+        return open_file(path, variables, member=member, storage_options=storage_options)
+    # formats that need a local file (ClimateBench reads its files eagerly): the node's cache
+    with node_cache.local_copy(path, storage_options) as local:
+        try:
+            ds = _open_local(local, fmt, variables, member)
+        except SourceError as exc:
+            raise SourceError(str(exc).replace(local, path)) from None
+    ds.attrs["source_file"] = path
+    for v in ds.data_vars.values():
+        v.attrs["source_file"] = path
+    return ds
 
 
 def _open_local(path: str, fmt: str, variables, member) -> xr.Dataset:

@@ -104,7 +104,8 @@ def _kind_base(k: dict) -> str | None:
     return base
 
 
-def _candidates(path: str, idx: GI.GribIndex, wanted: set[str] | None) -> list[Candidate]:
+def _candidates(path: str, idx: GI.GribIndex, wanted: set[str] | None,
+                storage_options: dict | None = None) -> list[Candidate]:
     kinds = idx.kinds
     # group kinds into fields: pressure levels share one (level axis), others one per level
     groups: dict[tuple, list[int]] = {}
@@ -168,13 +169,13 @@ def _candidates(path: str, idx: GI.GribIndex, wanted: set[str] | None) -> list[C
                 da = xr.DataArray(np.zeros(1), dims=("values",), attrs=attrs)
             cands.append(Candidate(base, da, source_name, error))
             continue
-        da = _field_array(idx, entries, pl, levels, grid, attrs)
+        da = _field_array(idx, entries, pl, levels, grid, attrs, storage_options)
         cands.append(Candidate(base, da, source_name))
     return cands
 
 
 def _field_array(idx: GI.GribIndex, entries: np.ndarray, pl: bool, levels: np.ndarray,
-                 grid: dict, attrs: dict) -> xr.DataArray:
+                 grid: dict, attrs: dict, storage_options: dict | None = None) -> xr.DataArray:
     kinds = idx.kinds
     kind_of = idx.kind[entries]
     uk = np.unique(kind_of)
@@ -199,7 +200,7 @@ def _field_array(idx: GI.GribIndex, entries: np.ndarray, pl: bool, levels: np.nd
     table = np.full(shape, -1, dtype=np.int64)
     # first message wins for exact repeats: assign in reverse file order
     table[tuple(p[::-1] for p in pos)] = entries[::-1]
-    arr = GI.GribArray(idx, table)
+    arr = GI.GribArray(idx, table, storage_options)
     var = xr.Variable(tuple(dims) + ("lat", "lon"), indexing.LazilyIndexedArray(arr))
     coords = {"time": ("time", times.astype("datetime64[ns]")),
               "lat": ("lat", np.asarray(grid["lat"], dtype=np.float64)),
@@ -217,9 +218,10 @@ class GribSource:
     format = "grib"
 
     def open(self, path: str, *, variables: list[str] | None = None,
-             member: int | None = None) -> xr.Dataset:
+             member: int | None = None, storage_options: dict | None = None) -> xr.Dataset:
+        """``path``: a local file, or an object-store URL read by byte ranges (no local copy)."""
         path = str(path)
-        idx = GI.get_index(path)
+        idx = GI.get_index(path, storage_options=storage_options)
         _check_duplicates(path, idx)
         wanted = None
         if variables is not None:
@@ -231,7 +233,7 @@ class GribSource:
                     raise SourceError(f"{path}: {exc}") from None
                 wanted.add(spec.name)
                 wanted.add(spec.base)
-        cands = _candidates(path, idx, wanted)
+        cands = _candidates(path, idx, wanted, storage_options)
         cands.sort(key=lambda c: _PRIORITY.get(c.source_name, 0))
         return assemble(path, cands, variables=variables, member=member, fmt="grib",
                         describe=describe(idx))

@@ -525,25 +525,58 @@ def build_index(path: str) -> GribIndex:
             raise SourceError(f"{path}: is empty; {_REDOWNLOAD}")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
-            b = _Builder(path, mm, st.st_size)
-            _walk(b, mm, st.st_size, path)
-            idx = GribIndex(
-                path=os.path.abspath(path), size=st.st_size, mtime_ns=st.st_mtime_ns,
-                offset=np.asarray(b.offset, dtype=np.int64),
-                length=np.asarray(b.length, dtype=np.int64),
-                part=np.asarray(b.part, dtype=np.int32), kind=np.asarray(b.kind, dtype=np.int32),
-                ref_time=np.asarray(b.ref, dtype=np.int64),
-                valid_time=np.asarray(b.valid, dtype=np.int64), kinds=b.kinds, grids=b.grids,
-                parts=b.parts,
-                stats={"ecCodes_header_decodes": b.ecc_decodes, "per_message_times": b.slow_times},
-            )
-        except SourceError:
-            raise
-        except Exception as exc:  # ecCodes errors on a bad message
-            raise SourceError(f"{path}: reading GRIB headers failed ({type(exc).__name__}: "
-                              f"{exc}); {_REDOWNLOAD}") from None
+            return _index_of(mm, path, os.path.abspath(path), st.st_size, st.st_mtime_ns)
         finally:
             mm.close()
+
+
+def build_index_remote(url: str, storage_options: dict | None = None) -> GribIndex:
+    """Index a GRIB object in object storage by ranged reads of its message headers (see
+    :class:`pipelines.streaming.RangeView`); the data sections are never read, except one
+    message per distinct header signature. ``mtime_ns`` holds a hash of the object's ETag."""
+    from pipelines import streaming
+
+    fs, p, size, tag = streaming.object_info(url, storage_options)
+    if size == 0:
+        raise SourceError(f"{url}: is empty; {_REDOWNLOAD}")
+    view = streaming.RangeView(fs, p, size, url=url, storage_options=storage_options)
+    try:
+        idx = _index_of(view, url, url, size, remote_version(tag))
+        idx.stats.update(index_bytes_read=view.bytes_read, index_requests=view.requests,
+                         index_round_trips=view.batches)
+        return idx
+    finally:
+        view.close()
+
+
+def remote_version(tag: str) -> int:
+    """An int standing for an object's version tag (ETag, generation), where a local file's
+    index keeps its mtime_ns."""
+    return int(hashlib.sha1(str(tag).encode()).hexdigest()[:15], 16)
+
+
+def _index_of(mm, path: str, key_path: str, size: int, mtime_ns: int) -> GribIndex:
+    """The index from a memory map or a RangeView (anything with slices, bytes and ``find``)."""
+    try:
+        b = _Builder(path, mm, size)
+        _walk(b, mm, size, path)
+        idx = GribIndex(
+            path=key_path, size=size, mtime_ns=mtime_ns,
+            offset=np.asarray(b.offset, dtype=np.int64),
+            length=np.asarray(b.length, dtype=np.int64),
+            part=np.asarray(b.part, dtype=np.int32), kind=np.asarray(b.kind, dtype=np.int32),
+            ref_time=np.asarray(b.ref, dtype=np.int64),
+            valid_time=np.asarray(b.valid, dtype=np.int64), kinds=b.kinds, grids=b.grids,
+            parts=b.parts,
+            stats={"ecCodes_header_decodes": b.ecc_decodes, "per_message_times": b.slow_times},
+        )
+    except SourceError:
+        raise
+    except OSError as exc:  # a remote range cut short: the message names the object
+        raise SourceError(f"{exc}") from None
+    except Exception as exc:  # ecCodes errors on a bad message
+        raise SourceError(f"{path}: reading GRIB headers failed ({type(exc).__name__}: "
+                          f"{exc}); {_REDOWNLOAD}") from None
     if len(idx) == 0:
         raise SourceError(f"{path}: contains no GRIB message; {_REDOWNLOAD} (or it is not GRIB)")
     return idx
@@ -552,6 +585,7 @@ def build_index(path: str) -> GribIndex:
 def _walk(b: _Builder, mm, n: int, path: str) -> None:
     pos = 0
     count = 0
+    hint = getattr(mm, "hint_message", None)  # a streaming.RangeView: fetch the next headers ahead
     while True:
         if mm[pos:pos + 4] == b"GRIB":
             o = pos
@@ -572,6 +606,8 @@ def _walk(b: _Builder, mm, n: int, path: str) -> None:
         if length < 16 or o + length > n:
             raise _corrupt(path, f"GRIB message {count + 1} (at byte {o}, {length} bytes) runs "
                                  f"past the end of the file ({n} bytes)")
+        if hint is not None:
+            hint(o, length)
         if mm[o + length - 4:o + length] != b"7777":
             raise _corrupt(path, f"GRIB message {count + 1} (at byte {o}) has no '7777' end "
                                  "marker")
@@ -670,18 +706,28 @@ def _load(target: str, key: tuple) -> GribIndex | None:
         return None
 
 
-def get_index(path: str, *, cache: str | None | bool = None) -> GribIndex:
+def get_index(path: str, *, cache: str | None | bool = None,
+              storage_options: dict | None = None) -> GribIndex:
     """The index of ``path``, from this process' memory, the disk cache, or built (and cached).
 
     ``cache``: a folder for the disk cache (default :func:`cache_dir`), or False for no disk
-    cache. The key is (absolute path, size, mtime_ns): a changed file gets a new index.
+    cache. The key is (absolute path, size, mtime_ns): a changed file gets a new index. A remote
+    ``path`` (s3://, gs://, ...) is indexed by ranged reads (:func:`build_index_remote`), keyed
+    by (URL, size, ETag), and cached the same way.
     """
     path = str(path)
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read it ({exc})") from None
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    remote = "://" in path and not path.startswith("file://")
+    if remote:
+        from pipelines import streaming
+
+        _, _, size, tag = streaming.object_info(path, storage_options)
+        key = (path, size, remote_version(tag))
+    else:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot read it ({exc})") from None
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     with _LOCK:
         idx = _MEMORY.get(key)
         if idx is not None:
@@ -691,7 +737,7 @@ def get_index(path: str, *, cache: str | None | bool = None) -> GribIndex:
     target = _cache_file(folder, key) if folder else None
     idx = _load(target, key) if target and os.path.exists(target) else None
     if idx is None:
-        idx = build_index(path)
+        idx = build_index_remote(path, storage_options) if remote else build_index(path)
         if (idx.size, idx.mtime_ns) != key[1:]:
             key = (key[0], idx.size, idx.mtime_ns)
             target = _cache_file(folder, key) if folder else None
@@ -727,8 +773,11 @@ class GribArray(BackendArray):
     """Lazy float32 array with dims ``lead + (lat, lon)``: ``table[lead]`` is an index entry
     (-1: no message, read as NaN). Indexing reads and decodes only the entries it needs."""
 
-    def __init__(self, idx: GribIndex, table: np.ndarray):
+    def __init__(self, idx: GribIndex, table: np.ndarray, storage_options: dict | None = None):
         self.path = idx.path
+        # a remote object (its index path is the URL): messages are read by byte ranges
+        self._remote = "://" in idx.path
+        self._storage_options = storage_options
         self.file_size, self.mtime_ns = idx.size, idx.mtime_ns
         table = np.asarray(table, dtype=np.int64)
         ok = table >= 0
@@ -786,7 +835,9 @@ class GribArray(BackendArray):
         nx = len(np.arange(self.shape[-1])[lon_k])
         out = np.full(sub.shape + (ny, nx), np.nan, dtype=np.float32)
         needed = sub[sub >= 0]
-        if needed.size:
+        if needed.size and self._remote:
+            self._fill_remote(out, sub, sub_off, sub_len, lat_k, lon_k)
+        elif needed.size:
             st = _stat(self.path)
             if st is None or (st.st_size, st.st_mtime_ns) != (self.file_size, self.mtime_ns):
                 raise OSError(f"{self.path}: the file changed or vanished since it was "
@@ -811,6 +862,38 @@ class GribArray(BackendArray):
         if squeeze:
             out = out.squeeze(axis=tuple(squeeze))
         return out
+
+    def _fill_remote(self, out, sub, sub_off, sub_len, lat_k, lon_k) -> None:
+        """Read every needed message of a remote object in one batch of byte ranges (concurrent
+        requests for async filesystems), exactly the messages' bytes, then decode them."""
+        from pipelines import storage, streaming
+
+        fs, p = storage.filesystem(self.path, self._storage_options)
+        order: dict[int, tuple[int, int]] = {}
+        for pos in zip(*np.nonzero(sub >= 0)):
+            e = int(sub[pos])
+            if e not in order:
+                order[e] = (int(sub_off[pos]), int(sub_len[pos]))
+        ranges: list[tuple[int, int]] = []
+        for e, (off, n) in order.items():
+            ranges += list(self._parts[e]) if e in self._parts else [(off, n)]
+        data = iter(streaming.read_ranges(fs, p, ranges, self.path, self._storage_options))
+        done: dict[int, np.ndarray] = {}
+        for e, (off, n) in order.items():
+            if e in self._parts:
+                chunks = [next(data) for _ in self._parts[e]]
+                total = sum(len(c) for c in chunks) + 4
+                buf = chunks[0][:8] + total.to_bytes(8, "big") + b"".join(chunks[1:]) + b"7777"
+            else:
+                buf = next(data)
+            try:
+                values = decode_message(buf)
+            except Exception as exc:  # ecCodes decoding errors
+                raise OSError(f"{self.path}: decoding the message at byte {off} failed "
+                              f"({type(exc).__name__}: {exc})") from None
+            done[e] = _to_grid(values, self._grid)[lat_k][:, lon_k]
+        for pos in zip(*np.nonzero(sub >= 0)):
+            out[pos] = done[int(sub[pos])]
 
 
 def _stat(path: str):

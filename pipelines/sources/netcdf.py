@@ -28,23 +28,61 @@ STANDARD_CALENDARS = {"standard", "gregorian", "proleptic_gregorian"}
 _REDOWNLOAD = "the file is truncated or corrupt; re-download it"
 
 
-def open_raw(path: str) -> xr.Dataset:
-    """xarray Dataset, lazy, times as cftime objects; SourceError for unreadable files."""
+def open_raw(path: str, storage_options: dict | None = None) -> xr.Dataset:
+    """xarray Dataset, lazy, times as cftime objects; SourceError for unreadable files.
+
+    A remote ``path`` (s3://, gs://, ...) is streamed: h5netcdf reads the HDF5 file through an
+    fsspec file object with a block cache (:func:`pipelines.streaming.open_file`), so a task
+    fetches the metadata and the chunks it reads, never the whole object. NetCDF 3 objects, which
+    h5netcdf cannot read, are copied to the node's bounded download cache
+    (:mod:`pipelines.node_cache`) and opened from there.
+    """
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return _open_remote(str(path), storage_options)
     with open(path, "rb") as f:
         magic = f.read(8)
     engines = ["netcdf4", "h5netcdf"] if magic.startswith(b"CDF") else ["h5netcdf", "netcdf4"]
     errors = []
     for engine in engines:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return xr.open_dataset(
-                    path, engine=engine, cache=False, decode_timedelta=True,
-                    decode_times=xr.coders.CFDatetimeCoder(use_cftime=True),
-                )
+            return _open_dataset(path, engine)
         except Exception as exc:  # engine-specific errors (OSError, ValueError, ...)
             errors.append(f"{engine}: {exc}")
     raise SourceError(f"{path}: cannot be opened as NetCDF ({'; '.join(errors)}); {_REDOWNLOAD}")
+
+
+def _open_dataset(target, engine: str) -> xr.Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return xr.open_dataset(
+            target, engine=engine, cache=False, decode_timedelta=True,
+            decode_times=xr.coders.CFDatetimeCoder(use_cftime=True),
+        )
+
+
+def _open_remote(url: str, storage_options: dict | None) -> xr.Dataset:
+    from pipelines import node_cache, streaming
+
+    f = streaming.open_file(url, storage_options)
+    try:
+        magic = f.read(8)
+        f.seek(0)
+    except Exception as exc:
+        f.close()
+        raise SourceError(f"{url}: cannot read it ({type(exc).__name__}: {exc})") from None
+    if magic.startswith(b"CDF"):  # NetCDF 3 (classic / 64-bit offset): not HDF5
+        f.close()
+        with node_cache.local_copy(url, storage_options) as local:
+            try:
+                return open_raw(local)  # opened (file kept open by netCDF-C) inside the lock
+            except SourceError as exc:
+                raise SourceError(str(exc).replace(local, url)) from None
+    try:
+        # the file object stays referenced by h5py for the life of the dataset
+        return _open_dataset(f, "h5netcdf")
+    except Exception as exc:
+        f.close()
+        raise SourceError(f"{url}: cannot be opened as NetCDF (h5netcdf: {exc}); {_REDOWNLOAD}") from None
 
 
 def _calendar(ds: xr.Dataset, time_name: str) -> str:
@@ -168,9 +206,9 @@ class NetCDFSource:
     format = "netcdf"
 
     def open(self, path: str, *, variables: list[str] | None = None,
-             member: int | None = None) -> xr.Dataset:
+             member: int | None = None, storage_options: dict | None = None) -> xr.Dataset:
         path = str(path)
-        ds = open_raw(path)
+        ds = open_raw(path, storage_options)
         cands, calendar = candidates(ds, path)
         return assemble(path, cands, variables=variables, member=member, fmt="netcdf",
                         calendar=calendar)

@@ -156,9 +156,10 @@ def _concat(das: list[xr.DataArray]) -> xr.DataArray:
                         attrs=dict(first.attrs))
 
 
-def _folder_candidates(folder: str, files: list[str]) -> list[Candidate]:
+def _folder_candidates(folder: str, files: list[str],
+                       storage_options: dict | None = None) -> list[Candidate]:
     if folder == CONSTANTS_FOLDER:
-        ds = open_raw(files[0])
+        ds = open_raw(files[0], storage_options)
         cands, _ = nc_candidates(ds, files[0], base_for=lambda n, lev: CONSTANT_VARS.get(n))
         for c in cands:
             c.assume_units = V.parse_variable(c.base).units
@@ -169,7 +170,7 @@ def _folder_candidates(folder: str, files: list[str]) -> list[Candidate]:
     base, level = fs
     per_file: list[Candidate] = []
     for f in files:
-        ds = open_raw(f)
+        ds = open_raw(f, storage_options)
         cands, _ = nc_candidates(
             ds, f, base_for=lambda n, lev: base,
             assume_units=V.PRESSURE_LEVEL.get(base) or V.parse_variable(base).units,
@@ -213,11 +214,17 @@ def open_weatherbench(root: str | Path, variables: list[str] | None = None, *,
 
 
 def open_file(path: str | Path, variables: list[str] | None = None,
-              member: int | None = None) -> xr.Dataset:
-    """One WeatherBench file (e.g. one year of one variable), named by its folder."""
-    p = Path(path)
-    cands = _folder_candidates(p.parent.name, [str(p)])
-    return assemble(str(p), cands, variables=variables, member=member, fmt="weatherbench",
+              member: int | None = None, storage_options: dict | None = None) -> xr.Dataset:
+    """One WeatherBench file (e.g. one year of one variable), named by its folder; local, or a
+    URL streamed from object storage (see ``netcdf.open_raw``)."""
+    if "://" in str(path):
+        path = str(path)
+        folder = path.rsplit("/", 2)[-2]
+    else:
+        path = str(Path(path))
+        folder = Path(path).parent.name
+    cands = _folder_candidates(folder, [path], storage_options)
+    return assemble(path, cands, variables=variables, member=member, fmt="weatherbench",
                     calendar="proleptic_gregorian")
 
 
