@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from climax import shards as S
 from pipelines import node_cache, regrid, storage
 from pipelines.recipe import Recipe
-from pipelines.sources import SourceError, list_files, open_source
+from pipelines.sources import SourceError, is_zarr_path, list_files, open_source
 from pipelines.sources.weatherbench import file_year
 from pipelines.stats import ClimatologyAccumulator, Moments, merge_all
 from pipelines.variables import parse_variable
@@ -64,7 +64,12 @@ def _iso(ns: int) -> str:
 
 
 def fingerprint_file(path: str, storage_options: dict | None) -> str:
-    """Size and modification time (local) or ETag and size (object storage): cheap and stable."""
+    """Size and modification time (local) or ETag and size (object storage): cheap and stable.
+    A Zarr store (a folder of objects) by its metadata object (see sources.zarr.metadata_path)."""
+    if is_zarr_path(path):
+        from pipelines.sources.zarr import metadata_path
+
+        path = metadata_path(path, storage_options)
     fs, p = storage.filesystem(path, storage_options)
     info = fs.info(p)
     tag = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
@@ -122,7 +127,7 @@ def expand_sources(recipe: Recipe) -> list[dict]:
     for src in recipe.sources:
         fmt = src.format
         local_dir = not storage.is_remote(src.path) and os.path.isdir(src.path)
-        if local_dir and fmt in ("weatherbench", "auto"):
+        if local_dir and (fmt == "weatherbench" or fmt == "auto" and not is_zarr_path(src.path)):
             # yearly files of the recipe's years only (constants have no year)
             files = [f for fs in list_files(src.path, recipe.variables).values() for f in fs
                      if file_year(f) is None or recipe.split_of(file_year(f)) is not None]

@@ -21,12 +21,12 @@ class _Strict(BaseModel):
 
 
 class SourceSpec(_Strict):
-    """One archive: a local glob, an ``s3://`` glob, or a WeatherBench root folder."""
+    """One archive: a local, ``s3://`` or ``gs://`` glob, a WeatherBench root folder or a Zarr store."""
 
-    path: str = Field(description="local glob, s3:// glob, or a WeatherBench folder")
-    format: Literal["auto", "grib", "netcdf", "weatherbench", "climatebench"] = "auto"
+    path: str = Field(description="local, s3:// or gs:// glob, a WeatherBench folder, or a Zarr store")
+    format: Literal["auto", "grib", "netcdf", "weatherbench", "climatebench", "zarr"] = "auto"
     member: int | None = Field(None, description="ensemble member to select, for files with several")
-    storage_options: dict = Field(default_factory=dict, description="s3fs options (endpoint_url, key, ...)")
+    storage_options: dict = Field(default_factory=dict, description="s3fs or gcsfs options (endpoint_url, key, token, ...)")
 
 
 class GridSpec(_Strict):

@@ -1,4 +1,5 @@
-"""Synthetic ERA5-like sample data, written in the real formats (GRIB 2 and WeatherBench NetCDF).
+"""Synthetic ERA5-like sample data, written in the real formats (GRIB 2, WeatherBench NetCDF and
+WeatherBench 2 Zarr).
 
 The project's demo and training tests need several years of global fields that look and behave like
 ERA5 without downloading anything. This module makes them from a small analytic "atmosphere":
@@ -27,7 +28,7 @@ persistence.
 
 Public API: ``SAMPLE_VARS``, ``LEVELS``, ``fields``, ``generate``, ``grid``, ``resolution_tag`` and the
 CLI ``python -m pipelines.sample_data OUT_DIR [--years ...] [--resolution ...] [--step-hours ...]
-[--formats grib weatherbench]``.
+[--formats grib weatherbench zarr]``.
 
 This module imports no torch and no ray.
 """
@@ -129,7 +130,15 @@ CONSTANT_VARS: dict[str, _SfcVar] = {
     "orography": _SfcVar("z", 129, "surface", 0, "orography", "m", "Orography"),
 }
 
-FORMATS = ("grib", "weatherbench")
+FORMATS = ("grib", "weatherbench", "zarr")
+#: What ``generate`` writes when no formats are given (Zarr only on request).
+DEFAULT_FORMATS = ("grib", "weatherbench")
+
+#: WeatherBench 2 / ARCO-ERA5 units attributes (as their stores write them).
+_WB2_UNITS = {"geopotential": "m**2 s**-2", "temperature": "K", "u_component_of_wind": "m s**-1",
+              "v_component_of_wind": "m s**-1", "specific_humidity": "kg kg**-1", "relative_humidity": "%",
+              "2m_temperature": "K", "10m_u_component_of_wind": "m s**-1", "10m_v_component_of_wind": "m s**-1",
+              "land_sea_mask": "(0 - 1)", "geopotential_at_surface": "m**2 s**-2"}
 
 # Physical constants.
 G = 9.80665  # m s-2
@@ -743,6 +752,51 @@ def _write_weatherbench_year(wb_dir: Path, year: int, times, lat, lon, data: dic
         _to_netcdf(ds, wb_dir / base / f"{base}_{year}_{tag}.nc")
 
 
+def _wb2_dataset(times, lat, lon, data: dict, parsed: dict, model, seed: int, constants: bool):
+    """One year in the WeatherBench 2 layout: long names, ``level`` in hPa, latitude north to south,
+    ``geopotential_at_surface`` (m2 s-2) for orography, constants without a time dim."""
+    import xarray as xr
+
+    flip = slice(None, None, -1)  # WB2's 0.25 deg ERA5 (and ARCO-ERA5) run from 90 N to 90 S
+    dims = ("time", "latitude", "longitude")
+    out = {}
+    for name in SFC_VARS:
+        if name in data:
+            out[name] = (dims, data[name][:, flip], {"units": _WB2_UNITS[name], "long_name": name})
+    for base in PL_BASES:
+        levels = sorted(lev for (b, lev) in parsed.values() if b == base)
+        if levels:
+            arr = np.stack([data[f"{base}_{lev}"][:, flip] for lev in levels], axis=1)
+            out[base] = (("time", "level", "latitude", "longitude"), arr, {"units": _WB2_UNITS[base], "long_name": base})
+    if constants:
+        if "land_sea_mask" in parsed:
+            out["land_sea_mask"] = (dims[1:], model.lsm[flip].astype(np.float32), {"units": "(0 - 1)"})
+        if "orography" in parsed:
+            z = (model.orog[flip].astype(np.float64) * G).astype(np.float32)
+            out["geopotential_at_surface"] = (dims[1:], z, {"units": "m**2 s**-2"})
+    levels = sorted({lev for (b, lev) in parsed.values() if lev is not None})
+    coords = {"time": ("time", times.astype("datetime64[ns]")),
+              "latitude": ("latitude", lat[flip], {"units": "degrees_north"}),
+              "longitude": ("longitude", lon, {"units": "degrees_east"})}
+    if levels:
+        coords["level"] = ("level", np.array(levels, dtype=np.int64), {"units": "millibar"})
+    return xr.Dataset(out, coords=coords, attrs=_global_attrs(seed))
+
+
+def _write_zarr_year(tmp: Path, ds, first: bool, time_chunk: int) -> None:
+    """Append one year to the store (created by the first year). xarray writes without dask when
+    the chunks are given as encoding; Zarr v2 with consolidated metadata, as WeatherBench 2's."""
+    encoding = {}
+    for name, v in ds.data_vars.items():
+        chunks = tuple({"time": time_chunk, "level": 1}.get(d, ds.sizes[d]) for d in v.dims)
+        encoding[name] = {"chunks": chunks, "dtype": "float32"}
+    if first:
+        ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True, encoding=encoding)
+    else:
+        ds = ds.drop_vars([n for n, v in ds.variables.items() if "time" not in v.dims])
+        ds.to_zarr(tmp, mode="a", append_dim="time", zarr_format=2, consolidated=True)
+
+
 def generate(
     out_dir,
     *,
@@ -750,10 +804,11 @@ def generate(
     resolution: float = 5.625,
     step_hours: int = 6,
     variables: Sequence[str] = SAMPLE_VARS,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] = DEFAULT_FORMATS,
     seed: int = 0,
     progress: bool = True,
     max_days: float | None = None,
+    zarr_time_chunk: int | None = None,
 ) -> dict[str, Path]:
     """Write synthetic ERA5-like data under ``out_dir``; returns ``{format: directory}``.
 
@@ -761,8 +816,10 @@ def generate(
     (2t, 10u, 10v and, at every time step, lsm and surface geopotential z), GRIB 2, north-first.
     ``weatherbench``: ``<out>/weatherbench/<variable>/<variable>_<year>_<res>deg.nc`` (one file per
     pressure-level base holding all its levels) and ``constants/constants_<res>deg.nc``.
+    ``zarr``: ``<out>/zarr/era5_<res>deg.zarr``, one store in the WeatherBench 2 layout (see
+    :func:`_wb2_dataset`), chunked by ``zarr_time_chunk`` time steps (default: one day) and one level.
     ``max_days`` keeps only the first days of each year (for tests). Memory: one year of the
-    requested variables when writing WeatherBench files (a time chunk otherwise).
+    requested variables when writing WeatherBench files or Zarr (a time chunk otherwise).
     """
     from tqdm.auto import tqdm
 
@@ -791,10 +848,27 @@ def generate(
         wb_dir.mkdir(parents=True, exist_ok=True)
         paths["weatherbench"] = wb_dir
         _write_constants(wb_dir, model, tag, seed)
+    zarr_path = out_dir / "zarr" / f"era5_{tag}.zarr"
+    zarr_tmp = zarr_path.with_name(zarr_path.name + ".tmp")
+    if "zarr" in formats:
+        import shutil
+
+        zarr_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(zarr_tmp, ignore_errors=True)
+        zarr_time_chunk = int(zarr_time_chunk or max(1, 24 // int(step_hours)))
 
     pl_vars = [v for v, (b, lev) in parsed.items() if lev is not None]
     sfc_vars = [v for v in SFC_VARS if v in parsed] + [v for v in CONSTANT_VARS if v in parsed]
     time_vars = [v for v in variables if v not in CONSTANT_VARS]
+    # Zarr (WB2) has one `level` axis for every pressure-level variable: each gets every level asked
+    # of any of them (specific_humidity_850 and temperature_500 also give specific_humidity_500)
+    zarr_parsed = dict(parsed)
+    if "zarr" in formats:
+        all_levels = sorted({lev for (_, lev) in parsed.values() if lev is not None})
+        for base in dict.fromkeys(b for (b, lev) in parsed.values() if lev is not None):
+            for lev in all_levels:
+                zarr_parsed.setdefault(f"{base}_{lev}", (base, lev))
+    zarr_extra = [v for v in zarr_parsed if v not in parsed]
 
     all_times = {y: _year_times(y, step_hours, max_days) for y in years}
     bar = tqdm(total=sum(t.size for t in all_times.values()), disable=not progress, unit="step", desc="sample data")
@@ -808,17 +882,17 @@ def generate(
                 if sfc_vars:
                     writers["sfc"] = _GribWriter(grib_dir / f"era5_sfc_{year}.grib", lat, lon, "regular_ll_sfc_grib2")
             year_data = (
-                {v: np.empty((times.size,) + model.shape, np.float32) for v in time_vars}
-                if "weatherbench" in formats
+                {v: np.empty((times.size,) + model.shape, np.float32) for v in time_vars + zarr_extra}
+                if "weatherbench" in formats or "zarr" in formats
                 else None
             )
             ok = False
             try:
                 for i0 in range(0, times.size, chunk):
                     tc = times[i0 : i0 + chunk]
-                    data = model.compute(tc, variables)
+                    data = model.compute(tc, variables + zarr_extra)
                     if year_data is not None:
-                        for v in time_vars:
+                        for v in time_vars + zarr_extra:
                             year_data[v][i0 : i0 + tc.size] = data[v]
                     if writers:
                         _write_grib_chunk(writers, tc, data, parsed, pl_vars, sfc_vars)
@@ -827,11 +901,20 @@ def generate(
             finally:
                 for w in writers.values():
                     w.close(commit=ok)
-            if year_data is not None:
+            if year_data is not None and "weatherbench" in formats:
                 _write_weatherbench_year(wb_dir, year, times, lat, lon, year_data, parsed, tag, seed)
+            if year_data is not None and "zarr" in formats:
+                ds = _wb2_dataset(times, lat, lon, year_data, zarr_parsed, model, seed, constants=year == years[0])
+                _write_zarr_year(zarr_tmp, ds, year == years[0], zarr_time_chunk)
             del year_data
     finally:
         bar.close()
+    if "zarr" in formats:
+        import shutil
+
+        shutil.rmtree(zarr_path, ignore_errors=True)
+        os.replace(zarr_tmp, zarr_path)  # the store appears whole or not at all
+        paths["zarr"] = zarr_path
     return paths
 
 
@@ -1034,13 +1117,14 @@ def write_climatebench(out_dir: str | Path, scenarios: Sequence[str] = CLIMATEBE
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pipelines.sample_data",
-        description="Generate synthetic ERA5-like sample data as GRIB 2 and WeatherBench NetCDF.",
+        description="Generate synthetic ERA5-like sample data as GRIB 2, WeatherBench NetCDF and "
+                    "WeatherBench 2 Zarr.",
     )
     p.add_argument("out_dir", type=Path)
     p.add_argument("--years", type=int, nargs="+", default=[2015, 2016, 2017])
     p.add_argument("--resolution", type=float, default=5.625)
     p.add_argument("--step-hours", type=int, default=6)
-    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(DEFAULT_FORMATS))
     p.add_argument("--variables", nargs="+", default=list(SAMPLE_VARS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-days", type=float, default=None, help="keep only the first days of each year")

@@ -1,10 +1,14 @@
-"""Local paths or object storage (``s3://``) through fsspec / s3fs.
+"""Local paths or object storage (``s3://``, ``gs://``) through fsspec / s3fs / gcsfs.
 
 ``storage_options`` follow s3fs, e.g. ``{"key": ..., "secret": ...,
 "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}``; the ``AWS_ENDPOINT_URL``
-environment variable is honoured when no endpoint is given. Remote inputs are read by byte ranges
-(:mod:`pipelines.streaming`); what needs a local file goes to the node's bounded download cache
-(:mod:`pipelines.node_cache`); :func:`local_copy` is a one-off temporary download.
+environment variable is honoured when no endpoint is given. For ``gs://`` they follow gcsfs:
+anonymous by default (``token: anon``, for public buckets such as WeatherBench 2's); set
+``token`` (``google_default``, a service-account JSON path, ...) for private buckets, and
+``endpoint_url`` (or ``client_kwargs.endpoint_url``, as for S3) for another server. Remote inputs
+are read by byte ranges (:mod:`pipelines.streaming`); what needs a local file goes to the node's
+bounded download cache (:mod:`pipelines.node_cache`); :func:`local_copy` is a one-off temporary
+download.
 """
 
 from __future__ import annotations
@@ -37,9 +41,19 @@ def protocol(path: str) -> str:
     return str(path).split("://", 1)[0] if is_remote(path) else "file"
 
 
+GCS_PROTOCOLS = ("gs", "gcs")
+
+
 def storage_options_for(path: str, storage_options: dict | None = None) -> dict:
-    """storage_options with ``AWS_ENDPOINT_URL`` filled in for s3 when no endpoint is set."""
+    """storage_options with ``AWS_ENDPOINT_URL`` filled in for s3 when no endpoint is set; for gs,
+    anonymous access unless a token is given, and ``client_kwargs.endpoint_url`` accepted."""
     opts: dict[str, Any] = dict(storage_options or {})
+    if protocol(path) in GCS_PROTOCOLS:
+        ck = dict(opts.pop("client_kwargs", None) or {})
+        if "endpoint_url" in ck and "endpoint_url" not in opts:
+            opts["endpoint_url"] = ck.pop("endpoint_url")
+        opts.setdefault("token", "anon")
+        return opts
     if protocol(path) in ("s3", "s3a"):
         ck = dict(opts.get("client_kwargs") or {})
         env = os.environ.get("AWS_ENDPOINT_URL")
@@ -50,23 +64,40 @@ def storage_options_for(path: str, storage_options: dict | None = None) -> dict:
     return opts
 
 
-def _endpoint(opts: dict) -> str:
+def _endpoint(opts: dict, path: str = "") -> str:
+    if protocol(path) in GCS_PROTOCOLS:
+        return (opts.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
+                or "the default GCS endpoint")
     return (opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
             or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint")
 
 
-def filesystem(path: str, storage_options: dict | None = None):
-    """(fsspec filesystem, path without protocol) for a local path or URL."""
+def filesystem(path: str, storage_options: dict | None = None, *, asynchronous: bool = False):
+    """(fsspec filesystem, path without protocol) for a local path or URL.
+
+    ``asynchronous``: an async instance (for zarr's ``FsspecStore``; remote paths only).
+    """
     import fsspec
 
     if not is_remote(path):
         p = str(path)[len("file://"):] if str(path).startswith("file://") else str(path)
         return fsspec.filesystem("file"), os.path.abspath(p)
     opts = storage_options_for(path, storage_options)
+    if asynchronous:
+        opts["asynchronous"] = True
     try:
+        if protocol(path) in GCS_PROTOCOLS:
+            # gcsfs.core's class, not the package's default: since 2026.x `gcsfs.GCSFileSystem` is an
+            # "experimental" subclass that asks the gRPC Storage Control API for each bucket's
+            # layout, which anonymous access and emulators cannot answer (retried, then ignored
+            # on every call). Plain JSON-API access is what public WeatherBench 2 buckets need.
+            from gcsfs.core import GCSFileSystem
+
+            return GCSFileSystem(**opts), GCSFileSystem._strip_protocol(str(path))
         fs, p = fsspec.core.url_to_fs(str(path), **opts)
     except ImportError as exc:
-        raise StorageError(f"{path}: no filesystem for {protocol(path)}:// ({exc}); install s3fs") from None
+        need = "gcsfs" if protocol(path) in GCS_PROTOCOLS else "s3fs"
+        raise StorageError(f"{path}: no filesystem for {protocol(path)}:// ({exc}); install {need}") from None
     return fs, p
 
 
@@ -77,9 +108,11 @@ def _bucket(stripped: str) -> str:
 def explain(exc: BaseException, path: str, storage_options: dict | None = None) -> StorageError:
     """A StorageError with a message that says what to check."""
     opts = storage_options_for(path, storage_options)
-    ep = _endpoint(opts)
+    ep = _endpoint(opts, path)
     name = type(exc).__name__
     bucket = _bucket(str(path).split("://", 1)[-1])
+    if protocol(path) in GCS_PROTOCOLS:
+        return _explain_gcs(exc, path, ep, bucket, opts)
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         return StorageError(
             f"{path}: no credentials for {protocol(path)}:// at endpoint {ep}; set "
@@ -105,6 +138,29 @@ def explain(exc: BaseException, path: str, storage_options: dict | None = None) 
     if isinstance(exc, FileNotFoundError):
         return PathNotFoundError(f"{path}: not found ({exc})")
     return StorageError(f"{path}: {name}: {exc} (endpoint {ep})")
+
+
+def _explain_gcs(exc: BaseException, path: str, ep: str, bucket: str, opts: dict) -> StorageError:
+    """explain() for gs://: gcsfs raises FileNotFoundError, PermissionError (401/403), HttpError,
+    aiohttp connection errors. Credentials are never echoed, only which kind was used."""
+    how = "anonymously" if opts.get("token") == "anon" else "with the configured token"
+    name = type(exc).__name__
+    code = getattr(exc, "code", None)
+    if name in ("ClientConnectorError", "ServerDisconnectedError", "ConnectionError",
+                "ClientConnectionError") or "Cannot connect" in str(exc):
+        return StorageError(f"{path}: endpoint {ep} is not reachable ({name}); check storage_options "
+                            "endpoint_url / STORAGE_EMULATOR_HOST and the network")
+    if isinstance(exc, PermissionError) or code in (401, 403):
+        return StorageError(
+            f"{path}: access denied at {ep} (read {how}); for a private bucket set storage_options "
+            "token (google_default, or a service-account JSON path), e.g. "
+            "`storage_options: {token: google_default}`")
+    if isinstance(exc, FileNotFoundError):
+        if "bucket" in str(exc).lower():
+            return PathNotFoundError(f"bucket {bucket} does not exist or is not reachable at {ep}; "
+                                     "check the bucket name and storage_options endpoint_url")
+        return PathNotFoundError(f"{path}: not found at {ep}; check the path")
+    return StorageError(f"{path}: {name}: {exc} (endpoint {ep}, read {how})")
 
 
 def _check_bucket(fs, path: str, stripped: str, storage_options) -> None:
@@ -147,7 +203,7 @@ def expand_paths(pattern: str, storage_options: dict | None = None) -> list[str]
         _check_bucket(fs, pattern, stripped, storage_options)
         raise PathNotFoundError(
             f"no object matches {pattern!r} at endpoint "
-            f"{_endpoint(storage_options_for(pattern, storage_options))}; check the key/pattern"
+            f"{_endpoint(storage_options_for(pattern, storage_options), pattern)}; check the key/pattern"
         )
     return sorted(f"{proto}://{m}" for m in matches)
 

@@ -257,16 +257,40 @@ NETCDF_SINGLE: dict[str, str] = {
 }
 
 
+#: WeatherBench 2 / ARCO-ERA5 (Zarr, or NetCDF exported from them) name fields by long names, which
+#: are ClimaX's own bases; ``geopotential_at_surface`` (m2 s-2) is orography after dividing by g.
+#: ClimateBench's names are left out: they mean something only in ClimateBench's files.
+LONG_SINGLE: dict[str, str] = {
+    **{n: n for n in SINGLE_LEVEL if n not in CLIMATEBENCH},
+    **{n: n for n in CONSTANTS if n != "latitude"},
+    "geopotential_at_surface": "orography",
+}
+
+#: Units a long-named field is taken to have when its file gives none (WeatherBench 2's).
+LONG_UNITS: dict[str, str] = {"geopotential_at_surface": "m**2 s**-2"}
+
+
 def netcdf_base(name: str, has_level: bool) -> str | None:
-    """ClimaX base for a NetCDF variable, or None. ``has_level``: it has a pressure-level axis.
+    """ClimaX base for a NetCDF or Zarr variable, or None. ``has_level``: it has a pressure-level
+    axis. Producer short names first, then WeatherBench 2 long names (``temperature``,
+    ``2m_temperature``, ``geopotential_at_surface``, ...).
 
     ERA5's ``z`` without a level axis is surface geopotential, i.e. orography (divided by g).
     """
     if has_level:
-        return NETCDF_PRESSURE.get(name)
+        return NETCDF_PRESSURE.get(name) or (name if name in PRESSURE_LEVEL else None)
     if name == "z":
         return "orography"
-    return NETCDF_SINGLE.get(name)
+    return NETCDF_SINGLE.get(name) or LONG_SINGLE.get(name)
+
+
+def long_name_units(name: str, base: str) -> str | None:
+    """The units a WeatherBench 2 long-named field has when its file omits them, else None."""
+    if name in LONG_UNITS:
+        return LONG_UNITS[name]
+    if name == base:
+        return PRESSURE_LEVEL.get(base) or parse_variable(base).units
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Data-source readers: GRIB, NetCDF (ERA5 / CMIP6) and WeatherBench folders, one module each.
+"""Data-source readers: GRIB, NetCDF (ERA5 / CMIP6), WeatherBench folders and Zarr stores (WeatherBench 2,
+ARCO-ERA5), one module each.
 
 Public entry point: :func:`open_source`. The returned Dataset's contract (the preprocessing
 pipeline relies on it):
@@ -33,11 +34,12 @@ from pipelines.sources.weatherbench import (
     open_weatherbench,
     years,
 )
+from pipelines.sources.zarr import ZarrSource, is_zarr_path
 
 __all__ = [
     "Candidate", "DataSource", "SourceError", "assemble", "open_source", "detect_format",
     "SOURCES", "GribSource", "NetCDFSource", "WeatherBenchSource", "list_files",
-    "open_weatherbench", "years", "GRIB_EXTENSIONS", "NETCDF_EXTENSIONS",
+    "open_weatherbench", "years", "GRIB_EXTENSIONS", "NETCDF_EXTENSIONS", "ZarrSource", "is_zarr_path",
 ]
 
 SOURCES: dict[str, DataSource] = {
@@ -45,6 +47,7 @@ SOURCES: dict[str, DataSource] = {
     "netcdf": NetCDFSource(),
     "weatherbench": WeatherBenchSource(),
     "climatebench": ClimateBenchSource(),
+    "zarr": ZarrSource(),
 }
 
 GRIB_EXTENSIONS = (".grib", ".grib1", ".grib2", ".grb", ".grb1", ".grb2")
@@ -54,7 +57,7 @@ _FORMAT_ALIASES = {
     "auto": "auto", "grib": "grib", "grib1": "grib", "grib2": "grib", "grb": "grib",
     "netcdf": "netcdf", "nc": "netcdf", "netcdf4": "netcdf", "era5": "netcdf",
     "era5-netcdf": "netcdf", "cmip6": "netcdf", "weatherbench": "weatherbench", "wb": "weatherbench",
-    "climatebench": "climatebench",
+    "climatebench": "climatebench", "zarr": "zarr",
 }
 
 
@@ -62,15 +65,18 @@ def _normalise_format(fmt: str) -> str:
     key = str(fmt or "auto").strip().lower()
     if key not in _FORMAT_ALIASES:
         raise SourceError(f"unknown source format {fmt!r}; use one of auto, grib, netcdf, "
-                          "cmip6, weatherbench, climatebench")
+                          "cmip6, weatherbench, climatebench, zarr")
     return _FORMAT_ALIASES[key]
 
 
 def detect_format(path: str) -> str:
-    """grib / netcdf / weatherbench / climatebench for a local path: by extension (and ClimateBench's
-    inputs_/outputs_ pair), a directory is a WeatherBench root, else by magic bytes (b"GRIB",
-    b"CDF", b"\\x89HDF")."""
+    """grib / netcdf / weatherbench / climatebench / zarr for a local path: by extension (and
+    ClimateBench's inputs_/outputs_ pair), a ``*.zarr`` path or a folder with Zarr metadata is a Zarr
+    store, another directory is a WeatherBench root, else by magic bytes (b"GRIB", b"CDF",
+    b"\\x89HDF")."""
     p = Path(path)
+    if is_zarr_path(path):
+        return "zarr"
     if p.is_dir():
         return "weatherbench"
     name = p.name.lower()
@@ -97,11 +103,12 @@ def detect_format(path: str) -> str:
 
 def open_source(path: str, format: str = "auto", *, variables: list[str] | None = None,
                 member: int | None = None, storage_options: dict | None = None) -> xr.Dataset:
-    """Open one source file (GRIB, NetCDF) or WeatherBench root as a contract Dataset.
+    """Open one source file (GRIB, NetCDF), WeatherBench root or Zarr store as a contract Dataset.
 
-    ``path`` may be local or an object-store URL (``s3://bucket/key``, any fsspec protocol):
+    ``path`` may be local or an object-store URL (``s3://``, ``gs://``, any fsspec protocol):
     GRIB and NetCDF 4 are streamed by byte ranges (:mod:`pipelines.streaming`), other files are
-    copied to the node's bounded download cache (:mod:`pipelines.node_cache`).
+    copied to the node's bounded download cache (:mod:`pipelines.node_cache`); Zarr stores are
+    read in place, chunk by chunk.
     """
     from pipelines import storage  # imported here: storage imports sources.base
 
@@ -109,6 +116,9 @@ def open_source(path: str, format: str = "auto", *, variables: list[str] | None 
     path = str(path)
     if variables is not None and isinstance(variables, str):
         variables = [variables]
+    if fmt == "zarr" or (fmt == "auto" and is_zarr_path(path)):
+        return SOURCES["zarr"].open(path, variables=variables, member=member,
+                                    storage_options=storage_options)
     if storage.is_remote(path):
         return _open_remote(path, fmt, variables, member, storage_options)
     local = path[len("file://"):] if path.startswith("file://") else path

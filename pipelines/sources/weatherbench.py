@@ -1,5 +1,6 @@
 """WeatherBench layout: ``<root>/<folder>/<folder>_<year>_<res>deg.nc`` plus
-``<root>/constants/constants_<res>deg.nc``.
+``<root>/constants/constants_<res>deg.nc`` (WeatherBench's download) or ``<root>/constants.nc`` (the
+layout ClimaX's own preprocessing, ``nc2np_equally_era5.py``, reads).
 
 Folder names are ClimaX names and are authoritative: ``2m_temperature`` (var ``t2m``),
 ``geopotential`` (var ``z`` with a ``level`` axis in hPa), ``temperature_850`` (var ``t``, one
@@ -50,9 +51,27 @@ def file_year(path: str | Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def is_weatherbench_file(path: str | Path) -> bool:
-    """A ``<folder>/<folder>_...nc`` file whose folder is a ClimaX name or ``constants``."""
+def is_root_constants(path: str | Path) -> bool:
+    """``<root>/constants.nc`` (or ``constants_<res>deg.nc``) beside WeatherBench variable folders."""
     p = Path(path)
+    if p.suffix not in (".nc", ".nc4") or not (p.stem == CONSTANTS_FOLDER or p.stem.startswith("constants_")):
+        return False
+    if p.parent.name == CONSTANTS_FOLDER:
+        return False
+    return any(d.is_dir() and folder_spec(d.name) is not None for d in p.parent.iterdir())
+
+
+def folder_of(path: str | Path) -> str:
+    """The WeatherBench folder a file belongs to (``constants`` for a root constants file)."""
+    return CONSTANTS_FOLDER if is_root_constants(path) else Path(path).parent.name
+
+
+def is_weatherbench_file(path: str | Path) -> bool:
+    """A ``<folder>/<folder>_...nc`` file whose folder is a ClimaX name or ``constants``, or a
+    root ``constants.nc``."""
+    p = Path(path)
+    if is_root_constants(p):
+        return True
     folder = p.parent.name
     if p.suffix not in (".nc", ".nc4") or not p.name.startswith(folder):
         return False
@@ -72,6 +91,10 @@ def list_files(root: str | Path, variables: list[str] | None = None) -> dict[str
     if variables is not None:
         wanted = {V.parse_variable(v) for v in variables}
     out: dict[str, list[str]] = {}
+    # ClimaX's layout: constants.nc at the root (the constants folder wins when both exist)
+    root_consts = sorted(str(f) for f in root.iterdir() if f.is_file() and is_root_constants(f))
+    if root_consts and (wanted is None or any(s.is_constant and s.name != "latitude" for s in wanted)):
+        out[CONSTANTS_FOLDER] = root_consts[:1]
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         files = sorted(str(f) for f in sub.iterdir() if f.suffix in (".nc", ".nc4"))
         if not files:
@@ -219,10 +242,10 @@ def open_file(path: str | Path, variables: list[str] | None = None,
     URL streamed from object storage (see ``netcdf.open_raw``)."""
     if "://" in str(path):
         path = str(path)
-        folder = path.rsplit("/", 2)[-2]
+        folder = folder_of(path)
     else:
         path = str(Path(path))
-        folder = Path(path).parent.name
+        folder = folder_of(Path(path))
     cands = _folder_candidates(folder, [path], storage_options)
     return assemble(path, cands, variables=variables, member=member, fmt="weatherbench",
                     calendar="proleptic_gregorian")
