@@ -548,8 +548,9 @@ class ForecastLoader:
     @property
     def stats(self) -> dict[str, float]:
         """Counters since construction (or ``reset_stats``): time steps decoded from shards
-        (``rows_decoded``; a step read for inputs and again for targets counts twice), float32 bytes
-        decoded, samples yielded, and ``rows_per_sample``."""
+        (``rows_decoded``; a step read again by a later super-batch or window counts again, a step
+        read for targets only counts as one), float32 bytes decoded, samples yielded, and
+        ``rows_per_sample``."""
         c = dict(self._counts)
         c["rows_per_sample"] = c["rows_decoded"] / c["samples"] if c["samples"] else float("nan")
         return c
