@@ -167,8 +167,9 @@ class ForecastSampler:
         2. the blocks are put in a seeded random order and their samples (in time order within a
            block) concatenated; worker r takes the r-th of ``world_size`` equal slices (a block at
            a slice edge is shared by two workers; the remainder is dropped, as in ``epoch``);
-        3. the worker's (parts of) blocks are grouped by ``window_blocks`` into windows, and the
-           samples of each window are shuffled.
+        3. the worker's (parts of) blocks are grouped into windows of 1, 2, 4, ... blocks up to
+           ``window_blocks`` (a reader's first batch of an epoch waits for one block, not for a
+           whole window), and the samples of each window are shuffled.
 
         A window's rows are its blocks' inputs plus their targets, which lie at most
         ``halo_steps`` past each block: a reader that holds one window decodes each row about once.
@@ -196,7 +197,10 @@ class ForecastSampler:
             return triples[:0], np.zeros(1, np.int64)
         b = place[block[mine]]
         ordinal = np.cumsum(np.r_[0, np.diff(b) != 0])  # 0, 0, ..., 1, 1, ...: blocks of this worker
-        window = ordinal // window_blocks
+        sizes = [1]
+        while sum(sizes) <= ordinal[-1]:
+            sizes.append(min(2 * sizes[-1], window_blocks))
+        window = np.searchsorted(np.cumsum(np.minimum(sizes, window_blocks)), ordinal, side="right")
         mine = mine[np.lexsort((keys[mine], window))]
         starts = np.r_[0, np.flatnonzero(np.diff(window)) + 1, len(mine)]
         return triples[mine], starts.astype(np.int64)
