@@ -16,6 +16,13 @@ current one into a queue of ``prefetch`` batches, so decoding overlaps the train
 numpy release the GIL). When the split's needed variables fit in ``cache_mb``, decoded rows are kept
 (normalised) and never decoded again: after the first epoch the loader only copies.
 
+When they do not fit, the epoch's order is by default the block shuffle of
+``ForecastSampler.block_epoch`` (``shuffle_mode``): each window of a few blocks of contiguous time
+is one super-batch, decoded once (its inputs and the targets up to the longest lead past each
+block), so each row is decoded about once per epoch instead of about twice with a global shuffle;
+a batch that straddles two windows is assembled from both. ``loader.stats`` counts the rows
+decoded and the samples yielded.
+
 Shards are opened lazily (an LRU of open ``ParquetFile`` objects, their parsed footers cached), so
 the first batch does not wait for every shard's footer.
 
@@ -29,6 +36,7 @@ import os
 import queue
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +49,7 @@ import torch
 
 from climax import shards as S
 from climax.regions import Region
-from climax.sampling import ForecastSampler, TimeAxis
+from climax.sampling import ForecastSampler, TimeAxis, block_layout
 
 __all__ = ["ShardDataset", "Batch", "ForecastLoader", "MixedLoader"]
 
@@ -208,7 +216,8 @@ class ShardDataset:
         """How many shards are open now (the LRU's size)."""
         return len(self._files)
 
-    def _read_table(self, split: str, shard: int, rows: np.ndarray, columns: Sequence[str]) -> pa.Table:
+    def _read_table(self, split: str, shard: int, rows: np.ndarray, columns: Sequence[str],
+                    use_threads: bool = True) -> pa.Table:
         """Rows (sorted, unique, within the shard) of some columns of one shard, in one read."""
         rel = self.manifest.shards(split)[shard]["path"]
         pf, lock = self._open(rel)
@@ -219,13 +228,13 @@ class ShardDataset:
         md = pf.metadata
         with lock:
             if md.num_row_groups == md.num_rows:  # one time step per row group (finer grids)
-                return pf.read_row_groups(rows.tolist(), columns=list(columns), use_threads=True)
+                return pf.read_row_groups(rows.tolist(), columns=list(columns), use_threads=use_threads)
             # several steps per row group: read the groups that hold the rows, then take the rows
             sizes = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)])
             ends = np.cumsum(sizes)
             group = np.searchsorted(ends, rows, side="right")
             groups = np.unique(group)
-            table = pf.read_row_groups(groups.tolist(), columns=list(columns), use_threads=True)
+            table = pf.read_row_groups(groups.tolist(), columns=list(columns), use_threads=use_threads)
         offset = np.concatenate([[0], np.cumsum(sizes[groups])[:-1]])  # of each read group in the table
         local = offset[np.searchsorted(groups, group)] + rows - (ends - sizes)[group]
         return table.take(pa.array(local))
@@ -410,13 +419,28 @@ def _get(q: queue.Queue, stop: threading.Event):
 
 @dataclass
 class _Super:
-    """A decoded super-batch: buffer (V, R, h, w) and where each sample's input/target row lies."""
+    """A decoded super-batch: buffer (V, R, h, w) and where each sample's input/target row lies.
+
+    ``pieces``: (lo, hi, offset, length): samples lo:hi of this super-batch fill rows
+    offset:offset + hi - lo of a batch of ``length`` samples (a batch may span super-batches)."""
 
     buf: np.ndarray
     inp: np.ndarray
     tgt: np.ndarray
     triples: np.ndarray
-    batch_bounds: list[tuple[int, int]]
+    pieces: list[tuple[int, int, int, int]]
+
+
+@dataclass
+class _Pending:
+    """A batch being filled: its arrays and tensors."""
+
+    x_t: torch.Tensor
+    x: np.ndarray
+    y_t: torch.Tensor
+    y: np.ndarray
+    lead: np.ndarray
+    times: np.ndarray
 
 
 class ForecastLoader:
@@ -438,15 +462,27 @@ class ForecastLoader:
         max_batches: stop an epoch after this many batches.
         cache_mb: keep decoded (normalised) rows when the split's needed variables fit in this many
             MiB (0: never); rows are then decoded once per loader, not once per epoch.
-        superbatch_mb: bound of one super-batch's decode buffer.
+        superbatch_mb: bound of one super-batch's decode buffer (global shuffle).
         pin_memory: allocate batches in page-locked memory (for ``Batch.to(cuda, non_blocking)``).
+        shuffle_mode: order of a shuffled epoch: "global" (``ForecastSampler.epoch``: any sample
+            beside any other; about two rows decoded per sample when rows are not resident),
+            "block" (``ForecastSampler.block_epoch``: windows of blocks of contiguous time, each
+            row decoded about once per epoch) or "auto" (default): global when the split's rows
+            fit ``cache_mb`` (decoded once per run anyway), block otherwise.
+        block_steps, window_blocks: the block shuffle's block length in time steps (None: four
+            times the longest lead, see ``climax.sampling.block_layout``) and blocks per window.
+        window_mb: bound of one window's decoded rows (block shuffle); two windows are held at a
+            time (one being cut into batches, the next being decoded).
+        decode_threads: shards of a super-batch or window decoded side by side.
     """
 
     def __init__(self, dataset: ShardDataset, split: str, in_vars: Sequence[str], out_vars: Sequence[str],
                  leads: Sequence[float], random_lead: bool, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, drop_last: bool = True, region: Region | None = None,
                  prefetch: int = 2, max_batches: int | None = None, cache_mb: float = 1024.0,
-                 superbatch_mb: float = 256.0, pin_memory: bool = False):
+                 superbatch_mb: float = 256.0, pin_memory: bool = False, shuffle_mode: str = "auto",
+                 block_steps: int | None = None, window_blocks: int = 4, window_mb: float = 4096.0,
+                 decode_threads: int | None = None):
         self.dataset, self.split = dataset, split
         self.in_vars, self.out_vars = list(in_vars), list(out_vars)
         if not self.in_vars or not self.out_vars:
@@ -503,10 +539,38 @@ class ForecastLoader:
         self._loaded: np.ndarray | None = None
         self.resident = resident
         self._store_lock = threading.Lock()
+        if shuffle_mode not in ("auto", "global", "block"):
+            raise ValueError(f"shuffle_mode must be auto, global or block, got {shuffle_mode!r}")
+        self.shuffle_mode = ("global" if resident else "block") if shuffle_mode == "auto" else shuffle_mode
+        # random leads: about 0.37 of the halo rows are targets (docs/design.md, "Block shuffle")
+        self.block_steps, self.window_blocks = block_layout(
+            self.sampler.halo_steps, window_mb * 2**20 / self._row_bytes, block_steps, window_blocks,
+            halo_used=0.4 if self.random_lead else 1.0,
+            samples_per_step=1.0 if self.random_lead else float(len(self.leads)))
+        self._counts = {"rows_decoded": 0, "bytes_decoded": 0, "samples": 0}
+        self._count_lock = threading.Lock()
+        self.decode_threads = max(1, int(decode_threads if decode_threads is not None else min(4, os.cpu_count() or 1)))
 
     # -- sizes and order
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Counters since construction (or ``reset_stats``): time steps decoded from shards
+        (``rows_decoded``; a step read again by a later super-batch or window counts again, a step
+        read for targets only counts as one), float32 bytes decoded, samples yielded, and
+        ``rows_per_sample``."""
+        c = dict(self._counts)
+        c["rows_per_sample"] = c["rows_decoded"] / c["samples"] if c["samples"] else float("nan")
+        return c
+
+    def reset_stats(self) -> None:
+        self._counts.update(rows_decoded=0, bytes_decoded=0, samples=0)
+
+    @property
+    def block_shuffle(self) -> bool:
+        return self.shuffle and self.shuffle_mode == "block"
 
     def _num_samples(self) -> int:
         if self.shuffle:
@@ -524,21 +588,26 @@ class ForecastLoader:
 
     def triples(self, epoch: int | None = None) -> np.ndarray:
         """This rank's (input index, target index, lead hours) triples of an epoch, in batch order."""
-        epoch = self.epoch if epoch is None else epoch
+        return self._order(self.epoch if epoch is None else epoch)[0]
+
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(triples in batch order, window starts of a block shuffle or None)."""
+        if self.block_shuffle:
+            return self.sampler.block_epoch(epoch, self.rank, self.world_size, self.block_steps, self.window_blocks)
         if self.shuffle:
-            return self.sampler.epoch(epoch, self.rank, self.world_size)
+            return self.sampler.epoch(epoch, self.rank, self.world_size), None
         if self.random_lead:
             t = self.sampler.epoch(epoch, 0, 1)
             t = t[np.lexsort((t[:, 2], t[:, 0]))]
         else:
             t = self.sampler.all_pairs()
-        return np.array_split(t, self.world_size)[self.rank]
+        return np.array_split(t, self.world_size)[self.rank], None
 
     def _crop(self, a: np.ndarray) -> np.ndarray:
         return a if self.region is None else self.region.crop(a)
 
     # -- reading
-    def _load(self, triples: np.ndarray, batch_bounds: list[tuple[int, int]]) -> _Super:
+    def _load(self, triples: np.ndarray, pieces: list[tuple[int, int, int, int]]) -> _Super:
         """Decode and normalise the unique rows a super-batch needs."""
         inp = triples[:, 0].astype(np.int64)
         tgt = triples[:, 1].astype(np.int64)
@@ -576,10 +645,20 @@ class ForecastLoader:
         pos = np.empty(len(uniq), np.int64)
         if len(todo):
             cut = np.flatnonzero((np.diff(shard) != 0) | (np.diff(code) != 0)) + 1
+            full = self.dataset.shape[0] * self.dataset.shape[1] * 4
+            lo_hi = []
             for lo, hi in zip(np.r_[0, cut], np.r_[cut, len(todo)]):
+                # reads of at most ~64 MiB: a window of large rows is not decoded into one Arrow table
+                step = max(1, int(64 * 2**20 // (len(self._cols[int(code[lo])]) * full)))
+                lo_hi += [(a, min(a + step, hi)) for a in range(lo, hi, step)]
+            def read(lo: int, hi: int, use_threads: bool) -> None:
                 sel = todo[lo:hi]
                 cols = self._cols[int(code[lo])]
-                table = self.dataset._read_table(self.split, int(shard[lo]), self.axis.row[uniq[sel]], cols)
+                table = self.dataset._read_table(self.split, int(shard[lo]), self.axis.row[uniq[sel]], cols,
+                                                 use_threads=use_threads)
+                with self._count_lock:
+                    self._counts["rows_decoded"] += len(sel)
+                    self._counts["bytes_decoded"] += len(sel) * len(cols) * full
                 if resident:
                     r = uniq[sel]
                     # a run of consecutive steps (often: a whole shard) is written in place
@@ -600,10 +679,21 @@ class ForecastLoader:
                 if resident:
                     with self._store_lock:
                         self._loaded[uniq[sel]] |= self._provides[int(code[lo])]
+
+            if len(lo_hi) > 1 and self.decode_threads > 1:
+                # several reads (shards) decoded side by side, each on one thread: pyarrow's own
+                # column parallelism costs ~20 % more CPU per row (measured on 2 cores) for small
+                # column chunks; a lone read still uses it
+                with ThreadPoolExecutor(min(self.decode_threads, len(lo_hi)), "climax-decode") as pool:
+                    for f in [pool.submit(read, lo, hi, False) for lo, hi in lo_hi]:
+                        f.result()
+            else:
+                for lo, hi in lo_hi:
+                    read(lo, hi, True)
             pos[todo] = np.arange(len(todo))
         if resident:
-            return _Super(buf, inp, tgt, triples, batch_bounds)
-        return _Super(buf, pos[inv[:len(inp)]], pos[inv[len(inp):]], triples, batch_bounds)
+            return _Super(buf, inp, tgt, triples, pieces)
+        return _Super(buf, pos[inv[:len(inp)]], pos[inv[len(inp):]], triples, pieces)
 
     def _empty(self, n: int, v: int) -> tuple[torch.Tensor, np.ndarray]:
         shape = (n, v, *self.shape)
@@ -615,43 +705,71 @@ class ForecastLoader:
         a = np.frombuffer(pa.allocate_buffer(4 * int(np.prod(shape))), dtype=_F32).reshape(shape)
         return torch.from_numpy(a), a
 
-    def _cut(self, sb: _Super, lo: int, hi: int) -> Batch:
+    def _pending(self, n: int) -> _Pending:
+        x_t, x = self._empty(n, len(self.in_vars))
+        y_t, y = self._empty(n, len(self.out_vars))
+        return _Pending(x_t, x, y_t, y, np.empty(n, _F32), np.empty(n, "datetime64[ns]"))
+
+    def _fill(self, sb: _Super, lo: int, hi: int, p: _Pending, off: int) -> None:
+        """Samples lo:hi of a super-batch into rows off:off + hi - lo of a pending batch."""
         xi, yi = sb.inp[lo:hi], sb.tgt[lo:hi]
-        x_t, x = self._empty(hi - lo, len(self.in_vars))
+        rows = slice(off, off + hi - lo)
+        x, y = p.x[rows], p.y[rows]
         for j, v in enumerate(self.in_vars):
             x[:, j] = self._const[v] if v in self._const else sb.buf[self._slot[v]][xi]
-        y_t, y = self._empty(hi - lo, len(self.out_vars))
         for j, v in enumerate(self.out_vars):
             y[:, j] = sb.buf[self._slot[v]][yi]
         tr = sb.triples[lo:hi]
-        return Batch(x_t, y_t, torch.from_numpy(tr[:, 2].astype(_F32)), self.in_vars, self.out_vars,
-                     self.axis.times[tr[:, 0].astype(np.int64)], self.dataset.name)
+        p.lead[rows] = tr[:, 2]
+        p.times[rows] = self.axis.times[tr[:, 0].astype(np.int64)]
 
-    def _plan(self, nb: int, start: int) -> list[tuple[int, int]]:
-        """Super-batches as batch ranges: 1, 2, 4, ... batches up to the memory bound."""
-        cap = max(1, int(self.superbatch_mb * 2**20 // (2 * self.batch_size * self._row_bytes)))
-        plan, b, k = [], start, 1
-        while b < nb:
-            plan.append((b, min(nb, b + k)))
-            b, k = b + k, min(cap, 2 * k)
+    def _batch(self, p: _Pending) -> Batch:
+        return Batch(p.x_t, p.y_t, torch.from_numpy(p.lead), self.in_vars, self.out_vars, p.times, self.dataset.name)
+
+    def _plan(self, n: int, start: int, end: int, windows: np.ndarray | None) -> list[tuple[int, int]]:
+        """Super-batches as sample ranges covering start:end. Global shuffle: 1, 2, 4, ... batches
+        up to the memory bound (the first batch comes quickly). Block shuffle: the windows."""
+        B = self.batch_size
+        if windows is not None:
+            return [(max(a, start), min(b, end)) for a, b in zip(windows[:-1], windows[1:])
+                    if min(b, end) > max(a, start)]
+        cap = max(1, int(self.superbatch_mb * 2**20 // (2 * B * self._row_bytes)))
+        plan, s, k = [], start, 1
+        while s < end:
+            plan.append((s, min(end, s + k * B)))
+            s, k = s + k * B, min(cap, 2 * k)
         return plan
+
+    def _pieces(self, s0: int, s1: int, end: int) -> list[tuple[int, int, int, int]]:
+        """The (lo, hi, offset, length) of the batches (of ``batch_size``; the last ends at
+        ``end``) that samples s0:s1 of the epoch fill, lo and hi relative to s0."""
+        B, out = self.batch_size, []
+        for b in range(s0 // B, -(-s1 // B)):
+            lo, hi = max(s0, b * B), min(s1, (b + 1) * B)
+            out.append((lo - s0, hi - s0, lo - b * B, min((b + 1) * B, end) - b * B))
+        return out
 
     def iterate(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from batch ``start_batch`` on (resuming mid-epoch costs nothing)."""
-        triples = self.triples(epoch)
+        triples, windows = self._order(epoch)
         n, B = len(triples), self.batch_size
         nb = self._num_batches(n)
-        plan = self._plan(nb, start_batch)
+        end = min(n, nb * B)
+        plan = self._plan(n, min(start_batch * B, end), end, windows)
         stop = threading.Event()
         sb_q: queue.Queue = queue.Queue(maxsize=1)
         out_q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        # block shuffle: at most two windows decoded at a time (the one being cut, the next)
+        slots = threading.Semaphore(2) if windows is not None else None
 
         def reader():
             try:
-                for b0, b1 in plan:
-                    lo, hi = b0 * B, min(b1 * B, n)
-                    bounds = [(b * B - lo, min((b + 1) * B, n) - lo) for b in range(b0, b1)]
-                    if not _put(sb_q, self._load(triples[lo:hi], bounds), stop):
+                for s0, s1 in plan:
+                    if slots is not None:
+                        while not slots.acquire(timeout=0.05):
+                            if stop.is_set():
+                                return
+                    if not _put(sb_q, self._load(triples[s0:s1], self._pieces(s0, s1, end)), stop):
                         return
                 _put(sb_q, _END, stop)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
@@ -659,15 +777,21 @@ class ForecastLoader:
 
         def cutter():
             try:
+                pending = None
                 while True:
                     sb = _get(sb_q, stop)
                     if sb is _END or isinstance(sb, _Failure):
                         _put(out_q, sb, stop)
                         return
-                    for lo, hi in sb.batch_bounds:
-                        if not _put(out_q, self._cut(sb, lo, hi), stop):
+                    for lo, hi, off, length in sb.pieces:
+                        if off == 0:
+                            pending = self._pending(length)
+                        self._fill(sb, lo, hi, pending, off)
+                        if off + hi - lo == length and not _put(out_q, self._batch(pending), stop):
                             return
                     del sb
+                    if slots is not None:
+                        slots.release()
             except BaseException as exc:  # noqa: BLE001
                 _put(out_q, _Failure(exc), stop)
 
@@ -682,6 +806,7 @@ class ForecastLoader:
                     return
                 if isinstance(item, _Failure):
                     raise item.exc
+                self._counts["samples"] += len(item)
                 yield item
         finally:
             stop.set()  # the threads see it within 50 ms of their next step and exit

@@ -3,8 +3,15 @@
 One home for the lead-time sampling. Pretraining draws, for every input time, a lead time uniformly
 among the configured leads (default 6 h to 168 h in steps of the data's time step) whose target
 exists in the split; finetuning uses fixed lead times, every (input, lead) pair once per epoch.
-Pairs are formed on the split's whole time axis, so none is lost at shard edges. Each epoch is a
-global shuffle seeded by (seed, epoch); each worker takes a disjoint, equally long part.
+Pairs are formed on the split's whole time axis, so none is lost at shard edges. Each epoch visits
+the same kind of sample set in one of two orders, both seeded by (seed, epoch), each worker taking a
+disjoint, equally long part:
+
+* ``epoch``: a global shuffle (any sample next to any other; a streaming reader decodes about two
+  rows per sample, one for the input and one for the target);
+* ``block_epoch``: blocks of contiguous time, permuted and dealt to the workers, samples shuffled
+  inside windows of a few blocks; a reader that decodes each window once decodes about one row per
+  sample (``docs/design.md``, "Block shuffle").
 
 Pure numpy: the reader that turns triples into tensors lives beside the training loop.
 """
@@ -16,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TimeAxis", "lead_hours", "ForecastSampler"]
+__all__ = ["TimeAxis", "lead_hours", "ForecastSampler", "block_layout"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,33 @@ def lead_hours(min_hours: float, max_hours: float, step_hours: float) -> np.ndar
     return np.arange(min_hours, max_hours + step_hours / 2, step_hours)
 
 
+def block_layout(halo_steps: int, max_rows: float, block_steps: int | None = None, window_blocks: int = 4,
+                 halo_used: float = 1.0, samples_per_step: float = 1.0, overhead: float = 0.1) -> tuple[int, int]:
+    """(block_steps, window_blocks) of a block shuffle whose window holds at most ``max_rows`` rows.
+
+    A window of W blocks of L steps decodes at most W * (L + halo) rows, where the halo is the
+    longest lead in steps (the targets past each block). Of a block's halo, ``halo_used`` is the
+    share that are targets (all of them with a fixed lead; about 0.37 with a random lead per input
+    among leads every step up to the halo), and each step gives ``samples_per_step`` samples (one
+    per lead with fixed leads). Auto (``block_steps=None``): the shortest L (at least 16) whose
+    halo costs at most ``overhead`` extra rows per sample; then as many of the ``window_blocks``
+    as fit the budget, then shorter blocks when even one does not fit.
+    """
+    halo = max(int(halo_steps), 0)
+    if window_blocks < 1:
+        raise ValueError(f"window_blocks must be >= 1, got {window_blocks}")
+    if block_steps is not None:
+        if block_steps < 1:
+            raise ValueError(f"block_steps must be >= 1, got {block_steps}")
+        return int(block_steps), int(window_blocks)
+    rows = max(int(max_rows), 1)
+    L = max(16, int(np.ceil(halo * halo_used / (overhead * samples_per_step))))
+    W = min(int(window_blocks), rows // (L + halo))
+    if W >= 1:
+        return L, W
+    return max(rows - halo, 1), 1
+
+
 class ForecastSampler:
     """Triples (input index, target index, lead hours) on a ``TimeAxis``.
 
@@ -91,6 +125,22 @@ class ForecastSampler:
         i, k = np.nonzero(self.valid)
         return np.stack([i, self.target[i, k], self.leads[k]], axis=1)
 
+    @property
+    def halo_steps(self) -> int:
+        """The longest valid lead in time steps (index distance from input to target)."""
+        i, k = np.nonzero(self.valid)
+        return int((self.target[i, k] - i).max())
+
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        """The epoch's samples, sorted by input then lead: one random lead per input, or every pair."""
+        if self.random_lead:
+            inputs = np.flatnonzero(self.valid.any(axis=1))
+            # a uniform choice among each input's valid leads: random keys, masked, argmax
+            keys = rng.random((len(inputs), len(self.leads)))
+            k = np.argmax(np.where(self.valid[inputs], keys, -1.0), axis=1)
+            return np.stack([inputs, self.target[inputs, k], self.leads[k]], axis=1)
+        return self.all_pairs()
+
     def epoch(self, epoch: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
         """This worker's triples for ``epoch``: (n, 3) with columns input, target, lead hours.
 
@@ -100,14 +150,57 @@ class ForecastSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         rng = np.random.default_rng([self.seed, epoch])
-        if self.random_lead:
-            inputs = np.flatnonzero(self.valid.any(axis=1))
-            # a uniform choice among each input's valid leads: random keys, masked, argmax
-            keys = rng.random((len(inputs), len(self.leads)))
-            k = np.argmax(np.where(self.valid[inputs], keys, -1.0), axis=1)
-            triples = np.stack([inputs, self.target[inputs, k], self.leads[k]], axis=1)
-        else:
-            triples = self.all_pairs()
+        triples = self._draw(rng)
         triples = triples[rng.permutation(len(triples))]
         per_worker = len(triples) // world_size
         return triples[rank * per_worker:(rank + 1) * per_worker]
+
+    def block_epoch(self, epoch: int, rank: int = 0, world_size: int = 1, block_steps: int = 112,
+                    window_blocks: int = 4) -> tuple[np.ndarray, np.ndarray]:
+        """This worker's triples for ``epoch`` in block-shuffle order, and where its windows start.
+
+        The samples are those of ``epoch`` (one lead per input drawn the same way, or every pair);
+        only their order differs:
+
+        1. the time axis is cut into blocks of ``block_steps`` inputs, the grid shifted by a random
+           offset each epoch (block edges move between epochs);
+        2. the blocks are put in a seeded random order and their samples (in time order within a
+           block) concatenated; worker r takes the r-th of ``world_size`` equal slices (a block at
+           a slice edge is shared by two workers; the remainder is dropped, as in ``epoch``);
+        3. the worker's (parts of) blocks are grouped into windows of 1, 2, 4, ... blocks up to
+           ``window_blocks`` (a reader's first batch of an epoch waits for one block, not for a
+           whole window), and the samples of each window are shuffled.
+
+        A window's rows are its blocks' inputs plus their targets, which lie at most
+        ``halo_steps`` past each block: a reader that holds one window decodes each row about once.
+
+        Returns ``(triples, starts)``: triples (n, 3) as ``epoch``; ``starts`` the index in
+        ``triples`` where each window begins, with n appended.
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if block_steps < 1 or window_blocks < 1:
+            raise ValueError(f"block_steps and window_blocks must be >= 1, got {block_steps}, {window_blocks}")
+        rng = np.random.default_rng([self.seed, epoch])
+        triples = self._draw(rng)
+        n = len(triples)
+        offset = int(rng.integers(0, block_steps))
+        block = (triples[:, 0].astype(np.int64) + offset) // block_steps
+        nblocks = int(block.max()) + 1 if n else 0
+        place = np.empty(nblocks, np.int64)
+        place[rng.permutation(nblocks)] = np.arange(nblocks)  # where each block goes in the epoch
+        keys = rng.random(n)  # the shuffle inside windows, drawn for all samples so ranks agree
+        order = np.argsort(place[block], kind="stable")  # blocks permuted, time order within each
+        per_worker = n // world_size
+        mine = order[rank * per_worker:(rank + 1) * per_worker]
+        if not len(mine):
+            return triples[:0], np.zeros(1, np.int64)
+        b = place[block[mine]]
+        ordinal = np.cumsum(np.r_[0, np.diff(b) != 0])  # 0, 0, ..., 1, 1, ...: blocks of this worker
+        sizes = [1]
+        while sum(sizes) <= ordinal[-1]:
+            sizes.append(min(2 * sizes[-1], window_blocks))
+        window = np.searchsorted(np.cumsum(np.minimum(sizes, window_blocks)), ordinal, side="right")
+        mine = mine[np.lexsort((keys[mine], window))]
+        starts = np.r_[0, np.flatnonzero(np.diff(window)) + 1, len(mine)]
+        return triples[mine], starts.astype(np.int64)

@@ -65,6 +65,18 @@ class DataConfig(_Strict):
     region: str | list[float] | None = Field(None, description="regional training: a name (Europe, NorthAmerica, ...) "
                                                                 "or [lat_min, lat_max, lon_min, lon_max]")
     prefetch: int = 2
+    cache_mb: float = Field(1024, ge=0, description="per worker and split: keep decoded rows when the split's "
+                                                    "needed variables fit in this many MiB (0: never)")
+    shuffle: Literal["auto", "global", "block"] = Field(
+        "auto", description="training order: global (any sample beside any other; ~2 rows decoded per sample "
+                            "when rows are not kept), block (seeded blocks of contiguous time, samples shuffled "
+                            "within windows of blocks: each row decoded about once per epoch), auto: global when "
+                            "the split fits cache_mb, else block")
+    block_steps: int | None = Field(None, gt=0, description="block shuffle: block length in time steps "
+                                                            "(default: from the longest lead)")
+    window_blocks: int = Field(4, gt=0, description="block shuffle: blocks per window (more mixing, more memory)")
+    window_mb: float = Field(4096, gt=0, description="block shuffle: bound of one window's decoded rows per worker "
+                                                     "(two windows are held)")
 
 
 class OptimConfig(_Strict):
@@ -321,10 +333,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     def loader(ds, split, random_lead, hours, batch_size, shuffle, max_batches=None):
         in_vars, out_vars = _variables(cfg, ds)
+        d = cfg.data
         return ForecastLoader(ds, split, in_vars, out_vars, hours, random_lead=random_lead, batch_size=batch_size,
                               seed=cfg.train.seed, rank=rank, world_size=world, shuffle=shuffle,
-                              drop_last=shuffle, region=region, prefetch=cfg.data.prefetch, max_batches=max_batches,
-                              pin_memory=device.type == "cuda")
+                              drop_last=shuffle, region=region, prefetch=d.prefetch, max_batches=max_batches,
+                              pin_memory=device.type == "cuda", cache_mb=d.cache_mb, shuffle_mode=d.shuffle,
+                              block_steps=d.block_steps, window_blocks=d.window_blocks, window_mb=d.window_mb)
 
     train_loaders = []
     for ds in datasets:

@@ -178,9 +178,16 @@ def test_cache_modes_and_column_sets_agree(ds):
     kw = dict(in_vars=["orography", "temperature_850", "2m_temperature"], out_vars=["geopotential_500", "2m_temperature"],
               batch_size=8, max_batches=12, superbatch_mb=0.05)
     a = [b for e in (0, 1) for b in loader(ds, cache_mb=1024, **kw).iterate(e)]
-    b = [b for e in (0, 1) for b in loader(ds, cache_mb=0, **kw).iterate(e)]
+    b = [b for e in (0, 1) for b in loader(ds, cache_mb=0, shuffle_mode="global", **kw).iterate(e)]
     assert len(a) == len(b) == 24
     for p, q in zip(a, b):
+        np.testing.assert_array_equal(p.x.numpy(), q.x.numpy())
+        np.testing.assert_array_equal(p.y.numpy(), q.y.numpy())
+    # the block shuffle, streamed or with rows resident, in several windows per batch range
+    c = [b for e in (0, 1) for b in loader(ds, cache_mb=0, **kw).iterate(e)]
+    d = [b for e in (0, 1) for b in loader(ds, cache_mb=1024, shuffle_mode="block", **kw).iterate(e)]
+    assert len(c) == len(d) == 24
+    for p, q in zip(c, d):
         np.testing.assert_array_equal(p.x.numpy(), q.x.numpy())
         np.testing.assert_array_equal(p.y.numpy(), q.y.numpy())
     raw = ds.read("train", np.searchsorted(ds.axis("train").times, a[5].input_time), ["temperature_850"])
@@ -334,3 +341,87 @@ def test_s3_dataset_reads_like_local(ds, root, moto_s3):
                                   ds.climatology(["2m_temperature"], a.input_time))
     with pytest.raises(FileNotFoundError, match="not a finished dataset"):
         ShardDataset("s3://climax-data/nothing-here", storage_options=moto_s3)
+
+
+# ----------------------------------------------------------------------------- block shuffle
+def pairs_of(batches) -> list[tuple[int, float]]:
+    return [(int(t), float(l)) for b in batches for t, l in zip(b.input_time.astype(np.int64), b.lead_hours.numpy())]
+
+
+def test_block_shuffle_is_the_default_when_rows_do_not_fit(ds):
+    assert loader(ds).shuffle_mode == "global"  # 730 small rows fit the default cache_mb
+    ld = loader(ds, cache_mb=0)
+    assert ld.shuffle_mode == "block" and ld.block_shuffle
+    assert loader(ds, cache_mb=0, shuffle_mode="global").shuffle_mode == "global"
+    assert loader(ds, shuffle_mode="block").shuffle_mode == "block"
+    with pytest.raises(ValueError, match="shuffle_mode"):
+        loader(ds, shuffle_mode="blocks")
+
+
+def test_block_shuffle_batches_are_the_normalised_raw_pairs_decoding_each_row_about_once(ds, root):
+    """A whole streamed epoch (cache_mb=0): every pair valid and equal to the raw rows, every input
+    of the split once (random leads), at most 1.2 rows decoded per sample."""
+    ld = loader(ds, cache_mb=0, batch_size=16)
+    axis = ds.axis("train")
+    batches = list(ld)
+    assert len(batches) == len(ld) and all(len(b) == 16 for b in batches)
+    st = ld.stats
+    assert st["samples"] == 16 * len(batches) and 0 < st["rows_per_sample"] <= 1.2, st
+    assert st["bytes_decoded"] == st["rows_decoded"] * 3 * 16 * 32 * 4
+    x = torch.cat([b.x for b in batches]).numpy()
+    y = torch.cat([b.y for b in batches]).numpy()
+    t_in = np.concatenate([b.input_time for b in batches])
+    lead = torch.cat([b.lead_hours for b in batches]).numpy()
+    i = np.searchsorted(axis.times, t_in)
+    j = np.searchsorted(axis.times, np.concatenate([b.target_time for b in batches]))
+    assert np.all(axis.times[np.minimum(j, len(axis) - 1)] == np.concatenate([b.target_time for b in batches]))
+    assert np.isin(lead, [12, 24, 36, 48, 72]).all()
+    assert len(np.unique(i)) == len(i) >= len(axis) - 6 - 15  # each input once; the rest of a batch dropped
+    np.testing.assert_allclose(x, normalise(ds, ds.read("train", i, CONSTS + TIME_VARS), CONSTS + TIME_VARS),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, normalise(ds, ds.read("train", j, TIME_VARS), TIME_VARS), rtol=1e-5, atol=1e-5)
+    # the same samples as the global shuffle of the epoch, in another order
+    glob = ld.sampler.epoch(0)
+    assert set(pairs_of(batches)) <= {(int(axis.times[int(a)].astype(np.int64)), float(c)) for a, _, c in glob}
+    # leads of the epoch are drawn as in the global shuffle: all of them, inputs from the whole split
+    assert set(lead.tolist()) == {12.0, 24.0, 36.0, 48.0, 72.0}
+    assert i.min() < 20 and i.max() > len(axis) - 30
+
+
+def test_block_shuffle_fixed_leads_cover_every_pair(ds):
+    ld = loader(ds, cache_mb=0, leads=[24, 48], random_lead=False, batch_size=10, drop_last=False)
+    pairs = pairs_of(ld)
+    n = len(ds.axis("train"))
+    assert len(pairs) == len(set(pairs)) == (n - 2) + (n - 4)  # every (input, lead) pair once
+    assert ld.stats["rows_per_sample"] <= 0.65  # each row about once, two samples per input row
+
+
+def test_block_shuffle_ranks_disjoint_equal_and_deterministic(ds):
+    parts, lens = [], []
+    for r in range(3):
+        ld = loader(ds, cache_mb=0, rank=r, world_size=3, batch_size=16, seed=4)
+        p = pairs_of(ld)
+        assert len(p) == len(ld) * 16
+        parts.append(set(p))
+        lens.append(len(ld))
+        np.testing.assert_array_equal(ld.triples(0), loader(ds, cache_mb=0, rank=r, world_size=3, seed=4).triples(0))
+        assert ld.stats["rows_per_sample"] <= 1.3
+    assert len(set(lens)) == 1  # DDP lockstep
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    a = loader(ds, cache_mb=0, seed=4)
+    assert not np.array_equal(a.triples(0), a.triples(1))  # epochs differ
+    assert not np.array_equal(a.triples(0), loader(ds, cache_mb=0, seed=5).triples(0))  # seeds differ
+
+
+def test_block_shuffle_resumes_at_a_batch(ds):
+    ld = loader(ds, cache_mb=0, batch_size=16, block_steps=30, window_blocks=2)
+    full = list(ld.iterate(2))
+    starts = ld.sampler.block_epoch(2, 0, 1, 30, 2)[1]
+    assert len(starts) > 3 and any(s % 16 for s in starts[1:-1])  # batches straddle windows
+    for k in (1, int(starts[1]) // 16, len(full) - 1):
+        rest = list(loader(ds, cache_mb=0, batch_size=16, block_steps=30, window_blocks=2).iterate(2, k))
+        assert len(rest) == len(full) - k
+        for p, q in zip(rest, full[k:]):
+            np.testing.assert_array_equal(p.x.numpy(), q.x.numpy())
+            np.testing.assert_array_equal(p.y.numpy(), q.y.numpy())
+            np.testing.assert_array_equal(p.input_time, q.input_time)
