@@ -365,3 +365,63 @@ def test_finetuning_statistics_precedence(gappy_shards, tmp_path):
     (m, s), said = run({})
     np.testing.assert_allclose(m[0], ds_stats[0][0], rtol=1e-6)
     assert "records no normalisation statistics" in said
+
+
+# ------------------------------------------------------------------ sample files and plans in model calendars
+@pytest.mark.parametrize("calendar,steps", [("360_day", 360 * 4), ("all_leap", 365 * 4), ("noleap", 365 * 4)])
+def test_write_cmip6_reads_back_as_the_fields_at_the_converted_dates(tmp_path, calendar, steps):
+    from pipelines import sample_data as sd
+    from pipelines.sources import open_source
+
+    src = sd.write_cmip6(tmp_path, calendar=calendar, years=(2015,), resolution=11.25,
+                         variables=["geopotential_500", "2m_temperature", "land_sea_mask"])
+    names = sorted(p.name for p in src.glob("*.nc"))
+    assert names == ["sftlf_fx_SAMPLE-ESM_historical_r1i1p1f1_gn.nc",
+                     f"tas_6hrPlevPt_SAMPLE-ESM_historical_r1i1p1f1_gn_201501010000-2015123{0 if calendar == '360_day' else 1}1800.nc",
+                     f"zg_6hrPlevPt_SAMPLE-ESM_historical_r1i1p1f1_gn_201501010000-2015123{0 if calendar == '360_day' else 1}1800.nc"]
+    z = open_source(str(next(src.glob("zg_*.nc"))))
+    assert z.attrs["calendar"] == calendar and z.sizes["time"] == steps  # all_leap: 29 Feb 2015 has no date
+    t = z["time"].values
+    truth = sd.fields(t, *sd.grid(11.25), ["geopotential_500"])["geopotential_500"]
+    np.testing.assert_allclose(z["geopotential_500"].values, truth, rtol=1e-5)  # zg in m, times g on reading
+    lsm = open_source(str(next(src.glob("sftlf_*.nc"))))["land_sea_mask"].values  # % -> fraction
+    assert lsm.min() >= 0 and lsm.max() <= 1
+
+
+def _fake(times, calendar):
+    from pipelines.regrid import target_grid
+
+    g = target_grid(11.25)
+    return {"path": f"tas_{calendar}.nc", "format": "netcdf", "member": None, "storage_options": {}, "fingerprint": "f",
+            "calendar": calendar, "lat": g.lat.tolist(), "lon": g.lon.tolist(),
+            "times": [int(x) for x in np.asarray(times, "datetime64[ns]").astype(np.int64)],
+            "variables": {"2m_temperature": {"units": "K", "source_name": "tas", "constant": False}}}
+
+
+@pytest.mark.parametrize("calendar", ["360_day", "all_leap"])
+def test_plan_knows_a_calendars_days_from_a_real_gap(tmp_path, calendar):
+    import xarray as xr
+
+    from pipelines.build import BuildError, calendar_times, plan_chunks
+    from pipelines.recipe import Recipe
+    from pipelines.sources.netcdf import convert_times
+
+    recipe = Recipe.model_validate({
+        "sources": [{"path": "x"}], "variables": ["2m_temperature"], "grid": {"resolution": 11.25},
+        "time": {"start": "2015-01-01", "end": "2016-12-31T18:00", "step": "6h"},
+        "splits": {"train": [2015, 2015], "test": [2016, 2016]}, "output": str(tmp_path)})
+    cf = xr.date_range("2015-01-01", f"2016-12-{30 if calendar == '360_day' else 31}T18:00", freq="6h",
+                       calendar=calendar, use_cftime=True)
+    times, _ = convert_times(np.asarray(cf), calendar, "x")
+    np.testing.assert_array_equal(calendar_times(recipe.time, calendar), times)
+    plan = plan_chunks(recipe, [_fake(times, calendar)])
+    assert plan.calendar == calendar and plan.gaps == []
+    planned = np.array([t for c in plan.chunks for t in c["times"]])
+    np.testing.assert_array_equal(planned, times.astype(np.int64))
+    for c in plan.chunks:  # regular shards
+        assert set(np.diff(c["times"]).tolist()) <= {6 * 3600 * 10**9}
+    lost = times[(times < np.datetime64("2016-05-03")) | (times >= np.datetime64("2016-05-04"))]
+    with pytest.raises(BuildError, match="missing at 4 of .* first at 2016-05-03T00:00:00"):
+        plan_chunks(recipe, [_fake(lost, calendar)])
+    allowed = recipe.model_copy(update={"time": recipe.time.model_copy(update={"missing": "allow"})})
+    assert plan_chunks(allowed, [_fake(lost, calendar)]).gaps == [["2016-05-03T00:00:00", 4]]
