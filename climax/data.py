@@ -162,6 +162,7 @@ class ShardDataset:
         self._const: dict[str, np.ndarray] | None = None
         self._clim: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._time_mean: dict[str, np.ndarray] | None = None
+        self.statistics: dict[str, tuple[float, float]] = {}  # overrides of the manifest's (use_statistics)
 
     def __getstate__(self) -> dict:
         """Picklable (e.g. sent to Ray workers): open files, locks and caches are left behind."""
@@ -226,10 +227,20 @@ class ShardDataset:
         if lacking:
             raise KeyError(f"dataset {self.name}: shard {rel} has no column(s) {lacking}; rebuild the dataset")
         md = pf.metadata
+        # the time column comes along (8 bytes a row): the rows read must be the times the axis says
+        columns = [S.TIME, *columns] if S.TIME in names and S.TIME not in columns else list(columns)
+        if md.num_row_groups == md.num_rows:  # the shard format: one time step per row group
+            with lock:
+                table = pf.read_row_groups(rows.tolist(), columns=list(columns), use_threads=True)
+            return self._checked(split, shard, rows, rel, table)
         with lock:
+<<<<<<< HEAD
             if md.num_row_groups == md.num_rows:  # one time step per row group (finer grids)
                 return pf.read_row_groups(rows.tolist(), columns=list(columns), use_threads=use_threads)
             # several steps per row group: read the groups that hold the rows, then take the rows
+=======
+            # any other row grouping: read the groups that hold the rows, then take the rows
+>>>>>>> calendars
             sizes = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)])
             ends = np.cumsum(sizes)
             group = np.searchsorted(ends, rows, side="right")
@@ -237,7 +248,21 @@ class ShardDataset:
             table = pf.read_row_groups(groups.tolist(), columns=list(columns), use_threads=use_threads)
         offset = np.concatenate([[0], np.cumsum(sizes[groups])[:-1]])  # of each read group in the table
         local = offset[np.searchsorted(groups, group)] + rows - (ends - sizes)[group]
-        return table.take(pa.array(local))
+        return self._checked(split, shard, rows, rel, table.take(pa.array(local)))
+
+    def _checked(self, split: str, shard: int, rows: np.ndarray, rel: str, table: pa.Table) -> pa.Table:
+        """``table`` after checking its stored times against the split's time axis."""
+        if S.TIME not in table.column_names:
+            return table
+        axis = self.axis(split)
+        first = int(np.searchsorted(axis.shard, shard))  # the axis lists shards in order
+        want = axis.times[first + np.asarray(rows, np.int64)]
+        got = table.column(S.TIME).to_numpy().astype("datetime64[ns]")
+        if not np.array_equal(got, want):
+            k = int(np.flatnonzero(got != want)[0])
+            raise ValueError(f"dataset {self.name}: shard {rel} holds {got[k]} where the manifest puts {want[k]}; "
+                             "the manifest and the shard disagree, rebuild the dataset with jobs.preprocess")
+        return table
 
     # -- variables
     def check_variables(self, variables: Sequence[str], role: str = "variable") -> None:
@@ -252,8 +277,14 @@ class ShardDataset:
             splits = self.manifest.raw.get("splits", {})
             if split not in splits:
                 raise ValueError(f"dataset {self.name!r} has no split {split!r}; it has {sorted(splits)}")
-            self._axes[split] = TimeAxis.from_manifest(self.manifest.raw, split)
+            self._axes[split] = TimeAxis.from_manifest(self.manifest.raw, split, self._stored_times)
         return self._axes[split]
+
+    def _stored_times(self, rel: str) -> np.ndarray:
+        """A shard's time column (the truth when the manifest's start/step/rows do not describe it)."""
+        pf, lock = self._open(rel)
+        with lock:
+            return pf.read(columns=[S.TIME]).column(S.TIME).to_numpy().astype("datetime64[ns]")
 
     def constant_fields(self) -> dict[str, np.ndarray]:
         """Raw constant fields (H, W) from constants.parquet (cached)."""
@@ -299,10 +330,19 @@ class ShardDataset:
         return out
 
     def normalizer(self, variables: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (mean, std) per variable from the manifest's statistics (constants too)."""
+        """float32 (mean, std) per variable: the statistics set by ``use_statistics`` (a checkpoint's)
+        where given, else the manifest's (constants too)."""
         self.check_variables(variables)
         mean, std = self.manifest.mean_std(list(variables))
+        for j, v in enumerate(variables):
+            if v in self.statistics:
+                mean[j], std[j] = self.statistics[v]
         return mean.astype(_F32), std.astype(_F32)
+
+    def use_statistics(self, statistics: dict[str, tuple[float, float]]) -> None:
+        """Normalise these variables with the given (mean, std) instead of the manifest's (a
+        checkpoint's statistics: ``climax.normalization``). Set before building loaders."""
+        self.statistics = {v: (float(m), float(s)) for v, (m, s) in statistics.items()}
 
     # -- climatology
     def _clim_of(self, var: str) -> tuple[np.ndarray, np.ndarray]:
@@ -512,6 +552,8 @@ class ForecastLoader:
         self.prefetch, self.max_batches, self.pin_memory = int(prefetch), max_batches, pin_memory
         self.axis = dataset.axis(split)
         self.sampler = ForecastSampler(self.axis, leads, random_lead, seed)
+        #: (input, lead) pairs of the split that a gap removes (their input or target step is missing)
+        self.skipped = self.sampler.skipped
         self.epoch = 0
 
         # variables: time-varying ones decoded into buffer slots; constants broadcast
@@ -585,6 +627,14 @@ class ForecastLoader:
 
     def __len__(self) -> int:
         return self._num_batches(self._num_samples())
+
+    def report(self) -> str:
+        """One line: the split's pairs, and those skipped because a time step they need is missing."""
+        pairs = int(self.sampler.valid.sum())
+        gaps = (f"; {self.skipped} skipped: their input or target time is missing (calendar or data gaps)"
+                if self.skipped else "")
+        return (f"dataset {self.dataset.name} split {self.split}: {len(self.axis)} time steps, {pairs} (input, lead) "
+                f"pairs{gaps}")
 
     def triples(self, epoch: int | None = None) -> np.ndarray:
         """This rank's (input index, target index, lead hours) triples of an epoch, in batch order."""

@@ -13,12 +13,19 @@ disjoint, equally long part:
   inside windows of a few blocks; a reader that decodes each window once decodes about one row per
   sample (``docs/design.md``, "Block shuffle").
 
+The time axis is the shards' stored times (``docs/design.md``, "Time axis"): a build cuts shards at
+every gap (29 February of a noleap year, the days a 360_day calendar lacks, steps allowed missing by
+``time.missing: allow``), so each shard is regular and the manifest's start, end and rows describe
+its times exactly; a shard that is not (an older build) has its time column read instead. A pair
+exists only when both of its times are on the axis at the exact lead; the pairs a gap removes are
+counted (``ForecastSampler.skipped``).
+
 Pure numpy: the reader that turns triples into tensors lives beside the training loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,23 +41,32 @@ class TimeAxis:
     shard: np.ndarray  # int, index into the manifest's shard list of the split
     row: np.ndarray  # int, row within that shard
 
+    step: np.timedelta64 | None = None  # the data's time step, when known (gaps are counted against it)
+
     @classmethod
-    def from_manifest(cls, manifest: dict, split: str) -> TimeAxis:
-        """Rebuild a split's time axis from the manifest (shards hold regular steps)."""
+    def from_manifest(cls, manifest: dict, split: str,
+                      read_times: Callable[[str], np.ndarray] | None = None) -> TimeAxis:
+        """A split's time axis from the manifest: each shard's ``rows`` steps from ``start`` at the
+        data's step, which must end at ``end``. A shard whose times are not regular (an older build
+        across a gap) has its stored time column read with ``read_times(path)`` when given."""
         step = np.timedelta64(int(manifest["time"]["step_seconds"]), "s").astype("timedelta64[ns]")
         times, shard, row = [], [], []
         for k, s in enumerate(manifest["splits"][split]["shards"]):
             start = np.datetime64(s["start"], "ns")
             t = start + step * np.arange(s["rows"])
             if t[-1] != np.datetime64(s["end"], "ns"):
-                raise ValueError(f"shard {s['path']}: {s['rows']} rows from {s['start']} at a {step} step do not "
-                                 f"end at {s['end']}; the manifest and the shard disagree, rebuild the dataset")
+                stored = None if read_times is None else np.asarray(read_times(s["path"]), "datetime64[ns]")
+                if stored is None or len(stored) != s["rows"] or stored[0] != start or \
+                        stored[-1] != np.datetime64(s["end"], "ns"):
+                    raise ValueError(f"shard {s['path']}: {s['rows']} rows from {s['start']} at a {step} step do not "
+                                     f"end at {s['end']}; the manifest and the shard disagree, rebuild the dataset")
+                t = stored
             times.append(t)
             shard.append(np.full(s["rows"], k))
             row.append(np.arange(s["rows"]))
         if not times:
             raise ValueError(f"split {split!r} has no shards")
-        axis = cls(np.concatenate(times), np.concatenate(shard), np.concatenate(row))
+        axis = cls(np.concatenate(times), np.concatenate(shard), np.concatenate(row), step)
         if np.any(np.diff(axis.times) <= np.timedelta64(0, "ns")):
             raise ValueError(f"split {split!r}: shard times are not strictly increasing")
         return axis
@@ -119,6 +135,15 @@ class ForecastSampler:
         if not self.valid.any():
             raise ValueError(f"no lead time in {self.leads.tolist()} h fits inside the split's "
                              f"{len(t)} time steps; use shorter leads or a longer split")
+        #: (input, lead) pairs inside the split's span that a gap removes: the input or the target
+        #: time is missing (a model calendar's absent days, or steps a build allowed missing)
+        self.skipped = 0
+        if axis.step is not None and len(t):
+            step = int(np.timedelta64(axis.step, "ns").astype(np.int64))
+            span = t[-1] - t[0]
+            lead_ns = (self.leads * 3.6e12).astype(np.int64)
+            regular = np.where(lead_ns <= span, (span - lead_ns) // step + 1, 0)
+            self.skipped = int(max(0, regular.sum() - self.valid.sum()))
 
     def all_pairs(self) -> np.ndarray:
         """Every valid (input, target, lead) triple, (n, 3) float64."""

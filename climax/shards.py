@@ -204,6 +204,13 @@ class Manifest:
         return [v for v, spec in self.raw["variables"].items() if spec.get("constant")]
 
     @property
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the manifest's content (keys sorted): names this exact dataset."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
     def step_hours(self) -> float:
         return self.raw["time"]["step_seconds"] / 3600
 

@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -49,6 +49,9 @@ class EvaluateConfig(BaseModel):
     progress: bool = Field(True, description="show progress bars")
     coarse: str | None = Field(None, description="downscaling checkpoints: the coarse input dataset (default: the "
                                                  "run's); data is the fine truth, leads and rollout are ignored")
+    statistics: Literal["checkpoint", "dataset"] = Field(
+        "checkpoint", description="normalisation: the checkpoint's statistics (a warning names the variables whose "
+                                  "dataset statistics differ by more than 1 %) or the dataset's")
 
     _leads = field_validator("leads")(classmethod(lambda cls, v: positive_leads(v)))
 
@@ -76,12 +79,17 @@ def iso_time(v):
     """YAML reads 2017-01-01 as a date: keep times as ISO strings, checked by numpy."""
     if v is None:
         return v
+    import pandas as pd
+
     if hasattr(v, "isoformat"):
         v = v.isoformat()
     try:
-        np.datetime64(str(v), "ns")
+        t = pd.Timestamp(str(v))
     except ValueError as e:
         raise ValueError(f"{v!r} is not an ISO time such as 2017-01-01T00:00") from e
+    if t.tzinfo is not None:  # data times are UTC: convert the instant, never drop the offset
+        return t.tz_convert("UTC").tz_localize(None).isoformat()
+    np.datetime64(str(v), "ns")
     return str(v)
 
 
@@ -97,10 +105,21 @@ def load_checkpoint_model(path: str):
     return model, meta
 
 
-def open_dataset(root: str, storage_options: dict | None):
+def open_dataset(root: str, storage_options: dict | None, meta: dict | None = None, statistics: str = "checkpoint",
+                 source: str = "the checkpoint"):
+    """The shard dataset, normalising with the checkpoint's statistics (``meta``) unless
+    ``statistics`` is "dataset" (docs/design.md, "Checkpoint statistics")."""
     from climax.data import ShardDataset
+    from climax.normalization import apply_statistics, checkpoint_statistics
 
-    return ShardDataset(root, storage_options=storage_options or None)
+    dataset = ShardDataset(root, storage_options=storage_options or None)
+    if meta is not None and statistics == "checkpoint":
+        stats = checkpoint_statistics(meta)
+        if stats:
+            apply_statistics(dataset, stats, source, warn=print)
+        else:
+            print(f"note: {source} records no normalisation statistics; the dataset's are used")
+    return dataset
 
 
 def resolve_variables(model, meta: dict, dataset, in_vars: list[str] | None, out_vars: list[str] | None,
@@ -204,7 +223,7 @@ def main(argv: list[str] | None = None):
         model, meta = load_checkpoint_model(cfg.checkpoint)
         if meta.get("task") == "downscaling":  # coarse -> fine: RMSE, bias, Pearson vs bilinear; maps
             return _downscaling(cfg, model, meta)
-        dataset = open_dataset(cfg.data, cfg.storage_options)
+        dataset = open_dataset(cfg.data, cfg.storage_options, meta, cfg.statistics, f"checkpoint {cfg.checkpoint}")
         in_vars, out_vars = resolve_variables(model, meta, dataset, cfg.in_vars, cfg.out_vars, cfg.data)
         region = build_region(cfg.region, dataset, model.patch_size)
         df = evaluate_model(model, dataset, cfg.split, in_vars, out_vars, cfg.leads, cfg.rollout_step,

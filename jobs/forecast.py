@@ -72,6 +72,9 @@ class ForecastConfig(BaseModel):
     output: str = Field("forecast.nc", description="NetCDF file to write (local path or s3://)")
     engine: Literal["netcdf4", "h5netcdf"] = Field("netcdf4", description="xarray NetCDF engine")
     progress: bool = Field(True, description="show a progress bar")
+    statistics: Literal["checkpoint", "dataset"] = Field(
+        "checkpoint", description="normalisation: the checkpoint's statistics (a warning names the variables whose "
+                                  "dataset statistics differ by more than 1 %) or the dataset's")
 
     @field_validator("init_times", mode="before")
     @classmethod
@@ -108,7 +111,7 @@ def run(cfg: ForecastConfig, argv: list[str]) -> str:
     from climax.evaluation import forecast_dataset, forecast_fields, history_line, write_netcdf
 
     model, meta = load_checkpoint_model(cfg.checkpoint)
-    dataset = open_dataset(cfg.data, cfg.storage_options)
+    dataset = open_dataset(cfg.data, cfg.storage_options, meta, cfg.statistics, f"checkpoint {cfg.checkpoint}")
     in_vars, out_vars = resolve_variables(model, meta, dataset, cfg.in_vars, cfg.out_vars, cfg.data)
     region = build_region(cfg.region, dataset, model.patch_size)
     times = (np.array([np.datetime64(t, "ns") for t in cfg.init_times]) if cfg.init_times is not None

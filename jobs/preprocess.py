@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, split in sorted(manifest["splits"].items(), key=lambda kv: ("train", "val", "test").index(kv[0])):
         print(f"{name:5s}: {split['rows']:6d} time steps in {len(split['shards'])} shards "
               f"({split['start']} .. {split['end']})")
+    gaps = manifest["time"].get("gaps") or []
+    if gaps:  # time.missing: allow
+        print(f"gaps: {sum(n for _, n in gaps)} time steps left out in {len(gaps)} gap(s), first at {gaps[0][0]} "
+              "(listed in the manifest's time.gaps; training skips the samples that need them)")
     print(f"manifest: {recipe.output.rstrip('/')}/manifest.json")
     return manifest
 

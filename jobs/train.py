@@ -132,6 +132,12 @@ class TrainConfig(_Strict):
                                         description="model YAML or inline mapping; default_vars default to the data's")
     init_checkpoint: str | None = Field(None, description="finetune from ours or an original ClimaX .ckpt")
     ckpt_vars: list[str] | None = Field(None, description="variables of an init checkpoint that records none")
+    statistics: Literal["checkpoint", "dataset"] = Field(
+        "checkpoint", description="normalisation when finetuning: the init checkpoint's statistics (a warning names "
+                                  "the variables whose dataset statistics differ by more than 1 %) or the dataset's")
+    ckpt_statistics: str | None = Field(None, description="folder holding an original ClimaX release's "
+                                                          "normalize_mean.npz and normalize_std.npz: the statistics "
+                                                          "of an init_checkpoint that records none")
     freeze_backbone: bool = False
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -224,7 +230,34 @@ def build_model(cfg: TrainConfig, datasets: list, log=print):
     if cfg.init_checkpoint:
         report = load_checkpoint(model, cfg.init_checkpoint, ckpt_vars=cfg.ckpt_vars)
         log(f"loaded {cfg.init_checkpoint}:\n{report}")
+        init_statistics(cfg, datasets, state_meta or {}, log)
     return model
+
+
+def init_statistics(cfg: TrainConfig, datasets: list, meta: dict, log=print) -> None:
+    """Finetuning normalises with the init checkpoint's statistics (``statistics: checkpoint``): those
+    it records, else an original release's ``ckpt_statistics`` files; the dataset's otherwise."""
+    from climax.normalization import apply_statistics, checkpoint_statistics, release_statistics
+
+    if cfg.statistics == "dataset":
+        if cfg.ckpt_statistics:
+            log("note: ckpt_statistics is ignored with statistics=dataset")
+        return
+    stats, source = checkpoint_statistics(meta), f"checkpoint {cfg.init_checkpoint}"
+    if cfg.ckpt_statistics:
+        if stats:
+            log(f"note: {cfg.init_checkpoint} records its statistics; ckpt_statistics {cfg.ckpt_statistics} "
+                "fills only the variables it lacks")
+        stats = {**release_statistics(cfg.ckpt_statistics), **stats}
+        source = f"{source} + {cfg.ckpt_statistics}"
+    if not stats:
+        log(f"note: {cfg.init_checkpoint} records no normalisation statistics: the dataset's are used (for an "
+            "original ClimaX .ckpt, ckpt_statistics=<folder with normalize_mean.npz, normalize_std.npz> gives the "
+            "release's)")
+        return
+    for ds in datasets:
+        if hasattr(ds, "use_statistics"):
+            apply_statistics(ds, stats, source, warn=log)
 
 
 def _stream(loader, epoch: int, steps: int):
@@ -298,6 +331,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from climax.data import ForecastLoader, MixedLoader, ShardDataset
     from climax.masking import MaskedObjective, step_generator, validate_masked
+    from climax.normalization import checkpoint_record
     from climax.regions import Region
     from climax.sampling import lead_hours
     from climax.training import freeze_backbone, save_train_state, train_step, validate
@@ -344,6 +378,7 @@ def train_loop_per_worker(config: dict) -> None:
     for ds in datasets:
         hours = lead_hours(leads.min_hours, leads.max_hours, ds.step_hours) if leads.random else leads.hours
         train_loaders.append(loader(ds, cfg.data.train_split, leads.random, hours, cfg.data.batch_size, True))
+        log(train_loaders[-1].report())
     train_data = train_loaders[0] if len(train_loaders) == 1 else MixedLoader(
         train_loaders, [d.weight for d in cfg.data.datasets], seed=cfg.train.seed)
     steps_per_epoch = cfg.train.steps_per_epoch or len(train_data)
@@ -427,7 +462,8 @@ def train_loop_per_worker(config: dict) -> None:
             ckpt = None
             if rank == 0:
                 save_train_state(tmp, ddp_model, optimizer, None, state, run_config=cfg.model_dump(mode="json"),
-                                 in_vars=val_in, out_vars=val_out, metrics=metrics)
+                                 in_vars=val_in, out_vars=val_out, metrics=metrics,
+                                 **checkpoint_record(val_ds, [*val_in, *val_out], region))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -466,6 +502,8 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
     for d in cfg.data.datasets + ([cfg.downscaling.coarse, cfg.downscaling.fine] if cfg.downscaling else []):
         if "://" not in d.root:
             d.root = str(Path(d.root).expanduser().resolve())
+    if cfg.ckpt_statistics and "://" not in cfg.ckpt_statistics:
+        cfg.ckpt_statistics = str(Path(cfg.ckpt_statistics).expanduser().resolve())
 
     from jobs.observability import callbacks as observability_callbacks
 

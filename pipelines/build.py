@@ -41,7 +41,7 @@ from pipelines.recipe import Recipe
 from pipelines.sources import SourceError, is_zarr_path, list_files, open_source
 from pipelines.sources.weatherbench import file_year
 from pipelines.stats import ClimatologyAccumulator, Moments, merge_all
-from pipelines.variables import parse_variable
+from pipelines.variables import check_range, parse_variable
 
 log = logging.getLogger("pipelines.build")
 
@@ -171,6 +171,43 @@ class Plan:
     time_vars: list[str]
     const_vars: list[str]
     units: list[dict] = field(default_factory=list)
+    calendar: str = "standard"  # the sources' calendar ("mixed" when they differ)
+    gaps: list = None  # [first missing step (ISO), number of steps] left out under time.missing: allow
+
+
+STANDARD_CALENDARS = {"standard", "gregorian", "proleptic_gregorian"}
+#: Model calendars whose steps, converted to dates as the NetCDF reader converts them, are known
+#: in advance: a step of the calendar the sources lack is then missing, not absent by design.
+MODEL_CALENDARS = {"noleap", "365_day", "360_day", "all_leap", "366_day", "julian"}
+
+
+def calendar_times(time, calendar: str) -> np.ndarray:
+    """The recipe's steps in a model calendar as the readers convert them (datetime64[ns]): noleap
+    has no 29 February, 360_day converted with ``align_on="year"`` lacks 5 or 6 days a year."""
+    import xarray as xr
+
+    from pipelines.sources.netcdf import convert_times
+
+    start, end = time.start, time.end
+    first = f"{start.year:04d}-01-01T{start.hour:02d}:{start.minute:02d}"
+    last = f"{end.year:04d}-12-{30 if calendar == '360_day' else 31}T23:59"
+    cf = xr.date_range(first, last, freq=pd_freq(time.step), calendar=calendar, use_cftime=True)
+    times, _ = convert_times(np.asarray(cf), calendar, f"time {calendar}")
+    lo, hi = np.datetime64(start, "ns"), np.datetime64(end, "ns")
+    return times[(times >= lo) & (times <= hi)]
+
+
+def pd_freq(step: str) -> str:
+    import pandas as pd
+
+    return pd.tseries.frequencies.to_offset(pd.Timedelta(step)).freqstr
+
+
+def _gaps(expected: np.ndarray, kept: np.ndarray) -> list:
+    """Runs of ``expected`` steps (int ns) not in ``kept``: [[first ISO, count], ...]."""
+    edges = np.diff(np.r_[0, (~np.isin(expected, kept)).astype(np.int8), 0])
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return [[_iso(expected[a]), int(b - a)] for a, b in zip(starts, ends)]
 
 
 def _slot_keys(tns: np.ndarray) -> np.ndarray:
@@ -180,21 +217,26 @@ def _slot_keys(tns: np.ndarray) -> np.ndarray:
 
 
 def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
-    """Check coverage and cut the time axis into shards. Raises BuildError naming what is wrong."""
+    """Check coverage and cut the time axis into shards. Raises BuildError naming what is wrong.
+
+    Shards never cross a gap (a step the calendar lacks, or one left out under ``time.missing:
+    allow``): each shard holds regular steps, so its start, end and row count in the manifest give
+    its stored times exactly (docs/design.md, "Time axis")."""
     dst = regrid.target_grid(recipe.grid.resolution)
     specs = {v: parse_variable(v) for v in recipe.variables}
     const_vars = [v for v in recipe.variables if specs[v].is_constant]
     time_vars = [v for v in recipe.variables if not specs[v].is_constant]
-    times = recipe.time.times()
-    # Model calendars without 29 February (noleap, 365_day; their times are converted to the
-    # standard calendar when read) cannot have those steps: leave them out rather than call them
-    # missing. Recorded in the manifest's sources (calendar per file).
+    # Model calendars (their times are converted to the standard calendar when read) cannot have
+    # every date: their own steps are expected, the others are not missing. Recorded in the
+    # manifest (time.calendar, and the calendar of each source file).
     calendars = {str(f.get("calendar", "standard")).lower() for f in files if f["times"]}
-    if calendars and calendars <= {"noleap", "365_day"}:
-        days = times.astype("datetime64[D]")
-        feb29 = (days - days.astype("datetime64[M]")).astype(int) == 28
-        feb29 &= (days.astype("datetime64[M]").astype(int) % 12) == 1
-        times = times[~feb29]
+    if not calendars or calendars <= STANDARD_CALENDARS:
+        calendar, times = "standard", recipe.time.times()
+    elif len(calendars) == 1 and calendars <= MODEL_CALENDARS:
+        calendar = next(iter(calendars))
+        times = calendar_times(recipe.time, calendar)
+    else:
+        calendar, times = "mixed" if len(calendars) > 1 else next(iter(calendars)), recipe.time.times()
     years = times.astype("datetime64[Y]").astype(int) + 1970
     keep = np.array([recipe.split_of(int(y)) is not None for y in years])
     times, years = times[keep], years[keep]
@@ -231,25 +273,36 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
         if v not in COMPUTED and v not in const_file:
             raise BuildError(f"constant {v} is in none of the {len(files)} source files; add a source that has it "
                              "(e.g. the ERA5 invariants or WeatherBench constants) or drop it from variables")
-    if calendars - {"standard", "gregorian", "proleptic_gregorian", "noleap", "365_day"} and time_vars:
-        # 360_day and other model calendars map onto irregular standard dates: take the time
-        # steps every variable has, within the recipe's range and split years
+    if calendar not in STANDARD_CALENDARS | MODEL_CALENDARS and time_vars:
+        # other calendars (ClimateBench's yearly steps, files in different calendars): take the
+        # time steps every variable has, within the recipe's range and split years
         common = set.intersection(*(set(where[v]) for v in time_vars))
         lo, hi = _ns(recipe.time.start.replace(tzinfo=None)), _ns(recipe.time.end.replace(tzinfo=None))
         tns = np.array(sorted(t for t in common if lo <= t <= hi and recipe.split_of(
             int(np.datetime64(t, "ns").astype("datetime64[Y]").astype(int) + 1970)) is not None), dtype=np.int64)
         years = tns.astype("datetime64[ns]").astype("datetime64[Y]").astype(int) + 1970
+    expected, dropped = tns, set()
     for v in time_vars:
         if not where[v]:
             raise BuildError(f"variable {v} is in none of the {len(files)} source files "
                              f"({', '.join(f['path'] for f in files[:3])}{', ...' if len(files) > 3 else ''}); "
                              "check the variable name and level, or add a source that has it")
         missing = [t for t in tns if t not in where[v]]
-        if missing:
+        if missing and recipe.time.missing == "error":
             raise BuildError(
                 f"variable {v} is missing at {len(missing)} of {len(tns)} time steps, first at "
-                f"{', '.join(_iso(t) for t in missing[:3])}; add the files covering them, or set time.start/"
-                "time.end/time.step to what the sources hold")
+                f"{', '.join(_iso(t) for t in missing[:3])}; add the files covering them, set time.start/"
+                "time.end/time.step to what the sources hold, or set time.missing: allow to leave them out")
+        dropped.update(missing)
+    if dropped:  # time.missing: allow: a step any variable lacks is left out, and listed in the manifest
+        keep_t = ~np.isin(tns, np.fromiter(dropped, np.int64, len(dropped)))
+        tns, years = tns[keep_t], years[keep_t]
+        if not len(tns):
+            raise BuildError(f"no time step of {recipe.time.start}..{recipe.time.end} has every variable "
+                             f"{time_vars}; check the sources")
+        log.warning("time.missing: allow: %d of %d time steps left out (first at %s)", len(dropped),
+                    len(expected), _iso(min(dropped)))
+    gaps = _gaps(expected, tns) if dropped else []
     for v, (_, i) in grids.items():  # a grid the regridder refuses fails here, before any decoding
         if v in where or v in const_file:
             try:
@@ -286,9 +339,15 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
         ys, ss = tns[sel], slot_of[sel]
         if split == "train":
             wins = np.array([window_of_slot[int(s)] for s in ss])
-            parts = [(int(k), ys[wins == k]) for k in np.unique(wins)]
+            runs = [(int(k), ys[wins == k]) for k in np.unique(wins)]
         else:
-            parts = [(None, ys[k:k + rows]) for k in range(0, len(ys), rows)]
+            runs = [(None, ys)]
+        parts = []
+        for win, run_ in runs:
+            # runs of regular steps: a shard never spans a gap
+            cuts = np.flatnonzero(np.diff(run_) != step) + 1
+            for piece in np.split(run_, cuts):
+                parts += [(win, piece)] if win is not None else [(None, piece[k:k + rows]) for k in range(0, len(piece), rows)]
         for win, part_arr in parts:
             part = part_arr.tolist()
             prev = prev_of(part[0], split)
@@ -322,7 +381,7 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
         units.append({"kind": "constants", "chunks": [chunks[-1]["index"]]})
     # windows first (the longest tasks), then the single shards
     units.sort(key=lambda u: {"window": 0, "shard": 1, "constants": 2}[u["kind"]])
-    return Plan(chunks, files, dst, time_vars, const_vars, units)
+    return Plan(chunks, files, dst, time_vars, const_vars, units=units, calendar=calendar, gaps=gaps)
 
 
 # ----------------------------------------------------------------------------- 3. work
@@ -409,8 +468,19 @@ def _check_finite(values: np.ndarray, path: str, v: str, times: list[int] | None
             "damaged or masked (e.g. a sea-only field); fix or replace it, or drop the variable")
 
 
+def _check_range(values: np.ndarray, v: str, path: str, times: list[int] | None, ranges: dict | None) -> None:
+    """Fill values without an attribute (-9999, 9.999e20, 0 over a whole field): a physical range
+    per variable (pipelines/variables.py), or the recipe's ``valid_range`` override."""
+    if ranges is None:
+        return
+    try:
+        check_range(values, v, path, None if times is None else [_iso(t) for t in times], ranges.get(v))
+    except ValueError as e:
+        raise SourceError(str(e)) from None
+
+
 def _read_into(f: dict, variables: list[str], times: list[int], put, dst: regrid.Grid, method: str,
-               cache_dir: str | None, budget_bytes: int) -> None:
+               cache_dir: str | None, budget_bytes: int, ranges: dict | None = None) -> None:
     """Decode, check and regrid ``variables`` of file ``f`` at ``times`` in sub-blocks of a few
     steps of one variable, handing each regridded block to ``put(variable, times, block)``.
 
@@ -429,18 +499,20 @@ def _read_into(f: dict, variables: list[str], times: list[int], put, dst: regrid
             block_times = times[a:a + n]
             values = np.asarray(da.isel(time=sel).values, dtype=np.float32)
             _check_finite(values, f["path"], v, block_times)
+            _check_range(values, v, f["path"], block_times, ranges)
             put(v, block_times, rg(values, copy=False))
             del values
 
 
 def _read_constants(f: dict, variables: list[str], dst: regrid.Grid, method: str,
-                    cache_dir: str | None) -> dict[str, np.ndarray]:
+                    cache_dir: str | None, ranges: dict | None = None) -> dict[str, np.ndarray]:
     ds = _open_cached(f)
     rg = regrid.get_regridder(_grid_of(ds), dst, method, cache_dir=cache_dir)
     out = {}
     for v in variables:
         values = np.asarray(ds[v].transpose("lat", "lon").values, dtype=np.float32)
         _check_finite(values, f["path"], v, None)
+        _check_range(values, v, f["path"], None, ranges)
         out[v] = rg(values)
     return out
 
@@ -464,7 +536,7 @@ def _chunk_arrays(chunk: dict, ctx: dict, dst: regrid.Grid) -> tuple[dict[str, n
 
     for r in chunk["reads"]:
         _read_into(files[r["file"]], r["variables"], r["times"], put, dst, ctx["method"], ctx["regrid_cache"],
-                   ctx["block_bytes"])
+                   ctx["block_bytes"], ctx.get("ranges"))
     return arrays, prev
 
 
@@ -504,7 +576,8 @@ def run_chunk(chunk: dict, ctx: dict, *, keep_arrays: bool = False) -> dict:
     if chunk["kind"] == "constants":
         arrays: dict[str, np.ndarray] = {}
         for r in chunk["reads"]:
-            arrays.update(_read_constants(files[r["file"]], r["variables"], dst, ctx["method"], ctx["regrid_cache"]))
+            arrays.update(_read_constants(files[r["file"]], r["variables"], dst, ctx["method"], ctx["regrid_cache"],
+                                          ctx.get("ranges")))
         if "latitude" in chunk["variables"]:
             arrays["latitude"] = np.repeat(dst.lat[:, None], dst.shape[1], axis=1).astype(np.float32)
         arrays = {v: arrays[v] for v in chunk["variables"]}
@@ -724,6 +797,7 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
         "lat": plan.dst.lat.tolist(), "lon": plan.dst.lon.tolist(), "method": recipe.grid.method,
         "regrid_cache": recipe.regrid_cache, "time_vars": plan.time_vars, "overwrite": overwrite,
         "compression_level": recipe.compression_level, "block_bytes": block_bytes,
+        "ranges": {v: recipe.value_range(v) for v in recipe.variables},
     }
     timings["plan"] = _time.perf_counter() - t
     t = _time.perf_counter()
@@ -792,7 +866,8 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
         "format": S.FORMAT,
         "grid": {"resolution": recipe.grid.resolution, "method": recipe.grid.method, "lat_order": S.LAT_ORDER,
                  "shape": list(plan.dst.shape), "lat": plan.dst.lat.tolist(), "lon": plan.dst.lon.tolist()},
-        "time": {"step": recipe.time.step, "step_seconds": recipe.time.step_ns // 10**9},
+        "time": {"step": recipe.time.step, "step_seconds": recipe.time.step_ns // 10**9, "calendar": plan.calendar,
+                 "missing": recipe.time.missing, "gaps": plan.gaps or []},
         "variables": variables,
         "normalized": False,
         "constants": {"path": S.CONSTANTS, "sha256": const[0]["sha256"]} if const else None,

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
+import logging
+from datetime import UTC, datetime
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipelines.variables import parse_variable
+from pipelines.variables import parse_variable, physical_range
 
 __all__ = ["Recipe", "SourceSpec", "GridSpec", "TimeSpec"]
+
+log = logging.getLogger("pipelines.recipe")
 
 
 class _Strict(BaseModel):
@@ -35,9 +38,26 @@ class GridSpec(_Strict):
 
 
 class TimeSpec(_Strict):
-    start: datetime
-    end: datetime
+    start: datetime = Field(description="first time step, UTC (a zone offset such as +06:00 is converted to UTC)")
+    end: datetime = Field(description="last time step, UTC (included)")
     step: str = Field("1h", description="time step, e.g. 1h, 6h, 1D")
+    missing: Literal["error", "allow"] = Field(
+        "error", description="time steps of a standard calendar that the sources lack: error (stop, naming "
+                             "them) or allow (leave them out; the manifest lists the gaps and training skips "
+                             "the samples that need them)")
+
+    @field_validator("start", "end")
+    @classmethod
+    def _utc(cls, v: datetime, info) -> datetime:
+        # Shards hold naive UTC times. A time with a zone offset names another instant than its
+        # wall-clock digits: convert it, never drop the offset (which would shift the data).
+        if v.tzinfo is None:
+            return v
+        utc = v.astimezone(UTC).replace(tzinfo=None)
+        if v.utcoffset():
+            log.warning("time.%s %s has a zone offset: converted to %s UTC", info.field_name, v.isoformat(),
+                        utc.isoformat())
+        return utc
 
     @field_validator("step")
     @classmethod
@@ -61,8 +81,8 @@ class TimeSpec(_Strict):
         return int(pd.Timedelta(self.step).value)
 
     def times(self) -> np.ndarray:
-        start = np.datetime64(self.start.replace(tzinfo=None), "ns")
-        end = np.datetime64(self.end.replace(tzinfo=None), "ns")
+        start = np.datetime64(self.start, "ns")  # naive UTC (see _utc)
+        end = np.datetime64(self.end, "ns")
         return np.arange(start, end + np.timedelta64(1, "ns"), np.timedelta64(self.step_ns, "ns"))
 
 
@@ -83,6 +103,9 @@ class Recipe(_Strict):
     max_task_mb: int = Field(
         768, ge=1, description="memory one build task may hold (MiB), decoding and regridding included; "
         "also Ray's memory request per task, so a node runs no more tasks than its memory holds")
+    valid_range: dict[str, tuple[float, float] | None] = Field(
+        default_factory=dict, description="per variable [min, max] replacing its physical range check "
+                                          "(pipelines/variables.py RANGES), or null to skip it, for unusual data")
 
     @field_validator("variables")
     @classmethod
@@ -92,6 +115,22 @@ class Recipe(_Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"variables has duplicates: {v}")
         return v
+
+    @model_validator(mode="after")
+    def _ranges_of_variables(self) -> Recipe:
+        unknown = [v for v in self.valid_range if v not in self.variables]
+        if unknown:
+            raise ValueError(f"valid_range names {unknown}, which are not among variables {self.variables}")
+        for v, r in self.valid_range.items():
+            if r is not None and not r[0] < r[1]:
+                raise ValueError(f"valid_range.{v}: [{r[0]}, {r[1]}] is not an interval; give [min, max] or null")
+        return self
+
+    def value_range(self, variable: str) -> tuple[float, float] | None:
+        """The [min, max] the build accepts for ``variable``: the recipe's override, else its physical range."""
+        if variable in self.valid_range:
+            return self.valid_range[variable]
+        return physical_range(variable)
 
     @field_validator("splits")
     @classmethod
@@ -119,4 +158,9 @@ class Recipe(_Strict):
         content = self.model_dump(mode="json", exclude={"output", "storage_options", "regrid_cache", "max_task_mb"})
         for s in content["sources"]:
             s.pop("storage_options", None)
+        # keys added later hash only when set, so that existing builds keep their fingerprint
+        if not content["valid_range"]:
+            content.pop("valid_range")
+        if content["time"]["missing"] == "error":
+            content["time"].pop("missing")
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

@@ -59,6 +59,7 @@ __all__ = [
     "main",
     "write_climatebench",
     "climatebench_response",
+    "write_cmip6",
     "CLIMATEBENCH_SCENARIOS",
 ]
 
@@ -916,6 +917,96 @@ def generate(
         os.replace(zarr_tmp, zarr_path)  # the store appears whole or not at all
         paths["zarr"] = zarr_path
     return paths
+
+
+#: ClimaX base -> (CMIP6 variable, units as CMIP6 writes them): 6-hourly instantaneous fields
+#: (table 6hrPlevPt), pressure levels in Pa, geopotential as height (zg, m), masks in %.
+CMIP6_NAMES: dict[str, tuple[str, str]] = {
+    "2m_temperature": ("tas", "K"), "10m_u_component_of_wind": ("uas", "m s-1"),
+    "10m_v_component_of_wind": ("vas", "m s-1"), "geopotential": ("zg", "m"), "temperature": ("ta", "K"),
+    "u_component_of_wind": ("ua", "m s-1"), "v_component_of_wind": ("va", "m s-1"),
+    "specific_humidity": ("hus", "1"), "relative_humidity": ("hur", "%"),
+    "land_sea_mask": ("sftlf", "%"), "orography": ("orog", "m"),
+}
+
+
+def write_cmip6(
+    out_dir,
+    *,
+    calendar: str = "noleap",
+    years: Sequence[int] = (2015, 2016),
+    resolution: float = 5.625,
+    step_hours: int = 6,
+    variables: Sequence[str] = ("land_sea_mask", "orography", "2m_temperature", "geopotential_500",
+                                "temperature_850"),
+    seed: int = 0,
+    model_name: str = "SAMPLE-ESM",
+    skip_days: Sequence[str] = (),
+) -> Path:
+    """Write the sample atmosphere as CMIP6 model output in ESGF's layout and a model calendar.
+
+    ``<out>/cmip6/<var>_6hrPlevPt_<model>_historical_r1i1p1f1_gn_<start>-<end>.nc``, one file per
+    variable and year (pressure-level variables hold every requested level on ``plev`` in Pa),
+    time encoded as ``hours since 1850-01-01`` in ``calendar`` (noleap, 365_day, 360_day, all_leap,
+    standard, ...); constants as ``sftlf``/``orog`` ``fx`` files without time. Each step holds the
+    fields at the date the NetCDF reader converts it to (``align_on="year"`` for 360_day), so what a
+    build reads back equals ``fields(converted times)``; a step with no standard date (all_leap's
+    29 February of a common year) repeats the step before it. ``skip_days`` (ISO dates of the
+    calendar) are left out of the files: a gap in the archive.
+    """
+    import xarray as xr
+
+    from pipelines.sources.netcdf import convert_times
+
+    out = Path(out_dir) / "cmip6"
+    out.mkdir(parents=True, exist_ok=True)
+    lat, lon = grid(resolution)
+    model = _Model(lat, lon, seed)
+    parsed = {v: _parse(v) for v in dict.fromkeys(variables)}
+    skip = {str(d)[:10] for d in skip_days}
+    tail = f"{model_name}_historical_r1i1p1f1_gn"
+    for v, (base, _) in parsed.items():
+        if base not in CMIP6_NAMES:
+            raise ValueError(f"no CMIP6 name for {v}; known: {sorted(CMIP6_NAMES)}")
+    for v in (v for v in parsed if v in CONSTANT_VARS):
+        name, units = CMIP6_NAMES[v]
+        field = model.lsm * 100.0 if v == "land_sea_mask" else model.orog
+        ds = xr.Dataset({name: (("lat", "lon"), field.astype(np.float32), {"units": units})},
+                        coords=_coords(lat, lon), attrs={**_global_attrs(seed), "source_id": model_name})
+        _to_netcdf(ds, out / f"{name}_fx_{tail}.nc")
+    time_vars = [v for v in parsed if v not in CONSTANT_VARS]
+    for year in years:
+        cf = xr.date_range(f"{year:04d}-01-01", f"{year:04d}-12-{30 if calendar == '360_day' else 31}T23:59",
+                           freq=f"{int(step_hours)}h", calendar=calendar, use_cftime=True)
+        cf = np.array([t for t in cf if t.strftime("%Y-%m-%d") not in skip])
+        std, keep = convert_times(cf, calendar, "sample")
+        idx = np.arange(len(cf)) if keep is None else np.asarray(keep)
+        at = np.searchsorted(idx, np.arange(len(cf)), side="right") - 1  # a dropped step repeats the one before
+        data = model.compute(std, time_vars)
+        time = ("time", cf, {"standard_name": "time", "axis": "T"})
+        span = f"{cf[0].strftime('%Y%m%d%H%M')}-{cf[-1].strftime('%Y%m%d%H%M')}"
+        for base in dict.fromkeys(b for v, (b, _) in parsed.items() if v in time_vars):
+            name, units = CMIP6_NAMES[base]
+            levels = sorted({lev for v, (b, lev) in parsed.items() if b == base and lev is not None}, reverse=True)
+            if levels:
+                arr = np.stack([data[f"{base}_{lev}"] for lev in levels], axis=1)[np.maximum(at, 0)]
+                if base == "geopotential":
+                    arr = arr / G
+                ds = xr.Dataset({name: (("time", "plev", "lat", "lon"), arr.astype(np.float32), {"units": units})},
+                                coords={"time": time, "plev": ("plev", np.array(levels, np.float64) * 100.0,
+                                                               {"units": "Pa", "positive": "down"}),
+                                        **_coords(lat, lon)})
+            else:
+                ds = xr.Dataset({name: (("time", "lat", "lon"), data[base][np.maximum(at, 0)], {"units": units})},
+                                coords={"time": time, **_coords(lat, lon)})
+            ds.attrs.update(_global_attrs(seed), source_id=model_name, frequency="6hrPt")
+            path = out / f"{name}_6hrPlevPt_{tail}_{span}.nc"
+            tmp = path.with_name(path.name + ".tmp")
+            enc = {name: {"dtype": "float32", "zlib": True, "complevel": 1, "shuffle": True},
+                   "time": {"units": "hours since 1850-01-01 00:00:00", "calendar": calendar, "dtype": "float64"}}
+            ds.to_netcdf(tmp, engine="h5netcdf", encoding=enc)
+            os.replace(tmp, path)
+    return out
 
 
 def _write_grib_chunk(writers, times, data, parsed, pl_vars, sfc_vars):

@@ -81,6 +81,47 @@ PRESSURE_LEVEL: dict[str, str] = {
     "vertical_velocity": "Pa s**-1",
 }
 
+#: Physical range [min, max] of each base in its canonical units above: decoded values outside it
+#: are fill values without a ``_FillValue`` attribute (-9999, 9.999e20, 0 over a whole field) or a
+#: units mix-up, and stop the build (``check_range``; a recipe's ``valid_range`` overrides it).
+#: Wide enough for every real extreme: Vostok's 184 K, supersaturation above 100 % relative
+#: humidity, ERA5's slightly negative specific humidity and precipitation (packing noise).
+#: Geopotential depends on the level: ``GEOPOTENTIAL_HEIGHT_RANGE``. ClimateBench's emissions and
+#: responses, ``latitude`` and ``soil_type`` are not checked.
+RANGES: dict[str, tuple[float, float]] = {
+    "2m_temperature": (170.0, 350.0),
+    "temperature": (150.0, 350.0),
+    "10m_u_component_of_wind": (-100.0, 100.0),
+    "10m_v_component_of_wind": (-100.0, 100.0),
+    "u_component_of_wind": (-200.0, 200.0),
+    "v_component_of_wind": (-200.0, 200.0),
+    "specific_humidity": (-1e-4, 0.05),
+    "relative_humidity": (-5.0, 200.0),
+    "mean_sea_level_pressure": (85_000.0, 110_000.0),
+    "surface_pressure": (30_000.0, 110_000.0),
+    "total_precipitation": (-1e-6, 2.0),
+    "toa_incident_solar_radiation": (-1.0, 1.3e8),
+    "total_cloud_cover": (-0.01, 1.01),
+    "vertical_velocity": (-100.0, 100.0),
+    "land_sea_mask": (-0.01, 1.01),
+    "orography": (-1000.0, 9000.0),
+}
+
+#: Geopotential height range (m) at pressure levels (hPa); geopotential (m2 s-2) is g times it.
+#: Other levels interpolate in log pressure; beyond 1000 or 50 hPa the nearest bound is widened.
+GEOPOTENTIAL_HEIGHT_RANGE: dict[int, tuple[float, float]] = {
+    1000: (-1000.0, 800.0), 925: (-300.0, 1500.0), 850: (400.0, 2000.0), 700: (1900.0, 3500.0),
+    600: (3000.0, 4800.0), 500: (40_000.0 / 9.80665, 62_000.0 / 9.80665), 400: (5500.0, 7900.0),
+    300: (7000.0, 10_000.0), 250: (8500.0, 11_200.0), 200: (10_000.0, 12_800.0), 150: (12_000.0, 14_800.0),
+    100: (14_500.0, 17_500.0), 50: (18_500.0, 21_500.0),
+}
+
+#: Bases whose field can never be one value over the whole grid at a time step (a whole field of
+#: 0 or of any other number is a fill); precipitation, cloud and masks can.
+NEVER_UNIFORM = {"2m_temperature", "temperature", "geopotential", "mean_sea_level_pressure", "surface_pressure",
+                 "10m_u_component_of_wind", "10m_v_component_of_wind", "u_component_of_wind",
+                 "v_component_of_wind", "specific_humidity", "relative_humidity"}
+
 #: Spellings accepted for historical reasons, normalised on the way in.
 ALIASES: dict[str, str] = dict(NAME_ALIASES)
 
@@ -137,6 +178,48 @@ def parse_variable(name: str) -> VariableSpec:
         f"constants: {', '.join(CONSTANTS)}; pressure-level bases (name them <base>_<hPa>, "
         f"e.g. geopotential_500): {', '.join(PRESSURE_LEVEL)}"
     )
+
+
+def physical_range(name: str) -> tuple[float, float] | None:
+    """[min, max] of a ClimaX variable in canonical units (``RANGES``), or None when not checked."""
+    spec = parse_variable(name)
+    if spec.base == "geopotential" and spec.level_hpa is not None:
+        levels = np.array(sorted(GEOPOTENTIAL_HEIGHT_RANGE), dtype=np.float64)
+        lo = np.array([GEOPOTENTIAL_HEIGHT_RANGE[int(p)][0] for p in levels])
+        hi = np.array([GEOPOTENTIAL_HEIGHT_RANGE[int(p)][1] for p in levels])
+        x = np.log(float(spec.level_hpa))
+        lo_h, hi_h = float(np.interp(x, np.log(levels), lo)), float(np.interp(x, np.log(levels), hi))
+        if spec.level_hpa < levels[0]:  # above 50 hPa: no upper bound worth guessing
+            hi_h = 60_000.0
+        elif spec.level_hpa > levels[-1]:  # below 1000 hPa (e.g. 1013): deeper
+            lo_h = -2000.0
+        return lo_h * G, hi_h * G
+    return RANGES.get(spec.base)
+
+
+def check_range(values: np.ndarray, name: str, source: str, times: list[str] | None,
+                valid: tuple[float, float] | None, override_hint: str = "valid_range") -> None:
+    """Raise ValueError naming the file, variable and first time step whose decoded values (time,
+    lat, lon) or (lat, lon) leave ``valid``, or (bases in ``NEVER_UNIFORM``) are one value over the
+    whole field: fill values without a ``_FillValue`` attribute, or wrong units."""
+    if valid is None:
+        return
+    a = values.reshape(1 if values.ndim == 2 else values.shape[0], -1)
+    lo, hi = a.min(axis=1), a.max(axis=1)
+    out = (lo < valid[0]) | (hi > valid[1])
+    base = parse_variable(name).base
+    uniform = (lo == hi) if base in NEVER_UNIFORM else np.zeros_like(out)
+    bad = np.flatnonzero(out | uniform)
+    if not len(bad):
+        return
+    k = int(bad[0])
+    when = f" at {times[k]}" if times is not None else ""
+    found = f"is {lo[k]:g} over the whole field" if uniform[k] else f"ranges {lo[k]:g} .. {hi[k]:g}"
+    more = f" ({len(bad)} time steps in all)" if len(bad) > 1 else ""
+    raise ValueError(
+        f"{source}: variable {name}{when} {found}, outside its physical range {valid[0]:g} .. {valid[1]:g} "
+        f"{parse_variable(name).units}{more}: fill values without a _FillValue attribute or wrong units; fix the "
+        f"file, or for unusual data set {override_hint}: {{{name}: [min, max]}} (or null to skip the check) in the recipe")
 
 
 def level_name(base: str, level_hpa: float) -> str:

@@ -106,6 +106,7 @@ def downscaling_loop(cfg) -> None:
     import torch
 
     from climax.downscaling import DownscalingLoader, evaluate_downscaling, make_downscaler, resolve_variables
+    from climax.normalization import checkpoint_record
     from climax.training import freeze_backbone, save_train_state, train_step
     from jobs.train import _hms, _stream, epoch_metrics, start_or_resume
 
@@ -152,7 +153,10 @@ def downscaling_loop(cfg) -> None:
     extra = {"task": "downscaling", "in_vars": model.model_vars, "out_vars": out_vars,
              "downscaling": {"coarse_vars": in_vars, "constants": constants, "out_vars": out_vars,
                              "residual": spec.residual, "coarse": spec.coarse.root, "fine": spec.fine.root,
-                             "coarse_grid": [len(coarse.lat), len(coarse.lon)]}}
+                             "coarse_grid": [len(coarse.lat), len(coarse.lon)],
+                             "coarse_statistics": checkpoint_record(coarse, in_vars)["statistics"]},
+             # self-contained: the fine grid, its statistics and manifest fingerprint (climax.normalization)
+             **checkpoint_record(fine, [*constants, *out_vars])}
 
     if state.epoch >= cfg.train.epochs:
         log(f"run {cfg.name!r} already finished {state.epoch} epochs ({state.step} steps); raise train.epochs "
