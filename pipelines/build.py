@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from climax import shards as S
+from climax.redact import redact
 from pipelines import regrid, storage
 from pipelines.recipe import Recipe
 from pipelines.sources import SourceError, list_files, open_source
@@ -558,7 +559,7 @@ def build(recipe: Recipe, overwrite: bool = False) -> dict:
         "statistics": statistics,
         "climatology": {"path": S.CLIMATOLOGY_DIR, "over": "train", "slots": "dayofyear x hour",
                         "time_mean": f"{S.CLIMATOLOGY_DIR}/time_mean.parquet"} if clim else None,
-        "recipe": recipe.model_dump(mode="json"),
+        "recipe": redact(recipe),  # no storage credentials in the published manifest (climax.redact)
         "recipe_fingerprint": recipe.fingerprint(),
         "versions": _versions(),
         "sources": [{"path": f["path"], "format": f["format"], "fingerprint": f["fingerprint"],
