@@ -431,8 +431,9 @@ def _hms(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------- driver side
-def storage(cfg: TrainConfig):
-    """(storage_path, pyarrow filesystem or None) for the RunConfig."""
+def storage(cfg: TrainConfig, filesystem_class=None):
+    """(storage_path, pyarrow filesystem or None) for the RunConfig; ``filesystem_class`` (a
+    ``pyarrow.fs.S3FileSystem`` subclass, default that class) builds the S3 filesystem."""
     if cfg.storage_path.startswith("s3://"):
         if not cfg.storage_options:
             return cfg.storage_path, None
@@ -446,7 +447,7 @@ def storage(cfg: TrainConfig):
             kwargs.update(endpoint_override=host, scheme=scheme)
         if opts.get("key"):
             kwargs.update(access_key=opts["key"], secret_key=opts.get("secret"))
-        return cfg.storage_path.removeprefix("s3://"), fs.S3FileSystem(**kwargs)
+        return cfg.storage_path.removeprefix("s3://"), (filesystem_class or fs.S3FileSystem)(**kwargs)
     return str(Path(cfg.storage_path).expanduser().resolve()), None
 
 

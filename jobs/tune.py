@@ -373,12 +373,49 @@ def resolve(cfg: CampaignConfig) -> Campaign:
     if "score" in base_dump["checkpoint"]:
         # each trial keeps its best checkpoints by the campaign's metric: the best one is always there to export
         base_dump["checkpoint"]["score"] = cfg.metric
-    path, filesystem = storage(SimpleNamespace(storage_path=cfg.storage_path, storage_options=cfg.storage_options))
+    path, filesystem = storage(SimpleNamespace(storage_path=cfg.storage_path, storage_options=cfg.storage_options),
+                               filesystem_class=_experiment_filesystem_class())
     s3 = cfg.storage_path.startswith("s3://")
     runs = (cfg.storage_path.rstrip("/") if s3 else path) + f"/{cfg.name}/runs"
     num = cfg.num_samples or (1 if cfg.search == "grid" else 10)
     return Campaign(cfg, base_dump, model_base, encoded, max_t, path, filesystem, runs,
                     Path(cfg.output).expanduser().resolve(), num)
+
+
+def _experiment_filesystem_class():
+    """``pyarrow.fs.S3FileSystem`` for the campaign's own storage, whose pickle holds no credentials.
+
+    Tune pickles its ``RunConfig`` (``storage_filesystem`` included) into ``tuner.pkl`` in the
+    experiment folder, and a pyarrow ``S3FileSystem`` pickles its access and secret keys: they would
+    be stored in the bucket. This subclass pickles its options without them: ``tuner.pkl`` is only
+    read on restore, which is handed a fresh filesystem (``build_tuner``). The trial actors, which
+    receive a copy too, report metrics only (``TuneReportCallback``) and write nothing there; the
+    trials' Ray Train runs have their own filesystem with the keys (``run_trial``). Not
+    ``ray.util.register_serializer``: it changes Ray's cloudpickle globally, ``tuner.pkl`` included."""
+    import pyarrow.fs
+
+    global _ExperimentS3
+    if _ExperimentS3 is None:
+        class ExperimentS3(pyarrow.fs.S3FileSystem):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self._kwargs = kwargs
+
+            def __reduce__(self):
+                return _rebuild_experiment_fs, ({k: v for k, v in self._kwargs.items() if k not in _SECRET_KW},)
+
+        ExperimentS3.__module__ = __name__
+        ExperimentS3.__qualname__ = "_ExperimentS3"
+        _ExperimentS3 = ExperimentS3
+    return _ExperimentS3
+
+
+_ExperimentS3 = None
+_SECRET_KW = ("access_key", "secret_key", "session_token")
+
+
+def _rebuild_experiment_fs(kwargs: dict):
+    return _experiment_filesystem_class()(**kwargs)
 
 
 def _check_model_value(key: str, value: Any, model: dict) -> None:
