@@ -143,6 +143,21 @@ def test_effective_configuration_and_errors_are_printed_without_secrets(capsys):
     assert "weight" in err and SECRET not in err, err
 
 
+def test_mlflow_parameters_hold_no_secrets(tmp_path):
+    from jobs.observability import MLflowCallback, callbacks, flatten
+    from jobs.train import TrainConfig
+
+    cfg = TrainConfig.model_validate({
+        "name": "r", "storage_path": "s3://bucket/runs", "storage_options": {"key": KEY, "secret": SECRET},
+        "data": {"datasets": [{"root": "s3://bucket/shards", "storage_options": {"token": TOKEN}}]},
+        "observability": {"tensorboard": False, "mlflow_tracking_uri": str(tmp_path / "mlruns")}})
+    [cb] = [c for c in callbacks(cfg) if isinstance(c, MLflowCallback)]
+    params = flatten(cb.params)  # what the callback logs as the run's parameters
+    assert params["storage_options.key"] == "<redacted>" and params["storage_path"] == "s3://bucket/runs"
+    assert not [k for k, v in params.items() if any(s in v for s in PLANTED)], params
+    assert cfg.storage_options["key"] == KEY  # the configuration in memory keeps them for the code that needs them
+
+
 def test_secrets_appear_nowhere_after_a_full_run(tmp_path, raw, moto_s3, ray_local):
     """preprocess -> pretrain (checkpoints on S3) -> tune (2 trials, one fails) -> evaluate (to S3) -> forecast."""
     import s3fs
