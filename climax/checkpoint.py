@@ -84,11 +84,15 @@ def save_checkpoint(model: ClimaX, path: str | os.PathLike, **extra: Any) -> Pat
     """Write our checkpoint atomically (temporary name, then rename): weights, model config, extras.
 
     Extras must be plain data (numbers, strings, lists, dicts, tensors) so that the file loads with
-    ``torch.load(weights_only=True)``.
+    ``torch.load(weights_only=True)``. They are stored redacted (``climax.redact``): a ``run_config``
+    keeps no storage credentials.
     """
+    from climax.redact import redact
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "model_config": dict(model.config), "state_dict": model.state_dict(), **extra}
+    payload = {"format": FORMAT, "model_config": dict(model.config), "state_dict": model.state_dict(),
+               **{k: v if isinstance(v, torch.Tensor) else redact(v) for k, v in extra.items()}}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -51,7 +51,7 @@ from climax import shards as S
 from climax.regions import Region
 from climax.sampling import ForecastSampler, TimeAxis, block_layout
 
-__all__ = ["ShardDataset", "Batch", "ForecastLoader", "MixedLoader"]
+__all__ = ["ShardDataset", "ShardReadError", "Batch", "ForecastLoader", "MixedLoader"]
 
 _F32 = np.float32
 
@@ -117,6 +117,28 @@ def _tensor_column(table: pa.Table, name: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- dataset
+class ShardReadError(RuntimeError):
+    """A shard that does not decode (truncated, overwritten, bit rot). Retrying cannot help, so the
+    training job stops at once instead of restarting its workers (``jobs.train.StopOnDataError``)."""
+
+    retryable = False
+
+
+#: pyarrow's words for a file that is not what its footer says (network errors are OSErrors too: those retry)
+_CORRUPTION = ("deserializ", "corrupt", "magic bytes", "unexpected end of", "decompress", "snappy", "zstd",
+               "page header", "out of bounds", "truncated", "malformed")
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """Whether a pyarrow error says the file's bytes are bad (rather than the path or the network)."""
+    if isinstance(exc, FileNotFoundError):
+        return False
+    if isinstance(exc, pa.ArrowInvalid):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, OSError) and any(w in text for w in _CORRUPTION)
+
+
 class ShardDataset:
     """One preprocessed dataset: manifest + shards, local path or s3://bucket/prefix.
 
@@ -219,7 +241,21 @@ class ShardDataset:
 
     def _read_table(self, split: str, shard: int, rows: np.ndarray, columns: Sequence[str],
                     use_threads: bool = True) -> pa.Table:
-        """Rows (sorted, unique, within the shard) of some columns of one shard, in one read."""
+        """Rows (sorted, unique, within the shard) of some columns of one shard, in one read; a shard
+        that does not decode raises ShardReadError naming it (not retried: see ShardReadError)."""
+        try:
+            return self._read_rows(split, shard, rows, columns, use_threads)
+        except (pa.ArrowInvalid, OSError) as exc:
+            if not is_corruption(exc):
+                raise
+            rel = self.manifest.shards(split)[shard]["path"]
+            raise ShardReadError(
+                f"dataset {self.name}: shard {self._path(rel)} is corrupt or truncated ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:200]}); rebuild it: re-run jobs.preprocess with the dataset's "
+                "recipe (it rewrites shards that do not read back), or copy the dataset again") from None
+
+    def _read_rows(self, split: str, shard: int, rows: np.ndarray, columns: Sequence[str],
+                   use_threads: bool = True) -> pa.Table:
         rel = self.manifest.shards(split)[shard]["path"]
         pf, lock = self._open(rel)
         names = pf.schema_arrow.names
@@ -229,18 +265,12 @@ class ShardDataset:
         md = pf.metadata
         # the time column comes along (8 bytes a row): the rows read must be the times the axis says
         columns = [S.TIME, *columns] if S.TIME in names and S.TIME not in columns else list(columns)
-        if md.num_row_groups == md.num_rows:  # the shard format: one time step per row group
+        if md.num_row_groups == md.num_rows:  # one time step per row group (finer grids)
             with lock:
-                table = pf.read_row_groups(rows.tolist(), columns=list(columns), use_threads=True)
+                table = pf.read_row_groups(rows.tolist(), columns=list(columns), use_threads=use_threads)
             return self._checked(split, shard, rows, rel, table)
         with lock:
-<<<<<<< HEAD
-            if md.num_row_groups == md.num_rows:  # one time step per row group (finer grids)
-                return pf.read_row_groups(rows.tolist(), columns=list(columns), use_threads=use_threads)
             # several steps per row group: read the groups that hold the rows, then take the rows
-=======
-            # any other row grouping: read the groups that hold the rows, then take the rows
->>>>>>> calendars
             sizes = np.array([md.row_group(i).num_rows for i in range(md.num_row_groups)])
             ends = np.cumsum(sizes)
             group = np.searchsorted(ends, rows, side="right")

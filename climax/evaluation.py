@@ -612,5 +612,7 @@ def write_netcdf(ds, path: str | os.PathLike, storage_options: dict | None = Non
 
 
 def history_line(argv: Sequence[str]) -> str:
-    """A CF ``history`` entry: UTC time stamp and the command."""
-    return f"{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}: {' '.join(argv)}"
+    """A CF ``history`` entry: UTC time stamp and the command, credentials redacted (``climax.redact``)."""
+    from climax.redact import redact_argv
+
+    return f"{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}: {' '.join(redact_argv(argv))}"

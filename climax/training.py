@@ -34,7 +34,7 @@ from climax.metrics import lat_weighted_mse, lat_weights
 from climax.model import ClimaX
 
 __all__ = ["TrainState", "autocast", "train_step", "validate", "save_train_state", "load_train_state",
-           "freeze_backbone", "unwrap", "BACKBONE"]
+           "read_train_state", "UnsafeCheckpointError", "freeze_backbone", "unwrap", "BACKBONE"]
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -167,6 +167,7 @@ def save_train_state(directory: str | os.PathLike, model: nn.Module, optimizer: 
     payload = {"optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict() if scheduler is not None else None,
                "state": asdict(state)}
+    _check_plain(payload, STATE_FILE)  # what read_train_state's weights_only=True load accepts
     tmp = directory / f".{STATE_FILE}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, directory / STATE_FILE)
@@ -181,9 +182,57 @@ def load_train_state(directory: str | os.PathLike, model: nn.Module, optimizer: 
     directory = Path(directory)
     report = load_checkpoint(unwrap(model), directory / MODEL_FILE, strict=True)
     del report
-    payload = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    payload = read_train_state(directory)
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload.get("scheduler") is not None:
         scheduler.load_state_dict(payload["scheduler"])
     return TrainState(**payload["state"])
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A training state that holds more than tensors and plain containers (refused, never unpickled)."""
+
+
+_PLAIN = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def _check_plain(obj: Any, what: str, where: str = "") -> None:
+    """Raise TypeError unless ``obj`` is tensors, numbers, strings, None, lists, tuples and dicts."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_plain(k, what, where)
+            _check_plain(v, what, f"{where}.{k}" if where else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, what, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise TypeError(f"{what}: {where or 'the payload'} is a {type(obj).__name__}; a training state holds only "
+                        "tensors, numbers, strings and lists/dicts of them (it is loaded with weights_only=True)")
+
+
+def read_train_state(directory: str | os.PathLike) -> dict:
+    """The ``train_state.pt`` payload of a checkpoint folder, read with ``torch.load(weights_only=True)``.
+
+    Checkpoints come back from ``storage_path``: whoever can write there must not get code run on
+    every worker at the next restart, so nothing but tensors and plain containers is unpickled; a
+    file with anything else is refused with a message saying so.
+    """
+    import pickle
+    import re
+
+    path = Path(directory) / STATE_FILE
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it references {found.group(1)}" if found else "it is no plain training state"
+        raise UnsafeCheckpointError(
+            f"{path} holds Python objects besides tensors and plain containers and is refused, not unpickled "
+            f"({what}). Training states written by this project never do; someone or "
+            "something else wrote it. Check who can write to storage_path, then delete this checkpoint folder "
+            "(the run resumes from an earlier one) or start the run under another name.") from None
+    if not isinstance(payload, dict) or "state" not in payload:
+        raise UnsafeCheckpointError(f"{path} is not a training state (no 'state' entry); delete this checkpoint "
+                                    "folder or start the run under another name")
+    return payload

@@ -12,10 +12,13 @@ def setup_logging() -> None:
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster of ``ray job submit`` (RAY_ADDRESS) or start a local one."""
+    """Connect to the cluster of ``ray job submit`` (RAY_ADDRESS) or start a local one.
+
+    Ray's token authentication stays as the environment says: a job connects to a token-protected
+    cluster with its token (RAY_AUTH_TOKEN / ~/.ray/auth_token), and a local Ray started here
+    generates its own token (Ray 2.60). Only the tests disable it, for the clusters they start."""
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         return
     kwargs = {"ignore_reinit_error": True, "log_to_driver": True}
@@ -29,7 +32,8 @@ def root_cause(exc: BaseException) -> BaseException:
     seen = set()
     while id(exc) not in seen:
         seen.add(id(exc))
-        nxt = getattr(exc, "cause", None) or exc.__cause__
+        # RayTaskError.cause, Ray Train's ControllerError.controller_failure, then the chain
+        nxt = getattr(exc, "cause", None) or getattr(exc, "controller_failure", None) or exc.__cause__
         if not isinstance(nxt, BaseException):
             break
         exc = nxt

@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from climax.redact import REDACTED, is_secret_key, redact, redact_argv
+
 __all__ = ["ConfigError", "parse_args", "apply_overrides", "validate", "describe_keys", "fail"]
 
 
@@ -28,7 +30,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. grid.resolution=1.40625)")
+            raise ConfigError(f"override {redact_argv([item])[0]!r} is not of the form key=value (e.g. grid.resolution=1.40625)")
         value = yaml.safe_load(raw) if raw else ""
         node = cfg
         parts = key.split(".")
@@ -38,7 +40,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
                 continue
             node = node.setdefault(part, {})
             if not isinstance(node, (dict, list)):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+                raise ConfigError(f"override {redact_argv([item])[0]!r}: {part!r} is not a section")
         last = parts[-1]
         if isinstance(node, list) and last.isdigit():
             node[int(last)] = value
@@ -86,8 +88,9 @@ def validate(model: type[BaseModel], cfg: dict, source: str = "config") -> BaseM
                 lines.append(f"missing key {where!r}")
             elif not loc:  # a check across keys: its message says what is wrong, the input is everything
                 lines.append(err["msg"].removeprefix("Value error, "))
-            else:
-                lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            else:  # the input may hold credentials (a storage_options mapping): redacted
+                shown = REDACTED if any(is_secret_key(str(p)) for p in loc) else redact(err.get("input"))
+                lines.append(f"{where}: {err['msg']} (got {shown!r})")
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
 
 
@@ -147,5 +150,6 @@ def parse_args(model: type[BaseModel], description: str, argv: list[str] | None 
     except ConfigError as e:
         fail(str(e))
     print("effective configuration:")
-    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, default_flow_style=None).rstrip())
+    # credentials (storage_options key/secret, URL userinfo) stay in memory, never in the job's log
+    print(yaml.safe_dump(redact(config), sort_keys=False, default_flow_style=None).rstrip())
     return config, args

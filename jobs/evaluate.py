@@ -21,6 +21,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from climax.atomic import write_atomic
+from climax.redact import redact
 from jobs.common import error_line, setup_logging
 from jobs.config import fail, parse_args
 
@@ -176,12 +178,12 @@ def write_outputs(cfg: EvaluateConfig, df, model, dataset, in_vars, out_vars, re
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "metrics.csv", index=False)
+    write_atomic(out / "metrics.csv", df.to_csv(index=False))
     doc = {"checkpoint": cfg.checkpoint, "data": cfg.data, "split": cfg.split, "region": cfg.region,
            "in_vars": in_vars, "out_vars": out_vars, "notes": df.attrs.get("notes", []),
            "samples": int(df["samples"].max()), "first_init": df.attrs["init_times"][0],
            "last_init": df.attrs["init_times"][-1], "metrics": df.to_dict(orient="records")}
-    (out / "metrics.json").write_text(json.dumps(doc, indent=1))
+    write_atomic(out / "metrics.json", json.dumps(redact(doc), indent=1))
     where = f" ({region.name})" if region is not None else ""
     plot_metric_vs_lead(df, "rmse", out / "rmse_vs_lead.png", f"RMSE on {cfg.split}{where}")
     plot_metric_vs_lead(df, "acc", out / "acc_vs_lead.png", f"ACC on {cfg.split}{where}")
@@ -208,8 +210,23 @@ def write_outputs(cfg: EvaluateConfig, df, model, dataset, in_vars, out_vars, re
 
 
 def main(argv: list[str] | None = None):
+    from climax.atomic import is_remote, staged_output
+
     cfg, _ = parse_args(EvaluateConfig, __doc__, argv)
     setup_logging()
+    # output=s3://...: written to a local folder, uploaded at the end (a bucket that is not there is
+    # refused before any work); a local path stays as it is
+    try:
+        with staged_output(cfg.output, cfg.storage_options) as local:
+            result = _evaluate(cfg.model_copy(update={"output": str(local)}))
+    except Exception as e:  # the bucket refused up front, or the upload; _evaluate exits on its own errors
+        fail(error_line(e), code=1)
+    if is_remote(cfg.output):
+        print(f"uploaded to {cfg.output}/")
+    return result
+
+
+def _evaluate(cfg: EvaluateConfig):
     from jobs.tasks.projection import evaluate_run, is_projection_checkpoint
 
     if is_projection_checkpoint(cfg.checkpoint):  # ClimateBench: NRMSE table and maps (jobs/tasks/projection.py)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from climax.redact import redact
 from jobs.common import error_line, setup_logging
 from jobs.config import fail, parse_args
 from jobs.evaluate import (build_region, iso_time, load_checkpoint_model, open_dataset, positive_leads,
@@ -136,7 +137,7 @@ def run(cfg: ForecastConfig, argv: list[str]) -> str:
              "input_variables": " ".join(in_vars)}
     if region is not None:
         attrs["region"] = region.name
-    ds = forecast_dataset(fields, times, cfg.leads, out_vars, lat, lon, units, attrs)
+    ds = forecast_dataset(fields, times, cfg.leads, out_vars, lat, lon, units, redact(attrs))
     return write_netcdf(ds, cfg.output, cfg.storage_options, engine=cfg.engine)
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from climax.redact import redact
+
 log = logging.getLogger("jobs.observability")
 
 SKIP = {"epoch", "step"}
@@ -159,7 +161,7 @@ def callbacks(cfg) -> list[UserCallback]:
             out.append(TensorBoardCallback(logdir or f"{run_dir(cfg)}/tensorboard"))
     if obs.mlflow_tracking_uri:
         out.append(MLflowCallback(obs.mlflow_tracking_uri, obs.mlflow_experiment, cfg.name,
-                                  cfg.model_dump(mode="json"), cfg.train.epochs))
+                                  redact(cfg), cfg.train.epochs))  # parameters without credentials
     return out
 
 

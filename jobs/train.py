@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from climax.redact import redact
 from jobs.objective import ObjectiveSpec
 from jobs.tasks.downscaling import DownscalingSpec
 from jobs.tasks.projection import ProjectionSpec
@@ -391,6 +392,15 @@ def train_loop_per_worker(config: dict) -> None:
     val_leads = leads.val_hours or (leads.hours if not leads.random else [val_ds.step_hours])
     mean, std = val_ds.normalizer(val_out)
     lat = region.lat(val_ds.lat) if region is not None else val_ds.lat
+    # built before the first step (and reused every epoch): a missing or too short validation split,
+    # a lead it cannot serve or a variable it lacks stops the run now, not after an epoch of training
+    val_loaders = {hours: loader(val_ds, cfg.data.val_split, False, [hours], cfg.data.val_batch_size or
+                                 cfg.data.batch_size, False, cfg.data.max_val_batches) for hours in val_leads}
+    for hours, vl in val_loaders.items():
+        if rank == 0 and len(vl) == 0:  # rank 0 holds the largest contiguous block: empty there, empty everywhere
+            raise ValueError(f"the validation split {cfg.data.val_split!r} of dataset {val_ds.name!r} gives no "
+                             f"sample at lead {hours:g} h with {world} worker(s); use a longer split, shorter "
+                             "data.leads.val_hours or fewer workers")
 
     model.to(device)
     optimizer, scheduler, state = start_or_resume(cfg, model, total_steps, log)
@@ -427,9 +437,7 @@ def train_loop_per_worker(config: dict) -> None:
                 log(f"  step {state.step}/{total_steps} loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
         metrics: dict[str, Any] = epoch_metrics(cfg, state, epoch, losses, n_batches, world, t0, scheduler)
         val_losses = []
-        for hours in val_leads:
-            vl = loader(val_ds, cfg.data.val_split, False, [hours], cfg.data.val_batch_size or cfg.data.batch_size,
-                        False, cfg.data.max_val_batches)
+        for hours, vl in val_loaders.items():
             res = validate(ddp_model, vl, lat, mean, std, val_out, device, cfg.train.bf16, region=region)
             val_losses.append(res["val_loss"])
             for k, v in res.items():
@@ -437,9 +445,8 @@ def train_loop_per_worker(config: dict) -> None:
                     metrics[f"{k}@{hours:g}h"] = v
         metrics["val_loss"] = float(np.mean(val_losses))
         if masked is not None:  # reconstruction loss; the run's val_loss when it only reconstructs
-            vl = loader(val_ds, cfg.data.val_split, False, [val_leads[0]], cfg.data.val_batch_size or
-                        cfg.data.batch_size, False, cfg.data.max_val_batches)
-            metrics.update(validate_masked(ddp_model, vl, lat, masked, device, cfg.train.bf16, cfg.train.seed))
+            metrics.update(validate_masked(ddp_model, val_loaders[val_leads[0]], lat, masked, device, cfg.train.bf16,
+                                           cfg.train.seed))
             if mask_losses:
                 metrics["train_mask_loss"] = float(np.mean(mask_losses))
             if objective.kind == "masked":
@@ -461,7 +468,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_train_state(tmp, ddp_model, optimizer, None, state, run_config=cfg.model_dump(mode="json"),
+                save_train_state(tmp, ddp_model, optimizer, None, state, run_config=redact(cfg),
                                  in_vars=val_in, out_vars=val_out, metrics=metrics,
                                  **checkpoint_record(val_ds, [*val_in, *val_out], region))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
@@ -474,8 +481,9 @@ def _hms(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------- driver side
-def storage(cfg: TrainConfig):
-    """(storage_path, pyarrow filesystem or None) for the RunConfig."""
+def storage(cfg: TrainConfig, filesystem_class=None):
+    """(storage_path, pyarrow filesystem or None) for the RunConfig; ``filesystem_class`` (a
+    ``pyarrow.fs.S3FileSystem`` subclass, default that class) builds the S3 filesystem."""
     if cfg.storage_path.startswith("s3://"):
         if not cfg.storage_options:
             return cfg.storage_path, None
@@ -489,8 +497,46 @@ def storage(cfg: TrainConfig):
             kwargs.update(endpoint_override=host, scheme=scheme)
         if opts.get("key"):
             kwargs.update(access_key=opts["key"], secret_key=opts.get("secret"))
-        return cfg.storage_path.removeprefix("s3://"), fs.S3FileSystem(**kwargs)
+        return cfg.storage_path.removeprefix("s3://"), (filesystem_class or fs.S3FileSystem)(**kwargs)
     return str(Path(cfg.storage_path).expanduser().resolve()), None
+
+
+def _stop_on_data_error_callback():
+    """A ``ray.train.UserCallback`` that ends the run at the first worker error that retrying cannot
+    fix (``climax.data.ShardReadError``: a corrupt shard), instead of ``max_failures`` restarts.
+
+    Ray Train V2's failure policy retries every worker-group error up to ``max_failures`` and has no
+    public way to mark one as final; a callback error, however, is a controller error, which it does
+    not retry. So ``after_exception`` (run on the controller when workers fail, before the policy
+    decides) raises the worker's own error for such failures; ``fit()`` then raises it at once."""
+    from ray.train import UserCallback
+
+    class StopOnDataError(UserCallback):
+        def after_exception(self, run_context, worker_exceptions: dict) -> None:
+            for rank, exc in sorted(worker_exceptions.items()):
+                final = _final_error(exc)
+                if final is not None:
+                    raise final
+
+    return StopOnDataError()
+
+
+def _final_error(exc: BaseException) -> BaseException | None:
+    """The non-retryable error (an exception with ``retryable = False``) inside Ray's wrappers, or None."""
+    from climax.data import ShardReadError
+
+    name = f"{ShardReadError.__module__}.{ShardReadError.__name__}: "
+    seen = set()
+    while isinstance(exc, BaseException) and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "retryable", True) is False:
+            return exc
+        # a wrapper that kept only the worker's traceback text: its last line names the error
+        lines = str(exc).strip().splitlines()
+        if lines and lines[-1].startswith(name):
+            return ShardReadError(lines[-1][len(name):])
+        exc = getattr(exc, "_base_exc", None) or getattr(exc, "cause", None) or exc.__cause__
+    return None
 
 
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
@@ -517,7 +563,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep,
                                                      checkpoint_score_attribute=cfg.checkpoint.score,
                                                      checkpoint_score_order="min"),
-        callbacks=[*(callbacks or []), *observability_callbacks(cfg)])
+        callbacks=[*(callbacks or []), *observability_callbacks(cfg), _stop_on_data_error_callback()])
     return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.model_dump(mode="json"),
                         scaling_config=scaling, run_config=run)
 

@@ -44,6 +44,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from climax.atomic import write_atomic
+from climax.redact import redact, redact_text
 from jobs.config import ConfigError, _inner_model, fail, parse_args, validate
 from jobs.train import ROOT, TrainConfig
 
@@ -371,12 +373,49 @@ def resolve(cfg: CampaignConfig) -> Campaign:
     if "score" in base_dump["checkpoint"]:
         # each trial keeps its best checkpoints by the campaign's metric: the best one is always there to export
         base_dump["checkpoint"]["score"] = cfg.metric
-    path, filesystem = storage(SimpleNamespace(storage_path=cfg.storage_path, storage_options=cfg.storage_options))
+    path, filesystem = storage(SimpleNamespace(storage_path=cfg.storage_path, storage_options=cfg.storage_options),
+                               filesystem_class=_experiment_filesystem_class())
     s3 = cfg.storage_path.startswith("s3://")
     runs = (cfg.storage_path.rstrip("/") if s3 else path) + f"/{cfg.name}/runs"
     num = cfg.num_samples or (1 if cfg.search == "grid" else 10)
     return Campaign(cfg, base_dump, model_base, encoded, max_t, path, filesystem, runs,
                     Path(cfg.output).expanduser().resolve(), num)
+
+
+def _experiment_filesystem_class():
+    """``pyarrow.fs.S3FileSystem`` for the campaign's own storage, whose pickle holds no credentials.
+
+    Tune pickles its ``RunConfig`` (``storage_filesystem`` included) into ``tuner.pkl`` in the
+    experiment folder, and a pyarrow ``S3FileSystem`` pickles its access and secret keys: they would
+    be stored in the bucket. This subclass pickles its options without them: ``tuner.pkl`` is only
+    read on restore, which is handed a fresh filesystem (``build_tuner``). The trial actors, which
+    receive a copy too, report metrics only (``TuneReportCallback``) and write nothing there; the
+    trials' Ray Train runs have their own filesystem with the keys (``run_trial``). Not
+    ``ray.util.register_serializer``: it changes Ray's cloudpickle globally, ``tuner.pkl`` included."""
+    import pyarrow.fs
+
+    global _ExperimentS3
+    if _ExperimentS3 is None:
+        class ExperimentS3(pyarrow.fs.S3FileSystem):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self._kwargs = kwargs
+
+            def __reduce__(self):
+                return _rebuild_experiment_fs, ({k: v for k, v in self._kwargs.items() if k not in _SECRET_KW},)
+
+        ExperimentS3.__module__ = __name__
+        ExperimentS3.__qualname__ = "_ExperimentS3"
+        _ExperimentS3 = ExperimentS3
+    return _ExperimentS3
+
+
+_ExperimentS3 = None
+_SECRET_KW = ("access_key", "secret_key", "session_token")
+
+
+def _rebuild_experiment_fs(kwargs: dict):
+    return _experiment_filesystem_class()(**kwargs)
 
 
 def _check_model_value(key: str, value: Any, model: dict) -> None:
@@ -822,14 +861,25 @@ def export_checkpoint(campaign: Campaign, history, out: Path) -> tuple[str, dict
     return path, metrics
 
 
-def write_report(campaign: Campaign, table, histories) -> dict:
+def write_report(campaign: Campaign, table, histories, interrupted: bool = False) -> dict:
+    import io
+
     cfg = campaign.cfg
     out = campaign.output
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "trials.csv", index=False)
+    if interrupted:  # the trials this launch left unfinished say so
+        unfinished = table["status"].isin(["PENDING", "RUNNING", "PAUSED"])
+        table.loc[unfinished, "stop_reason"] = "interrupted"
+    # error texts and paths may quote an endpoint URL: no credentials in the report (climax.redact)
+    for col in ("failures", "stop_reason", "checkpoint"):
+        if col in table:
+            table[col] = table[col].map(lambda v: redact_text(v) if isinstance(v, str) else v)
+    # every file of the report is written whole or not at all (temporary name, then rename)
+    write_atomic(out / "trials.csv", table.to_csv(index=False))
     # object columns (lead-time sets, reasons, paths) as strings, missing values as nulls
-    table.astype({c: "string" for c in table.columns if table[c].dtype == object}).to_parquet(
-        out / "trials.parquet", index=False)
+    buf = io.BytesIO()
+    table.astype({c: "string" for c in table.columns if table[c].dtype == object}).to_parquet(buf, index=False)
+    write_atomic(out / "trials.parquet", buf.getvalue())
     scored = table[table[cfg.metric].notna()]
     best = scored.iloc[0].to_dict() if len(scored) else None
     plot = plot_history(histories, best["trial_id"] if best else None, cfg.metric,
@@ -841,6 +891,8 @@ def write_report(campaign: Campaign, table, histories) -> dict:
         "early_stopped": int(table["stop_reason"].astype(str).str.startswith("early stop").sum()),
         "planned": planned_trials(campaign),
         "unfinished": int(table["status"].isin(["PENDING", "RUNNING", "PAUSED"]).sum()),
+        "interrupted": bool(interrupted),
+        "errored_trials": table.loc[table["status"] == "ERROR", "trial_id"].astype(str).tolist(),
         "table": str(out / "trials.csv"), "parquet": str(out / "trials.parquet"), "plot": str(plot)}
     if best:
         ckpt_dir = out / "best_checkpoint"
@@ -851,10 +903,10 @@ def write_report(campaign: Campaign, table, histories) -> dict:
                "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                "config": trial_config(campaign.base, {k: best[k] for k in cfg.search_space},
                                       campaign.model_base, campaign.encoded)}
-        (ckpt_dir / "trial.json").write_text(json.dumps(doc, indent=1, default=str))
+        write_atomic(ckpt_dir / "trial.json", json.dumps(redact(doc), indent=1, default=str))
         summary.update(best_trial=best["trial_id"], best_value=doc["value"], best_epoch=doc["epoch"],
                        best_params=params, best_checkpoint=str(ckpt_dir))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_atomic(out / "summary.json", json.dumps(redact(summary), indent=1, default=str))
     return summary
 
 
@@ -871,8 +923,8 @@ def print_summary(summary: dict, table) -> None:
           f"{summary['early_stopped']} stopped early by ASHA; {summary['errored']} errored)")
     missing = summary["unfinished"] + max(summary["planned"] - summary["trials"], 0)
     if missing:
-        print(f"{missing} of {summary['planned']} trials not finished (interrupted, or out of time budget): "
-              "relaunch the same command to resume")
+        why = "interrupted" if summary.get("interrupted") else "out of time budget"
+        print(f"{missing} of {summary['planned']} trials not finished ({why}): relaunch the same command to resume")
     if "best_trial" in summary:
         print(f"best: trial {summary['best_trial']}, {metric} {summary['best_value']:.4g} at epoch "
               f"{summary['best_epoch']}; " + _short_config(summary["best_params"]))
@@ -891,11 +943,31 @@ def run(campaign: Campaign) -> dict:
         print(f"campaign {campaign.cfg.name!r}: {planned_trials(campaign)} trials, search {campaign.cfg.search}, "
               f"scheduler {campaign.cfg.scheduler.type}, up to {campaign.extra['max_concurrent']} at once, "
               f"at most {campaign.max_t} epoch(s) each; state in {campaign.experiment}", flush=True)
+    t0 = time.time()
     tuner.fit()
     table, histories = collect(campaign)
-    summary = write_report(campaign, table, histories)
+    # trials left unfinished without the time budget running out: the launch was interrupted (Tune
+    # stops gracefully on SIGINT/SIGTERM and fit() returns normally)
+    budget = campaign.cfg.time_budget_s
+    missing = int(table["status"].isin(["PENDING", "RUNNING", "PAUSED"]).sum()) + \
+        max(planned_trials(campaign) - len(table), 0) if len(table) else planned_trials(campaign)
+    interrupted = bool(missing) and not (budget and time.time() - t0 >= budget - 1)
+    summary = write_report(campaign, table, histories, interrupted=interrupted)
     print_summary(summary, table)
     return summary
+
+
+def exit_status(summary: dict) -> tuple[int, str | None]:
+    """(status, message) of a finished launch: 0 when every trial ran; 1 when a trial errored; 130
+    (as for SIGINT) when the campaign was interrupted with trials left."""
+    if summary.get("interrupted"):
+        return 130, (f"campaign {summary['campaign']} interrupted; the table marks the unfinished trials "
+                     f"'interrupted' ({summary['table']}); relaunch the same command to resume")
+    if summary.get("errored"):
+        ids = ", ".join(summary.get("errored_trials") or [])
+        return 1, (f"{summary['errored']} of {summary['trials']} trials errored ({ids}); their error is in the "
+                   f"stop_reason column of {summary['table']}; relaunch the same command to retry them")
+    return 0, None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -916,9 +988,13 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("tensorboardX.summary").setLevel(logging.ERROR)
     init_ray()
     try:
-        return run(campaign)
+        summary = run(campaign)
     except Exception as e:  # one clear line, non-zero exit
         fail(error_line(e), code=1)
+    code, message = exit_status(summary)
+    if code:
+        fail(message, code=code)
+    return summary
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from climax import shards as S
+from climax.redact import redact
 from pipelines import node_cache, regrid, storage
 from pipelines.recipe import Recipe
 from pipelines.sources import SourceError, is_zarr_path, list_files, open_source
@@ -875,7 +876,7 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
         "statistics": statistics,
         "climatology": {"path": S.CLIMATOLOGY_DIR, "over": "train", "slots": "dayofyear x hour",
                         "parts": parts, "time_mean": f"{S.CLIMATOLOGY_DIR}/time_mean.parquet"} if parts else None,
-        "recipe": recipe.model_dump(mode="json"),
+        "recipe": redact(recipe),  # no storage credentials in the published manifest (climax.redact)
         "recipe_fingerprint": recipe.fingerprint(),
         "versions": _versions(),
         "sources": [{"path": f["path"], "format": f["format"], "fingerprint": f["fingerprint"],

@@ -107,8 +107,11 @@ def campaign(tmp_path_factory, ray_local, dataset):
             if done == 2:
                 proc.send_signal(signal.SIGINT)
     first = "".join(lines)
-    assert proc.wait(timeout=120) == 0, first
+    # interrupted with trials left: exit status 130, the unfinished trials marked in the table
+    assert proc.wait(timeout=120) == 130, first
+    assert "error: campaign campaign interrupted" in first, first
     first_table = pd.read_csv(tmp / "report" / "trials.csv", dtype={"trial_id": str})
+    assert (first_table.loc[first_table["status"] != "TERMINATED", "stop_reason"] == "interrupted").all(), first_table
     first_runs = {p.name: sorted(c.name for c in p.glob("checkpoint_*"))
                   for p in (tmp / "runs" / "campaign" / "runs").iterdir() if p.is_dir()}
     t1 = time.time()

@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from climax.atomic import write_atomic
+from climax.redact import redact
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -192,7 +195,7 @@ def downscaling_loop(cfg) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_train_state(tmp, net, optimizer, None, state, run_config=cfg.model_dump(mode="json"),
+                save_train_state(tmp, net, optimizer, None, state, run_config=redact(cfg),
                                  metrics=metrics, **extra)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
@@ -250,11 +253,11 @@ def evaluate(cfg, net, meta: dict) -> Any:
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "metrics.csv", df.to_csv(index=False))
+    write_atomic(out / "metrics.csv", df.to_csv(index=False))
     doc = {"task": "downscaling", "checkpoint": cfg.checkpoint, "coarse": coarse.root, "fine": fine.root,
            "split": cfg.split, "in_vars": model.in_vars, "constants": model.constants, "out_vars": model.out_vars,
            "samples": scores["samples"], "metrics": df.to_dict(orient="records")}
-    _write_atomic(out / "metrics.json", json.dumps(doc, indent=1))
+    write_atomic(out / "metrics.json", json.dumps(doc, indent=1))
 
     # maps at one time: coarse input, downscaled, truth, error
     pair = 0
@@ -281,12 +284,6 @@ def evaluate(cfg, net, meta: dict) -> Any:
         maps.append(path.name)
     df.attrs["maps"] = maps
     return df, out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def results_table(df) -> str:

@@ -29,6 +29,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from climax.atomic import write_atomic
+from climax.redact import redact, without_redacted
+
 DEFAULT_IN_VARS = ["CO2", "CH4", "SO2", "BC"]
 DEFAULT_OUT_VARS = ["tas", "diurnal_temperature_range", "pr", "pr90"]
 
@@ -314,7 +317,7 @@ def projection_loop(cfg) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_train_state(tmp, unwrap(ddp_model), optimizer, None, state, run_config=cfg.model_dump(mode="json"),
+                save_train_state(tmp, unwrap(ddp_model), optimizer, None, state, run_config=redact(cfg),
                                  in_vars=in_vars, out_vars=out_vars, metrics=metrics,
                                  projection={"x_norm": xnorm.to_dict(), "y_norm": ynorm.to_dict(),
                                              "lat": [float(v) for v in lat],
@@ -327,11 +330,11 @@ def load_state(directory, model, optimizer=None):
     """Restore a projection run's weights (strictly), optimiser and counters from a checkpoint folder."""
     import torch
 
-    from climax.training import MODEL_FILE, STATE_FILE, TrainState, unwrap
+    from climax.training import MODEL_FILE, TrainState, read_train_state, unwrap
 
     payload = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
     unwrap(model).load_state_dict(payload["state_dict"], strict=True)
-    state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    state = read_train_state(directory)  # weights_only=True: a planted pickle is refused
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     return TrainState(**state["state"])
@@ -402,9 +405,7 @@ def evaluate(checkpoint: str | Path, test_root: str, train_roots: list[str], out
     df = pd.DataFrame(rows)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".metrics.csv.tmp"
-    df.to_csv(tmp, index=False)
-    tmp.replace(out / "metrics.csv")
+    write_atomic(out / "metrics.csv", df.to_csv(index=False))
     np.savez(out / "predictions.npz", years=test.years[targets], prediction=pred, baseline=base, truth=truth,
              lat=test.lat, lon=test.lon, variables=np.array(out_vars))
     span = f"{int(test.years[targets[0]])}-{int(test.years[targets[-1]])}"
@@ -490,4 +491,6 @@ def evaluate_run(checkpoint: str | Path, test_root: str, output: str | Path, sto
     if not datasets:
         raise ValueError(f"{checkpoint}: the run configuration records no training datasets (needed for the baseline)")
     return evaluate(checkpoint, test_root, [d["root"] for d in datasets], output, spec.test_years, storage_options,
-                    [d.get("storage_options") or {} for d in datasets], spec.historical_end, log=log)
+                    # stored redacted: the keys left (endpoint, ...) plus the environment's credentials
+                    [without_redacted(d.get("storage_options") or {}) for d in datasets], spec.historical_end,
+                    log=log)
