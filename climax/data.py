@@ -539,8 +539,10 @@ class ForecastLoader:
             "block" (``ForecastSampler.block_epoch``: windows of blocks of contiguous time, each
             row decoded about once per epoch) or "auto" (default): global when the split's rows
             fit ``cache_mb`` (decoded once per run anyway), block otherwise.
-        block_steps, window_blocks: the block shuffle's block length in time steps (None: four
-            times the longest lead, see ``climax.sampling.block_layout``) and blocks per window.
+        block_steps, window_blocks: the block shuffle's block length in time steps (None: the
+            shortest whose halo of targets past the block costs at most 0.1 rows per sample, about
+            4x the longest lead with random leads, see ``climax.sampling.block_layout``) and the
+            most blocks per window (windows ramp up 1, 2, 4, ... blocks at the start of an epoch).
         window_mb: bound of one window's decoded rows (block shuffle); two windows are held at a
             time (one being cut into batches, the next being decoded).
         decode_threads: shards of a super-batch or window decoded side by side.
