@@ -1,4 +1,4 @@
-"""Preprocess raw ERA5 / CMIP6 archives (GRIB or NetCDF, local or s3://) into training shards.
+"""Preprocess raw ERA5 / CMIP6 archives (GRIB, NetCDF or Zarr; local, s3:// or gs://) into training shards.
 
     python -m jobs.preprocess RECIPE.yaml [key=value ...] [--overwrite]
 
