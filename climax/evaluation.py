@@ -355,6 +355,13 @@ def evaluate_model(
     axis = dataset.axis(split)
     times_ns = np.asarray(axis.times, dtype="datetime64[ns]").astype(np.int64)
     inits = evaluation_inits(axis.times, leads, max_samples)
+    # initial times inside the split's span that a gap (calendar or data) leaves without a target
+    longest = int(round(max(leads) * _HOUR_NS))
+    gapped = int(np.sum(times_ns + longest <= times_ns[-1])) - len(evaluation_inits(axis.times, leads))
+    if gapped > 0:
+        notes.append(f"{gapped} initial times skipped: a target time at one of the leads is missing (calendar or "
+                     "data gaps)")
+        log.warning("%s", notes[-1])
     lat, _, crop = _grid(dataset, region)
     lat_t = torch.as_tensor(lat, dtype=torch.float64)
     units = _units(dataset, out_vars)

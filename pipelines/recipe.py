@@ -42,8 +42,8 @@ class TimeSpec(_Strict):
     end: datetime = Field(description="last time step, UTC (included)")
     step: str = Field("1h", description="time step, e.g. 1h, 6h, 1D")
     missing: Literal["error", "allow"] = Field(
-        "error", description="time steps of a standard calendar that the sources lack: error (stop, naming "
-                             "them) or allow (leave them out; the manifest lists the gaps and training skips "
+        "error", description="time steps the sources lack (a model calendar's absent days are not missing): "
+                             "error (stop, naming them) or allow (leave them out; the manifest lists the gaps and training skips "
                              "the samples that need them)")
 
     @field_validator("start", "end")

@@ -109,6 +109,7 @@ def test_model_calendar_builds_trains_evaluates_and_forecasts(model_calendar, tm
         "batch_size": 16, "output": str(tmp_path / "eval"), "progress": False, "device": "cpu"})])
     out = capsys.readouterr().out
     assert "differ by more than" not in out  # the checkpoint's statistics are the dataset's
+    assert re.search(r"note: \d+ initial times skipped: a target time at one of the leads is missing", out), out
     times = ds.axis("test").times
     inits = np.array(df.attrs["init_times"], dtype="datetime64[ns]")
     assert len(inits) == 60 and int(df["samples"].max()) == 60
