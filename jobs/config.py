@@ -30,7 +30,8 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {redact_argv([item])[0]!r} is not of the form key=value (e.g. grid.resolution=1.40625)")
+            raise ConfigError(f"override {redact_argv([item])[0]!r} is not of the form key=value "
+                              "(e.g. grid.resolution=1.40625)")
         value = yaml.safe_load(raw) if raw else ""
         node = cfg
         parts = key.split(".")

@@ -343,8 +343,8 @@ def test_atomic_write_replaces_whole_files(tmp_path):
 
 def test_evaluate_to_a_missing_bucket_is_refused_up_front(tmp_path, moto_s3):
     endpoint = moto_s3["client_kwargs"]["endpoint_url"]
-    code, out = job("jobs.evaluate", [f"checkpoint={tmp_path / 'none.pt'}", f"data={tmp_path}",
-                                      f"storage_options={{key: k, secret: s, client_kwargs: {{endpoint_url: '{endpoint}'}}}}",
+    opts = f"storage_options={{key: k, secret: s, client_kwargs: {{endpoint_url: '{endpoint}'}}}}"
+    code, out = job("jobs.evaluate", [f"checkpoint={tmp_path / 'none.pt'}", f"data={tmp_path}", opts,
                                       "output=s3://no-such-bucket/eval"],
                     {**os.environ, "PYTHONPATH": str(ROOT)}, cwd=tmp_path, timeout=300)
     assert code == 1 and "bucket 'no-such-bucket' does not exist" in out, out

@@ -139,6 +139,8 @@ def downscaling_loop(cfg) -> None:
                          f"per worker with {world} workers; lower data.batch_size or use a longer split")
     total_steps = cfg.train.epochs * steps_per_epoch
     _, fstd = fine.normalizer(out_vars)
+    # built before the first step and reused every epoch: a bad validation split fails now (issue 16)
+    val = loader(cfg.data.val_split, cfg.data.val_batch_size or cfg.data.batch_size, False, cfg.data.max_val_batches)
 
     model.to(device)
     optimizer, scheduler, state = start_or_resume(cfg, net, total_steps, log)
@@ -175,8 +177,6 @@ def downscaling_loop(cfg) -> None:
             if cfg.train.log_every and state.step % cfg.train.log_every == 0:
                 log(f"  step {state.step}/{total_steps} loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
         metrics: dict[str, Any] = epoch_metrics(cfg, state, epoch, losses, n_batches, world, t0, scheduler)
-        val = loader(cfg.data.val_split, cfg.data.val_batch_size or cfg.data.batch_size, False,
-                     cfg.data.max_val_batches)
         scores = evaluate_downscaling(ddp_model, val, fine.lat, device, cfg.train.bf16).result()
         metrics["val_loss"] = scores["loss"]
         metrics.update(metrics_of(scores))
