@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -27,69 +25,18 @@ RES = 5.625
 TIME_VARS = ["2m_temperature", "geopotential_500", "temperature_850"]
 
 
-class _CountingApp:
-    """WSGI middleware: body bytes and requests of GET responses, per request path."""
-
-    def __init__(self, app):
-        self.app = app
-        self.lock = threading.Lock()
-        self.bytes: dict[str, int] = defaultdict(int)
-        self.requests: dict[str, int] = defaultdict(int)
-
-    def __call__(self, environ, start_response):
-        body = self.app(environ, start_response)
-        if environ.get("REQUEST_METHOD") != "GET":
-            return body
-        path = environ.get("PATH_INFO", "")
-
-        def counted():
-            try:
-                for chunk in body:
-                    with self.lock:
-                        self.bytes[path] += len(chunk)
-                    yield chunk
-            finally:
-                with self.lock:
-                    self.requests[path] += 1
-                if hasattr(body, "close"):
-                    body.close()
-
-        return counted()
-
-    def reset(self):
-        with self.lock:
-            self.bytes.clear()
-            self.requests.clear()
-
-    def served(self, prefix: str) -> tuple[int, int]:
-        """(bytes, requests) of GETs on object keys under ``/BUCKET/prefix``."""
-        key = f"/{BUCKET}/{prefix}"
-        with self.lock:
-            return (sum(v for k, v in self.bytes.items() if k.startswith(key)),
-                    sum(v for k, v in self.requests.items() if k.startswith(key)))
-
-
 @pytest.fixture(scope="module")
 def counting_s3():
     """moto's S3 on 127.0.0.1 behind the byte counter; yields (s3fs storage_options, counter)."""
-    import logging
-
     pytest.importorskip("moto.server")
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-    from werkzeug.serving import make_server
+    from tests.helpers import CountingS3Server
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    app = _CountingApp(DomainDispatcherApplication(create_backend_app))
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+    server = CountingS3Server()
+    opts, app = server.start()
     fs, _ = storage.filesystem(f"s3://{BUCKET}", opts)
     fs.mkdir(BUCKET)
     yield opts, app
-    server.shutdown()
-    thread.join()
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +100,7 @@ def test_grib_index_by_ranges_equals_local(archive, counting_s3):
     for k in ("offset", "length", "part", "kind", "ref_time", "valid_time"):
         np.testing.assert_array_equal(getattr(remote, k), getattr(ref, k), err_msg=k)
     assert remote.kinds == ref.kinds and remote.size == ref.size
-    served, requests = counter.served("grib/")
+    served, requests = counter.served(f"{BUCKET}/grib/")
     assert served == remote.stats["index_bytes_read"]
     signatures = remote.stats["ecCodes_header_decodes"]
     msg = int(ref.length[0])
@@ -170,7 +117,7 @@ def test_grib_index_by_ranges_equals_local(archive, counting_s3):
     counter.reset()
     got = ds["geopotential_500"].isel(time=slice(3, 9)).values
     np.testing.assert_array_equal(got, want["geopotential_500"].isel(time=slice(3, 9)).values)
-    assert counter.served("grib/")[0] == 6 * msg  # six messages, nothing else
+    assert counter.served(f"{BUCKET}/grib/")[0] == 6 * msg  # six messages, nothing else
 
 
 def test_netcdf_streams_through_h5netcdf(archive, counting_s3):
@@ -180,7 +127,7 @@ def test_netcdf_streams_through_h5netcdf(archive, counting_s3):
     before = set(_downloads())
     counter.reset()
     ds = open_source(url, storage_options=opts)
-    opened = counter.served("wb/")[0]
+    opened = counter.served(f"{BUCKET}/wb/")[0]
     assert opened < 0.5 * local.stat().st_size  # metadata and coordinates only
     want = open_source(str(local))
     v = next(iter(want.data_vars))
@@ -245,7 +192,7 @@ def test_build_from_s3_streams(fmt, archive, counting_s3, ray_local, tmp_path):
 
     counter.reset()
     m_remote = build(_recipe(remote_src, tmp_path / "remote"))
-    served, requests = counter.served(prefix)
+    served, requests = counter.served(f"{BUCKET}/{prefix}")
     m_local = build(_recipe(local_src, tmp_path / "local"))
 
     assert set(_downloads()) <= before, "downloaded copies left behind"
