@@ -18,7 +18,7 @@ from climax import shards as S
 from pipelines import node_cache, storage, streaming
 from pipelines.recipe import Recipe
 from pipelines.sources import grib_index as GI
-from pipelines.sources import open_source
+from pipelines.sources import SourceError, open_source
 
 BUCKET = "climax-stream"
 RES = 5.625
@@ -134,6 +134,40 @@ def test_netcdf_streams_through_h5netcdf(archive, counting_s3):
     np.testing.assert_array_equal(ds[v].values, want[v].values)
     np.testing.assert_array_equal(ds["time"].values, want["time"].values)
     assert set(_downloads()) <= before  # (other processes on a shared machine may have some)
+
+
+def test_remote_errors_name_the_object(archive, counting_s3):
+    opts, _ = counting_s3
+    fs, _ = storage.filesystem(f"s3://{BUCKET}", opts)
+    data = archive["grib"][0].read_bytes()
+    fs.pipe_file(f"{BUCKET}/bad/cut.grib", data[: len(data) - 1000])
+    with pytest.raises(SourceError, match=rf"s3://{BUCKET}/bad/cut.grib: .*re-download it"):
+        open_source(f"s3://{BUCKET}/bad/cut.grib", storage_options=opts)
+    with pytest.raises(SourceError, match="no-such-bucket does not exist"):
+        open_source("s3://no-such-bucket/x.grib", storage_options=opts)
+
+
+def test_netcdf3_uses_the_node_cache(archive, counting_s3, tmp_path, monkeypatch):
+    """NetCDF 3 (not HDF5: h5netcdf cannot stream it) is copied once to the node cache; the copy
+    goes with clear()."""
+    import xarray as xr
+
+    opts, _ = counting_s3
+    monkeypatch.setenv("CLIMAX_FETCH_CACHE_DIR", str(tmp_path / "cache"))
+    src = archive["netcdf"][0]
+    nc3 = tmp_path / src.name
+    with xr.open_dataset(src) as ds:
+        ds.load().to_netcdf(nc3, format="NETCDF3_64BIT", engine="netcdf4")
+    assert nc3.read_bytes()[:3] == b"CDF"
+    fs, _ = storage.filesystem(f"s3://{BUCKET}", opts)
+    url = f"s3://{BUCKET}/nc3/{src.parent.name}/{src.name}"
+    fs.put(str(nc3), url.split("://", 1)[1])
+    got = open_source(url, storage_options=opts)
+    want = open_source(str(src))
+    v = next(iter(want.data_vars))
+    np.testing.assert_array_equal(got[v].values, want[v].values)
+    assert len(node_cache.entries()) == 1
+    assert node_cache.clear()["removed"] == 1 and not (tmp_path / "cache").exists()
 
 
 def test_node_cache_is_bounded_lru_and_cleared(archive, counting_s3, tmp_path, monkeypatch):
