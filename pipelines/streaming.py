@@ -240,15 +240,16 @@ def block_size_for(size: int) -> int:
     return int(min(4 << 20, max(8 << 10, size // 64)))
 
 
-def open_file(path: str, storage_options: dict | None = None, *, size: int | None = None,
-              maxblocks: int = 32):
-    """A seekable binary file object over a remote object, with an LRU block cache of at most
-    ``maxblocks`` blocks of :func:`block_size_for` bytes (at most 128 MiB, 256 KiB for a
-    small file)."""
+def open_file(path: str, storage_options: dict | None = None, *, size: int | None = None):
+    """A seekable binary file object over a remote object, with an LRU block cache of
+    :func:`block_size_for` blocks holding at most 32 MiB (8 blocks of 4 MiB for a large file, 32
+    of 8 KiB for a small one): a worker keeps several files open (``pipelines.build`` caches 16),
+    and HDF5 keeps its own metadata cache, so more blocks would mostly hold chunks read once."""
     fs, p = storage.filesystem(path, storage_options)
     if size is None:
         _, _, size, _ = object_info(path, storage_options)
     bs = block_size_for(size)
+    maxblocks = max(8, min(32, (32 << 20) // bs))
     try:
         return fs.open(p, "rb", block_size=bs, cache_type="blockcache",
                        cache_options={"maxblocks": maxblocks})

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -20,76 +18,25 @@ from climax import shards as S
 from pipelines import node_cache, storage, streaming
 from pipelines.recipe import Recipe
 from pipelines.sources import grib_index as GI
-from pipelines.sources import open_source
+from pipelines.sources import SourceError, open_source
 
 BUCKET = "climax-stream"
 RES = 5.625
 TIME_VARS = ["2m_temperature", "geopotential_500", "temperature_850"]
 
 
-class _CountingApp:
-    """WSGI middleware: body bytes and requests of GET responses, per request path."""
-
-    def __init__(self, app):
-        self.app = app
-        self.lock = threading.Lock()
-        self.bytes: dict[str, int] = defaultdict(int)
-        self.requests: dict[str, int] = defaultdict(int)
-
-    def __call__(self, environ, start_response):
-        body = self.app(environ, start_response)
-        if environ.get("REQUEST_METHOD") != "GET":
-            return body
-        path = environ.get("PATH_INFO", "")
-
-        def counted():
-            try:
-                for chunk in body:
-                    with self.lock:
-                        self.bytes[path] += len(chunk)
-                    yield chunk
-            finally:
-                with self.lock:
-                    self.requests[path] += 1
-                if hasattr(body, "close"):
-                    body.close()
-
-        return counted()
-
-    def reset(self):
-        with self.lock:
-            self.bytes.clear()
-            self.requests.clear()
-
-    def served(self, prefix: str) -> tuple[int, int]:
-        """(bytes, requests) of GETs on object keys under ``/BUCKET/prefix``."""
-        key = f"/{BUCKET}/{prefix}"
-        with self.lock:
-            return (sum(v for k, v in self.bytes.items() if k.startswith(key)),
-                    sum(v for k, v in self.requests.items() if k.startswith(key)))
-
-
 @pytest.fixture(scope="module")
 def counting_s3():
     """moto's S3 on 127.0.0.1 behind the byte counter; yields (s3fs storage_options, counter)."""
-    import logging
-
     pytest.importorskip("moto.server")
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-    from werkzeug.serving import make_server
+    from tests.helpers import CountingS3Server
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    app = _CountingApp(DomainDispatcherApplication(create_backend_app))
-    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+    server = CountingS3Server()
+    opts, app = server.start()
     fs, _ = storage.filesystem(f"s3://{BUCKET}", opts)
     fs.mkdir(BUCKET)
     yield opts, app
-    server.shutdown()
-    thread.join()
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +100,7 @@ def test_grib_index_by_ranges_equals_local(archive, counting_s3):
     for k in ("offset", "length", "part", "kind", "ref_time", "valid_time"):
         np.testing.assert_array_equal(getattr(remote, k), getattr(ref, k), err_msg=k)
     assert remote.kinds == ref.kinds and remote.size == ref.size
-    served, requests = counter.served("grib/")
+    served, requests = counter.served(f"{BUCKET}/grib/")
     assert served == remote.stats["index_bytes_read"]
     signatures = remote.stats["ecCodes_header_decodes"]
     msg = int(ref.length[0])
@@ -170,7 +117,7 @@ def test_grib_index_by_ranges_equals_local(archive, counting_s3):
     counter.reset()
     got = ds["geopotential_500"].isel(time=slice(3, 9)).values
     np.testing.assert_array_equal(got, want["geopotential_500"].isel(time=slice(3, 9)).values)
-    assert counter.served("grib/")[0] == 6 * msg  # six messages, nothing else
+    assert counter.served(f"{BUCKET}/grib/")[0] == 6 * msg  # six messages, nothing else
 
 
 def test_netcdf_streams_through_h5netcdf(archive, counting_s3):
@@ -180,13 +127,47 @@ def test_netcdf_streams_through_h5netcdf(archive, counting_s3):
     before = set(_downloads())
     counter.reset()
     ds = open_source(url, storage_options=opts)
-    opened = counter.served("wb/")[0]
+    opened = counter.served(f"{BUCKET}/wb/")[0]
     assert opened < 0.5 * local.stat().st_size  # metadata and coordinates only
     want = open_source(str(local))
     v = next(iter(want.data_vars))
     np.testing.assert_array_equal(ds[v].values, want[v].values)
     np.testing.assert_array_equal(ds["time"].values, want["time"].values)
     assert set(_downloads()) <= before  # (other processes on a shared machine may have some)
+
+
+def test_remote_errors_name_the_object(archive, counting_s3):
+    opts, _ = counting_s3
+    fs, _ = storage.filesystem(f"s3://{BUCKET}", opts)
+    data = archive["grib"][0].read_bytes()
+    fs.pipe_file(f"{BUCKET}/bad/cut.grib", data[: len(data) - 1000])
+    with pytest.raises(SourceError, match=rf"s3://{BUCKET}/bad/cut.grib: .*re-download it"):
+        open_source(f"s3://{BUCKET}/bad/cut.grib", storage_options=opts)
+    with pytest.raises(SourceError, match="no-such-bucket does not exist"):
+        open_source("s3://no-such-bucket/x.grib", storage_options=opts)
+
+
+def test_netcdf3_uses_the_node_cache(archive, counting_s3, tmp_path, monkeypatch):
+    """NetCDF 3 (not HDF5: h5netcdf cannot stream it) is copied once to the node cache; the copy
+    goes with clear()."""
+    import xarray as xr
+
+    opts, _ = counting_s3
+    monkeypatch.setenv("CLIMAX_FETCH_CACHE_DIR", str(tmp_path / "cache"))
+    src = archive["netcdf"][0]
+    nc3 = tmp_path / src.name
+    with xr.open_dataset(src) as ds:
+        ds.load().to_netcdf(nc3, format="NETCDF3_64BIT", engine="netcdf4")
+    assert nc3.read_bytes()[:3] == b"CDF"
+    fs, _ = storage.filesystem(f"s3://{BUCKET}", opts)
+    url = f"s3://{BUCKET}/nc3/{src.parent.name}/{src.name}"
+    fs.put(str(nc3), url.split("://", 1)[1])
+    got = open_source(url, storage_options=opts)
+    want = open_source(str(src))
+    v = next(iter(want.data_vars))
+    np.testing.assert_array_equal(got[v].values, want[v].values)
+    assert len(node_cache.entries()) == 1
+    assert node_cache.clear()["removed"] == 1 and not (tmp_path / "cache").exists()
 
 
 def test_node_cache_is_bounded_lru_and_cleared(archive, counting_s3, tmp_path, monkeypatch):
@@ -245,7 +226,7 @@ def test_build_from_s3_streams(fmt, archive, counting_s3, ray_local, tmp_path):
 
     counter.reset()
     m_remote = build(_recipe(remote_src, tmp_path / "remote"))
-    served, requests = counter.served(prefix)
+    served, requests = counter.served(f"{BUCKET}/{prefix}")
     m_local = build(_recipe(local_src, tmp_path / "local"))
 
     assert set(_downloads()) <= before, "downloaded copies left behind"
