@@ -392,8 +392,15 @@ def _sources_fingerprint(chunk: dict, files: list[dict]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+#: Version of the code that writes shards and climatology parts, kept in every footer: bump it when
+#: a change alters what is written, so that a re-run rebuilds files of older code instead of keeping
+#: them (the shard format's own version, ``climax.shards.FORMAT``, is checked alike).
+CODE_VERSION = "2026.12-onepass"
+
+
 def _existing(path: str, recipe_fp: str, sources_fp: str, storage_options) -> dict | None:
-    """The footer metadata of a finished file made from the same recipe and sources, else None."""
+    """The footer metadata of a finished file made from the same recipe and sources by this version
+    of the code and format, else None."""
     fs, p = storage.filesystem(path, storage_options)
     if not fs.exists(p):
         return None
@@ -402,7 +409,8 @@ def _existing(path: str, recipe_fp: str, sources_fp: str, storage_options) -> di
             meta = json.loads(pq.read_schema(f).metadata[S.META_KEY])
     except Exception:  # unreadable or foreign file: rebuild it
         return None
-    if meta.get("recipe") == recipe_fp and meta.get("sources") == sources_fp:
+    if (meta.get("recipe") == recipe_fp and meta.get("sources") == sources_fp
+            and meta.get("code") == CODE_VERSION and meta.get("format") == S.FORMAT):
         return meta
     return None
 
@@ -590,7 +598,8 @@ def run_chunk(chunk: dict, ctx: dict, *, keep_arrays: bool = False) -> dict:
         stats = _chunk_stats(chunk, arrays, prev)
         times = np.asarray(chunk["times"], dtype="int64").astype("datetime64[ns]")
         rows = len(chunk["times"])
-    meta = {"recipe": recipe_fp, "sources": sources_fp, "rows": rows, "stats": stats}
+    meta = {"recipe": recipe_fp, "sources": sources_fp, "rows": rows, "stats": stats, "code": CODE_VERSION,
+            "format": S.FORMAT}
     digest = _write_table(path, S.table_from_arrays(times, arrays, metadata=meta), list(arrays), ctx)
     res = {**_summary(chunk), "rows": rows, "stats": stats, "sha256": digest, "skipped": False}
     if keep_arrays:
@@ -665,7 +674,8 @@ def run_window(unit: dict, ctx: dict) -> dict:
                       "count": counts[used].astype(np.int32),
                       **{v: pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(clim[v]))
                          for v in variables}},
-                     metadata={S.META_KEY: json.dumps({"recipe": ctx["recipe_fp"], "sources": fp}).encode()})
+                     metadata={S.META_KEY: json.dumps({"recipe": ctx["recipe_fp"], "sources": fp, "code": CODE_VERSION,
+                                                       "format": S.FORMAT}).encode()})
     del clim
     _write_table(path, table, variables, ctx)
     sums, n = _part_time_sums(table, variables)
@@ -776,8 +786,8 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
     fs, root = storage.filesystem(recipe.output, so)
     manifest_path = _join(recipe.output, S.MANIFEST)
     _, mp = storage.filesystem(manifest_path, so)
-    if fs.exists(mp):  # a stale manifest must not describe shards this run may change
-        fs.rm(mp)
+    # The manifest of an earlier build stays published until this build's replaces it atomically:
+    # a re-run with a typo or expired credentials must never unpublish a good dataset (issue 16).
     budget = recipe.max_task_mb * 2**20
 
     t = _time.perf_counter()
@@ -829,8 +839,11 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
     parts = [u["path"] for u in plan.units if u["kind"] == "window"]
     if parts:
         mean = {v: (time_sum[v] / max(time_count, 1)).astype(np.float32) for v in plan.time_vars}
-        write_atomic(_join(recipe.output, S.CLIMATOLOGY_DIR, "time_mean.parquet"),
-                     table_bytes(S.table_from_arrays(None, mean), list(mean), recipe.compression_level), so)
+        data = table_bytes(S.table_from_arrays(None, mean), list(mean), recipe.compression_level)
+        tm_path = _join(recipe.output, S.CLIMATOLOGY_DIR, "time_mean.parquet")
+        fs_tm, p_tm = storage.filesystem(tm_path, so)
+        if overwrite or not fs_tm.exists(p_tm) or fs_tm.cat_file(p_tm) != bytes(data):  # a resumed run rewrites nothing
+            write_atomic(tm_path, data, so)
 
     statistics = {}
     for v in recipe.variables:
@@ -882,8 +895,8 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
         "sources": [{"path": f["path"], "format": f["format"], "fingerprint": f["fingerprint"],
                      "calendar": f["calendar"]} for f in files],
     }
-    _remove_stale(recipe, {r["path"] for r in results} | set(parts))
     write_atomic(manifest_path, json.dumps(manifest, indent=1).encode(), so, durable=True)
+    _remove_stale(recipe, {r["path"] for r in results} | set(parts))  # after: never listed by a manifest
     timings["driver"] = _time.perf_counter() - t
     log.info("wrote %s (%d shards, %d skipped)", manifest_path, len(results),
              sum(r.get("skipped", False) for r in results))

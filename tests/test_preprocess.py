@@ -158,10 +158,45 @@ def test_rerun_skips_finished_shards_and_overwrite_rebuilds(built, archive):
 
     out, manifest = built
     before = _files_bytes(out)
+    mtimes = _mtimes(out)
     again = build(Recipe.model_validate(recipe_dict(archive, out)))
     assert _files_bytes(out) == before and again["statistics"] == manifest["statistics"]
+    assert _mtimes(out) == mtimes  # skipped, not rewritten with the same bytes
     rebuilt = build(Recipe.model_validate(recipe_dict(archive, out)), overwrite=True)
     assert _files_bytes(out) == before and rebuilt["splits"] == manifest["splits"]
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*.parquet"))}
+
+
+def test_a_failed_rerun_never_unpublishes_and_older_code_is_rebuilt(built, archive, tmp_path):
+    """A re-run that fails (here: a variable no source has) leaves the published manifest as it
+    was; a shard whose footer records another code version is rebuilt, not kept (issue 16)."""
+    import shutil
+
+    from pipelines.build import BuildError, build
+
+    out = tmp_path / "published"
+    shutil.copytree(built[0], out)
+    published = (out / "manifest.json").read_bytes()
+    bad = recipe_dict(archive, out)
+    bad["variables"] = VARS + ["specific_humidity_700"]
+    with pytest.raises(BuildError):
+        build(Recipe.model_validate(bad))
+    assert (out / "manifest.json").read_bytes() == published
+
+    first = out / json.loads(published)["splits"]["val"]["shards"][0]["path"]
+    table = pq.read_table(first)
+    meta = json.loads(table.schema.metadata[S.META_KEY])
+    meta["code"] = "an-older-version"
+    pq.write_table(table.replace_schema_metadata({S.META_KEY: json.dumps(meta).encode()}), first)
+    older = _mtimes(out)
+    build(Recipe.model_validate(recipe_dict(archive, out)))
+    now = _mtimes(out)
+    changed = {k for k in now if now[k] != older[k]}
+    assert changed == {str(first.relative_to(out))}
+    assert _files_bytes(out) == _files_bytes(built[0])
 
 
 def _run_job(recipe: dict, tmp: Path, *extra, env=None, **popen) -> subprocess.Popen:
@@ -187,10 +222,13 @@ def test_sigkill_then_rerun_gives_identical_shards(built, archive, tmp_path):
     proc.wait()
     assert not (out / "manifest.json").exists()  # nothing half-written looks finished
     done = len(list(out.rglob("*.parquet")))
+    finished = _mtimes(out)
     rerun = _run_job(recipe, tmp_path)
     log, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, log
     assert _files_bytes(out) == _files_bytes(reference)
+    after = _mtimes(out)
+    assert all(after[k] == t for k, t in finished.items())  # finished files were skipped, not rebuilt
     assert not list(out.rglob("*.tmp")) and (out / "manifest.json").exists()
     assert done >= 3
 
