@@ -539,7 +539,8 @@ def scaling_main(args: argparse.Namespace, workdir: str) -> None:
           f"shards byte-identical: {same}")
 
 
-def launch_generic(spec: dict, args: argparse.Namespace, out: str, files: list[str]) -> dict:
+def launch_generic(spec: dict, args: argparse.Namespace, out: str, files: list[str], pss: bool = True) -> dict:
+    """Run ``spec`` in a child process on a warm page cache, sampling its whole process tree."""
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(out)
@@ -548,7 +549,7 @@ def launch_generic(spec: dict, args: argparse.Namespace, out: str, files: list[s
     spec = {**spec, "out": out, "result": res_path}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, __file__, "--_child", json.dumps(spec)], cwd=ROOT, env=env)
-    with TreeSampler(proc.pid, args.interval, True) as sampler:
+    with TreeSampler(proc.pid, args.interval, pss) as sampler:
         rc = proc.wait()
     if rc:
         raise SystemExit(f"{spec['which']} run failed with exit status {rc}")
@@ -577,27 +578,12 @@ def child_main(argv: list[str]) -> None:
 
 
 def launch(which: str, args: argparse.Namespace, root: str, years: list[int], out: str, files: list[str]) -> dict:
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.makedirs(out)
-    warm_cache(files)
-    res_path = out.rstrip("/") + ".result.json"
-    spec = {"which": which, "root": root, "years": years, "out": out, "result": res_path,
-            "baseline_shards": args.baseline_shards, "num_cpus": args.num_cpus,
-            "shard_bytes": args.shard_bytes, "level": args.compression_level, "step_hours": args.step_hours}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    spec = {"which": which, "root": root, "years": years, "baseline_shards": args.baseline_shards,
+            "num_cpus": args.num_cpus, "shard_bytes": args.shard_bytes, "level": args.compression_level,
+            "step_hours": args.step_hours}
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--_child", json.dumps(spec)], cwd=ROOT, env=env)
-    with TreeSampler(proc.pid, args.interval, args.pss) as sampler:
-        rc = proc.wait()
-    if rc:
-        raise SystemExit(f"{which} run failed with exit status {rc}")
-    with open(res_path) as f:
-        res = json.load(f)
-    os.unlink(res_path)
-    res.update(sampler.report())
+    res = launch_generic(spec, args, out, files, pss=args.pss)
     res["process_s"] = time.perf_counter() - t
-    res["output_bytes"] = dir_bytes(out)
     res["output_by_kind"] = split_bytes(out, which)
     res["loadavg_after"] = os.getloadavg()[0]
     return res
