@@ -93,14 +93,31 @@ def test_s3_through_instance_profiles_and_no_keys(raw, prepared):
         assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", arn), (name, arn)
 
 
-def test_no_ray_port_open_to_the_world(prepared):
-    rules = prepared["provider"].get("security_group", {}).get("IpPermissions", [])
+def _ray_ports_open_to_the_world(rules: list[dict]) -> list[dict]:
+    """The inbound rules that open a Ray port (or every port) to 0.0.0.0/0 or ::/0."""
+    bad = []
     for rule in rules:
         world = any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", [])) or \
             any(r.get("CidrIpv6") == "::/0" for r in rule.get("Ipv6Ranges", []))
-        if world:
-            lo, hi = rule.get("FromPort", -1), rule.get("ToPort", -1)
-            assert not (lo == -1 or any(lo <= p <= hi for p in RAY_PORTS)), rule
+        lo, hi = rule.get("FromPort", -1), rule.get("ToPort", -1)
+        if world and (rule.get("IpProtocol") == "-1" or lo == -1 or any(lo <= p <= hi for p in RAY_PORTS)):
+            bad.append(rule)
+    return bad
+
+
+def test_no_ray_port_open_to_the_world(prepared):
+    rules = prepared["provider"].get("security_group", {}).get("IpPermissions")
+    assert rules is not None, "cluster.yaml must state the security group's inbound rules"
+    assert _ray_ports_open_to_the_world(rules) == []
+    # the check can fail: each of these would be caught in cluster.yaml
+    world = {"IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+    for planted in ({"IpProtocol": "tcp", "FromPort": 6379, "ToPort": 6379, **world},  # the GCS
+                    {"IpProtocol": "tcp", "FromPort": 8000, "ToPort": 9000, **world},  # the dashboard's range
+                    {"IpProtocol": "-1", **world},  # every port
+                    {"IpProtocol": "tcp", "FromPort": 10001, "ToPort": 10001, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}):
+        assert _ray_ports_open_to_the_world([planted]) == [planted], planted
+    ssh = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, **world}
+    assert _ray_ports_open_to_the_world([ssh]) == []
     for node_type in prepared["available_node_types"].values():
         assert "SecurityGroupIds" not in node_type["node_config"]  # Ray's group, rules above
     head = " ".join(prepared["head_start_ray_commands"])
