@@ -396,7 +396,8 @@ def evaluate_model(
             log.warning("%s", notes[-1])
             names, masks = [r for r, m in zip(names, masks) if m.any()], [m for m in masks if m.any()]
     area_m = torch.as_tensor(region_weight_matrix(area_lat, masks), device=device)
-    cos_m = torch.as_tensor(region_weight_matrix(lat_weights(torch.as_tensor(lat), torch.float64).numpy(), masks),
+    # climax.metrics' cos weights exactly as before (float32), so acc and rmse_sample_mean are unchanged
+    cos_m = torch.as_tensor(region_weight_matrix(lat_weights(torch.as_tensor(lat)).double().numpy(), masks),
                             device=device)
     units = _units(dataset, out_vars)
 
