@@ -3,8 +3,8 @@
 One plain, in-process home (no Ray) used by ``jobs.evaluate``, ``jobs.forecast`` and the training
 job's validation:
 
-* :func:`evaluate_model` scores a model on a split of a shard dataset: latitude-weighted RMSE and
-  ACC (``climax.metrics``) per variable and lead time, in physical units, for the direct forecast,
+* :func:`evaluate_model` scores a model on a split of a shard dataset: RMSE (WeatherBench 2's and
+  the per-sample mean), bias and ACC (``climax.wb2``) per region, variable and lead time, in physical units, for the direct forecast,
   the iterative rollout (the model applied again and again at a step lead, its outputs fed back as
   inputs) and the persistence and climatology baselines, in one table.
 * :func:`forecast_fields` runs a model from given initial times to given lead times and returns
@@ -19,13 +19,23 @@ float32 (n, V, H, W)), ``normalizer(variables)`` (mean, std) and ``climatology(v
 
 Conventions, chosen once:
 
-* Every score is computed on de-normalised (physical) fields, in float64, per sample over the
-  grid and then averaged over the samples (WeatherBench's convention, as ``climax.metrics``).
+* Every score is computed on de-normalised (physical) fields, in float64. ``rmse`` and ``bias``
+  follow WeatherBench 2: the square root of the time-mean of the area-weighted spatial MSE, and the
+  time- and area-weighted mean of forecast - truth (WB2's cell-area latitude weights).
+  ``rmse_sample_mean`` and ``acc`` are computed per sample over the grid (cos-latitude weights) and
+  then averaged over the samples: the ClimaX paper's / WeatherBench 1's convention (WB2 calls that
+  RMSE ``RMSESqrtBeforeTimeAvg``; its ACC is the same per-sample mean). ``rmse >= rmse_sample_mean``
+  always (Jensen). All are kept as mergeable sums (``climax.wb2.ScoreSums``).
+* Regions: WeatherBench 2's default regions (``climax.wb2.WB2_REGIONS``: global, tropics,
+  extra-tropics, northern/southern hemisphere extra-tropics, Europe, North America, ...), each a
+  mask on the full grid's weights; a region with no grid point on the dataset's grid is skipped
+  with a note.
 * ACC anomalies are taken against the climatology at the *valid* (target) time.
 * Every method and lead time is scored on the same initial times: those whose every requested lead
   has its target inside the split. ``max_samples`` keeps that many, evenly spread over the split.
-* A region crops everything alike (inputs, targets, climatology, latitude weights); the model sees
-  only the region's patches.
+* A model region (``region=``, a model trained on a box) crops everything alike (inputs, targets,
+  climatology, latitude weights); the model sees only the region's patches, and the table has one
+  region, the box's name, instead of WB2's regions.
 """
 
 from __future__ import annotations
@@ -44,8 +54,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from climax.metrics import lat_weighted_acc, lat_weighted_rmse
+from climax.metrics import lat_weights
 from climax.regions import Region
+from climax.wb2 import WB2_REGIONS, ScoreSums, accumulate, area_weights, region_mask, region_weight_matrix
 
 __all__ = [
     "METHODS", "ForecastRequest", "evaluate_model", "forecast_fields", "forecast_dataset", "write_netcdf",
@@ -56,7 +67,8 @@ __all__ = [
 log = logging.getLogger("climax.evaluation")
 
 METHODS = ("direct", "rollout", "persistence", "climatology")
-COLUMNS = ["variable", "lead_hours", "method", "rmse", "acc", "units", "samples"]
+COLUMNS = ["variable", "lead_hours", "method", "region", "rmse", "rmse_sample_mean", "bias", "acc", "units",
+           "samples"]
 _HOUR_NS = 3_600_000_000_000
 
 
@@ -288,8 +300,9 @@ def evaluate_model(
     forecast_fn: ForecastFn | None = None,
     baselines: bool = True,
     progress: bool = True,
+    regions: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Score forecasts on ``split``: one row per (method, variable, lead time).
+    """Score forecasts on ``split``: one row per (method, variable, lead time, region).
 
     Args:
         model: a ``ClimaX`` (or any callable with its forward signature ``(x, lead_hours, in_vars,
@@ -313,10 +326,13 @@ def evaluate_model(
         baselines: also score persistence (the input at the initial time) and climatology (the
             climatology at the valid time).
         progress: show a progress bar.
+        regions: WeatherBench 2 regions to score (names of ``climax.wb2.WB2_REGIONS``); None: all
+            of them. Ignored when ``region`` (a model's box) is given: then the box is the region.
 
     Returns:
         A DataFrame with columns variable, lead_hours, method (direct, rollout, persistence,
-        climatology), rmse, acc (both in physical units, latitude-weighted), units, samples.
+        climatology), region, rmse (WeatherBench 2's), rmse_sample_mean (the ClimaX paper's), bias
+        (WB2's, forecast - truth), acc (all in physical units, latitude-weighted), units, samples.
         ``df.attrs`` holds ``notes`` (for example why the rollout was skipped) and ``init_times``.
     """
     if model is None and forecast_fn is None:
@@ -362,8 +378,27 @@ def evaluate_model(
         notes.append(f"{gapped} initial times skipped: a target time at one of the leads is missing (calendar or "
                      "data gaps)")
         log.warning("%s", notes[-1])
-    lat, _, crop = _grid(dataset, region)
-    lat_t = torch.as_tensor(lat, dtype=torch.float64)
+    lat, lon, crop = _grid(dataset, region)
+    # region weight matrices (h*w, R): WB2's area weights of the full grid (cropped with a model
+    # region, never recomputed on the crop) and cos-latitude weights (climax.metrics)
+    full_area = area_weights(np.asarray(dataset.lat, dtype=np.float64))
+    if region is not None:
+        names = [region.name]
+        area_lat = region.lat(full_area)
+        masks = [np.ones((len(lat), len(lon)), dtype=bool)]
+    else:
+        names = list(WB2_REGIONS) if regions is None else list(regions)
+        area_lat = full_area
+        masks = [region_mask(r, lat, lon) for r in names]
+        empty = [r for r, m in zip(names, masks) if not m.any()]
+        if empty:
+            notes.append(f"region(s) {empty} skipped: no grid point of the {len(lat)}x{len(lon)} grid lies inside")
+            log.warning("%s", notes[-1])
+            names, masks = [r for r, m in zip(names, masks) if m.any()], [m for m in masks if m.any()]
+    area_m = torch.as_tensor(region_weight_matrix(area_lat, masks), device=device)
+    # climax.metrics' cos weights exactly as before (float32), so acc and rmse_sample_mean are unchanged
+    cos_m = torch.as_tensor(region_weight_matrix(lat_weights(torch.as_tensor(lat)).double().numpy(), masks),
+                            device=device)
     units = _units(dataset, out_vars)
 
     read_vars = list(dict.fromkeys([*in_vars, *out_vars]))
@@ -382,19 +417,15 @@ def evaluate_model(
         clim = crop(np.asarray(dataset.climatology(out_vars, axis.times[valid]), dtype=np.float32))
         return inputs, valid, truth, clim, targets
 
-    sums: dict[tuple[str, float], list] = {}
+    sums: dict[tuple[str, float], ScoreSums] = {}
 
     def add(method: str, lead: float, pred: torch.Tensor, truth: torch.Tensor, clim: torch.Tensor) -> None:
         pred = pred.to(device=truth.device, dtype=torch.float64)
         if tuple(pred.shape) != tuple(truth.shape):
             raise ValueError(f"{method} forecast at {lead:g} h has shape {tuple(pred.shape)}, expected {tuple(truth.shape)}")
-        b = truth.shape[0]
-        rmse = lat_weighted_rmse(pred, truth, lat_t) * b
-        acc = lat_weighted_acc(pred, truth, clim, lat_t) * b
-        acc_sum = sums.setdefault((method, lead), [0.0, 0.0, 0])
-        acc_sum[0] = acc_sum[0] + rmse
-        acc_sum[1] = acc_sum[1] + acc
-        acc_sum[2] += b
+        if (method, lead) not in sums:
+            sums[(method, lead)] = ScoreSums.zeros(len(out_vars), len(names), truth.device)
+        accumulate(sums[(method, lead)], pred, truth, clim, area_m, cos_m)
 
     batches = [inits[i:i + batch_size] for i in range(0, len(inits), batch_size)]
     steps = int(round(max(roll_leads) / rollout_step)) if roll_leads else 0
@@ -432,13 +463,15 @@ def evaluate_model(
         for lead in leads:
             if (method, lead) not in sums:
                 continue
-            rmse, acc, n = sums[(method, lead)]
-            rmse, acc = (rmse / n).cpu().numpy(), (acc / n).cpu().numpy()
-            for j, v in enumerate(out_vars):
-                records.append(dict(variable=v, lead_hours=lead, method=method, rmse=float(rmse[j]),
-                                    acc=float(acc[j]), units=units[v], samples=n))
+            s = sums[(method, lead)].scores()
+            for k, name in enumerate(names):
+                for j, v in enumerate(out_vars):
+                    records.append(dict(variable=v, lead_hours=lead, method=method, region=name,
+                                        **{m: float(s[m][j, k]) for m in ("rmse", "rmse_sample_mean", "bias", "acc")},
+                                        units=units[v], samples=sums[(method, lead)].count))
     df = pd.DataFrame.from_records(records, columns=COLUMNS)
     df.attrs["notes"] = notes
+    df.attrs["regions"] = names
     df.attrs["init_times"] = [str(t) for t in axis.times[inits]]
     return df
 

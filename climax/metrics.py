@@ -39,7 +39,9 @@ def lat_weighted_mse(pred: torch.Tensor, target: torch.Tensor, lat: torch.Tensor
 def lat_weighted_rmse(pred: torch.Tensor, target: torch.Tensor, lat: torch.Tensor) -> torch.Tensor:
     """(V,) RMSE per variable: per sample over the grid, then averaged over the batch.
 
-    Pass physical (de-normalised) values to get physical units, as WeatherBench reports them.
+    This is the ClimaX paper's / WeatherBench 1's convention (WeatherBench 2 calls it
+    ``RMSESqrtBeforeTimeAvg``); WeatherBench 2's headline RMSE takes the square root after the
+    time-mean (``climax.wb2``). Pass physical (de-normalised) values to get physical units.
     """
     mse = ((pred - target) ** 2 * _w(lat, pred)).mean(dim=(-2, -1))  # (B, V)
     return mse.sqrt().mean(dim=0)

@@ -44,6 +44,8 @@ def plot_metric_vs_lead(df: pd.DataFrame, metric: str, path: str | os.PathLike, 
     """One panel per variable, the metric against lead time, one line per method."""
     if metric not in ("rmse", "acc"):
         raise ValueError(f"metric must be 'rmse' or 'acc', got {metric!r}")
+    if "region" in df.columns and len(df):  # one region per plot: the first (global, or a model's box)
+        df = df[df["region"] == df["region"].iloc[0]]
     variables = list(dict.fromkeys(df["variable"]))
     if not variables:
         raise ValueError("no rows to plot")

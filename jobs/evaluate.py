@@ -2,9 +2,12 @@
 
     python -m jobs.evaluate configs/evaluate.yaml [key=value ...]
 
-Latitude-weighted RMSE and ACC (anomalies against the dataset's day-of-year x hour climatology at
-the valid time) per variable and lead time, in physical units, for the direct forecast, the
-iterative rollout (``rollout_step``) and the persistence and climatology baselines. Writes into
+Per variable, lead time and WeatherBench 2 region (global, tropics, extra-tropics, Europe, ...; or
+the model's box for a regional model), in physical units, for the direct forecast, the iterative
+rollout (``rollout_step``) and the persistence and climatology baselines: ``rmse`` (WeatherBench 2's
+headline RMSE: sqrt of the time-mean of the area-weighted MSE), ``rmse_sample_mean`` (the mean of
+per-sample RMSEs, the ClimaX paper's convention), ``bias`` (forecast - truth, WB2's) and ``acc``
+(anomalies against the dataset's day-of-year x hour climatology at the valid time). Writes into
 ``output``: metrics.csv, metrics.json, rmse_vs_lead.png, acc_vs_lead.png and maps_<variable>.png
 (forecast, truth and error at one initial time), and prints the table. Runs in this process, on
 the GPU when there is one (``device=auto``).
@@ -162,13 +165,25 @@ def time_row(dataset, split: str, when: str) -> int:
 
 
 # ---------------------------------------------------------------------------------- outputs
+def headline(df):
+    """The rows of the first region (global, or the model's box): what is printed and plotted."""
+    if "region" not in df.columns or df.empty:
+        return df
+    return df[df["region"] == df["region"].iloc[0]]
+
+
 def results_table(df) -> str:
-    """Compact text: one block per metric, rows (variable, method), columns lead times."""
+    """Compact text for the first region: one block per metric, rows (variable, method), columns
+    lead times. The other regions are in metrics.csv."""
     blocks = []
-    for metric in ("rmse", "acc"):
+    df = headline(df)
+    name = f" ({df['region'].iloc[0]})" if "region" in df.columns and len(df) else ""
+    labels = {"rmse": f"RMSE (WeatherBench 2){name}", "rmse_sample_mean": f"RMSE_SAMPLE_MEAN (ClimaX paper){name}",
+              "bias": f"BIAS{name}", "acc": f"ACC{name}"}
+    for metric in [m for m in ("rmse", "rmse_sample_mean", "bias", "acc") if m in df.columns]:
         pivot = df.pivot_table(index=["variable", "method"], columns="lead_hours", values=metric, sort=False)
         pivot.columns = [f"{c:g}h" for c in pivot.columns]
-        blocks.append(f"{metric.upper()}:\n" + pivot.to_string(float_format=lambda x: f"{x:.4g}"))
+        blocks.append(f"{labels[metric]}:\n" + pivot.to_string(float_format=lambda x: f"{x:.4g}"))
     return "\n\n".join(blocks)
 
 
@@ -184,9 +199,10 @@ def write_outputs(cfg: EvaluateConfig, df, model, dataset, in_vars, out_vars, re
            "samples": int(df["samples"].max()), "first_init": df.attrs["init_times"][0],
            "last_init": df.attrs["init_times"][-1], "metrics": df.to_dict(orient="records")}
     write_atomic(out / "metrics.json", json.dumps(redact(doc), indent=1))
-    where = f" ({region.name})" if region is not None else ""
-    plot_metric_vs_lead(df, "rmse", out / "rmse_vs_lead.png", f"RMSE on {cfg.split}{where}")
-    plot_metric_vs_lead(df, "acc", out / "acc_vs_lead.png", f"ACC on {cfg.split}{where}")
+    top = headline(df)
+    where = f" ({top['region'].iloc[0]})"
+    plot_metric_vs_lead(top, "rmse", out / "rmse_vs_lead.png", f"RMSE (WeatherBench 2) on {cfg.split}{where}")
+    plot_metric_vs_lead(top, "acc", out / "acc_vs_lead.png", f"ACC on {cfg.split}{where}")
 
     lead = float(cfg.map_lead if cfg.map_lead is not None else max(cfg.leads))
     row = time_row(dataset, cfg.split, cfg.map_init or df.attrs["init_times"][0])

@@ -96,10 +96,12 @@ def test_truth_scores_rmse_0_acc_1_and_climatology_acc_0(mem):
     """The acceptance test: evaluation of known forecasts."""
     leads = [6, 12, 36]
     truth = evaluate_model(None, mem, "test", IN, OUT, leads, forecast_fn=_truth_fn(mem), batch_size=7,
-                           progress=False)
+                           progress=False, regions=["global"])
     direct = truth[truth.method == "direct"]
     assert len(direct) == len(OUT) * len(leads)
     np.testing.assert_array_equal(direct.rmse, 0.0)
+    np.testing.assert_array_equal(direct.rmse_sample_mean, 0.0)
+    np.testing.assert_array_equal(direct.bias, 0.0)
     np.testing.assert_allclose(direct.acc, 1.0, rtol=0, atol=1e-9)
 
     clim = evaluate_model(None, mem, "test", IN, OUT, leads, forecast_fn=_clim_fn(mem), progress=False)
@@ -114,8 +116,9 @@ def test_truth_scores_rmse_0_acc_1_and_climatology_acc_0(mem):
 def test_table_layout_units_samples_and_baselines_by_hand(mem):
     leads = [6, 24]
     df = evaluate_model(None, mem, "test", IN, OUT, leads, forecast_fn=_truth_fn(mem), batch_size=5,
-                        progress=False)
-    assert list(df.columns) == ["variable", "lead_hours", "method", "rmse", "acc", "units", "samples"]
+                        progress=False, regions=["global"])
+    assert list(df.columns) == ["variable", "lead_hours", "method", "region", "rmse", "rmse_sample_mean", "bias",
+                                "acc", "units", "samples"]
     assert set(df.method) == {"direct", "persistence", "climatology"}
     inits = evaluation_inits(mem.times, leads)
     assert len(inits) == len(mem.times) - 4 and (df.samples == len(inits)).all()
@@ -126,8 +129,11 @@ def test_table_layout_units_samples_and_baselines_by_hand(mem):
     y = torch.from_numpy(mem.read("test", inits + 4, OUT)).double()
     c = torch.from_numpy(mem.climatology(OUT, mem.times[inits + 4])).double()
     row = df[(df.method == "persistence") & (df.lead_hours == 24)]
-    np.testing.assert_allclose(row.rmse, lat_weighted_rmse(x, y, lat).numpy(), rtol=1e-9)
+    # 1e-7: lat_weighted_rmse divides by H*W assuming float32 weights of mean exactly 1; the
+    # evaluation divides by their sum (the mergeable form)
+    np.testing.assert_allclose(row.rmse_sample_mean, lat_weighted_rmse(x, y, lat).numpy(), rtol=1e-7)
     np.testing.assert_allclose(row.acc, lat_weighted_acc(x, y, c, lat).numpy(), rtol=1e-9)
+    assert (row.rmse >= row.rmse_sample_mean).all()
     assert (row.acc > 0.3).all()  # anomalies persist in this data
     np.testing.assert_array_equal(df[df.method == "climatology"].acc, 0.0)
 
@@ -151,7 +157,8 @@ def test_region_crops_fields_latitudes_and_climatology(mem):
     x = torch.from_numpy(region.crop(mem.read("test", inits, OUT))).double()
     y = torch.from_numpy(region.crop(mem.read("test", inits + 2, OUT))).double()
     c = torch.from_numpy(region.crop(mem.climatology(OUT, mem.times[inits + 2]))).double()
-    np.testing.assert_allclose(df.rmse, lat_weighted_rmse(x, y, lat).numpy(), rtol=1e-9)
+    assert set(df.region) == {"wrap"}  # a model's box replaces WB2's regions
+    np.testing.assert_allclose(df.rmse_sample_mean, lat_weighted_rmse(x, y, lat).numpy(), rtol=1e-7)
     np.testing.assert_allclose(df.acc, lat_weighted_acc(x, y, c, lat).numpy(), rtol=1e-9)
 
 
@@ -170,7 +177,7 @@ def _denorm(ds, pred, variables):
 def test_direct_and_rollout_match_the_model_by_hand(mem, model):
     leads = [6, 12, 18]
     df = evaluate_model(model, mem, "test", IN, OUT, leads, rollout_step=6, batch_size=4, device="cpu",
-                        max_samples=9, progress=False)
+                        max_samples=9, progress=False, regions=["global"])
     assert set(df.method) == {"direct", "rollout", "persistence", "climatology"}
     inits = evaluation_inits(mem.times, leads, 9)
     mean, std = (torch.from_numpy(a).reshape(1, -1, 1, 1) for a in mem.normalizer(IN))
@@ -183,11 +190,11 @@ def test_direct_and_rollout_match_the_model_by_hand(mem, model):
             state[:, 1:] = pred  # constants stay, outputs fed back
             y = torch.from_numpy(mem.read("test", inits + k, OUT)).double()
             row = df[(df.method == "rollout") & (df.lead_hours == 6 * k)]
-            np.testing.assert_allclose(row.rmse, lat_weighted_rmse(_denorm(mem, pred, OUT).double(), y, lat),
+            np.testing.assert_allclose(row.rmse_sample_mean, lat_weighted_rmse(_denorm(mem, pred, OUT).double(), y, lat),
                                        rtol=1e-4)
             direct = model(x, torch.full((len(x),), 6.0 * k), IN, OUT)
             row = df[(df.method == "direct") & (df.lead_hours == 6 * k)]
-            np.testing.assert_allclose(row.rmse, lat_weighted_rmse(_denorm(mem, direct, OUT).double(), y, lat),
+            np.testing.assert_allclose(row.rmse_sample_mean, lat_weighted_rmse(_denorm(mem, direct, OUT).double(), y, lat),
                                        rtol=1e-4)
     one = df[df.lead_hours == 6].set_index(["method", "variable"])
     np.testing.assert_allclose(one.loc["direct"].rmse, one.loc["rollout"].rmse, rtol=1e-6)
@@ -391,12 +398,16 @@ def test_evaluate_job_writes_tables_and_plots(shards, dataset, checkpoint, tmp_p
     df = evaluate.main([cfg, "leads=[6,12,24]", "rollout_step=6", "max_samples=12", "batch_size=5",
                         f"output={out}", "device=cpu", "progress=false"])
     printed = capsys.readouterr().out
-    assert "RMSE:" in printed and "ACC:" in printed and "rollout" in printed and "24h" in printed
+    assert "RMSE (WeatherBench 2) (global):" in printed and "RMSE_SAMPLE_MEAN (ClimaX paper) (global):" in printed
+    assert "ACC (global):" in printed and "rollout" in printed and "24h" in printed
     names = {p.name for p in out.iterdir()}
     assert {"metrics.csv", "metrics.json", "rmse_vs_lead.png", "acc_vs_lead.png"} <= names
     assert {f"maps_{v}.png" for v in SHARD_OUT} <= names
     csv = pd.read_csv(out / "metrics.csv")
-    assert len(csv) == 4 * 3 * len(SHARD_OUT) and set(csv.method) == {"direct", "rollout", "persistence", "climatology"}
+    n_regions = len(df.attrs["regions"])
+    assert set(csv.region) == set(df.attrs["regions"]) and "global" in set(csv.region)
+    assert (csv.rmse >= csv.rmse_sample_mean * (1 - 1e-12)).all()
+    assert len(csv) == 4 * 3 * len(SHARD_OUT) * n_regions and set(csv.method) == {"direct", "rollout", "persistence", "climatology"}
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["samples"] == 12 and len(doc["metrics"]) == len(csv) and doc["out_vars"] == SHARD_OUT
     np.testing.assert_allclose(csv.rmse, df.rmse)
