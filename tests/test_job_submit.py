@@ -250,7 +250,8 @@ def test_preprocess_pretrain_finetune_evaluate_through_ray_job_submit(head, tmp_
         "checkpoint": str(ft_ckpts[-1].parent), "data": str(shards), "leads": [6, 24], "rollout_step": 6,
         "max_samples": 6, "batch_size": 6, "device": "cpu", "output": str(out), "progress": False})
     logs = run(head, "evaluate", "python", "-m", "jobs.evaluate", ev)
-    assert "RMSE:" in logs and "ACC:" in logs, logs
+    # the printed tables: WeatherBench 2's RMSE, the ClimaX paper's per-sample mean, bias, ACC (global)
+    assert "RMSE (WeatherBench 2) (global):" in logs and "RMSE_SAMPLE_MEAN" in logs and "ACC (global):" in logs, logs
     metrics = json.loads((out / "metrics.json").read_text())
     methods = {m["method"] for m in metrics["metrics"]}
     assert {"persistence", "climatology"} <= methods and len(methods) >= 3, methods
