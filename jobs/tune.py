@@ -597,6 +597,10 @@ def reap_stopped_runs() -> int:
     controllers of its own job, and ends their cleaners.
     """
     import ray
+    # Private Ray API, kept on purpose while Ray is pinned (2.60): the public state API
+    # (ray.util.state.list_placement_groups) does not report which actor created a placement group,
+    # and that is how the groups of dead Train controllers of this job are told apart from live
+    # ones. tests/test_tune.py's interrupted-and-resumed campaign breaks if Ray changes it.
     from ray._private.state import actors, state
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group

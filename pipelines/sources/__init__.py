@@ -91,14 +91,17 @@ def detect_format(path: str) -> str:
             head = f.read(1024)
     except OSError as exc:
         raise SourceError(f"{path}: cannot read it ({exc})") from None
+    return _format_from_head(head, path, f"extension {p.suffix or 'none'}",
+                             "format='grib', 'netcdf' or 'weatherbench'")
+
+
+def _format_from_head(head: bytes, path: str, what: str, formats: str) -> str:
+    """netcdf or grib from a file's first bytes (local or one ranged read of an object)."""
     if head.startswith(b"CDF") or head.startswith(b"\x89HDF"):
         return "netcdf"
     if b"GRIB" in head:
         return "grib"
-    raise SourceError(
-        f"{path}: cannot tell the format (extension {p.suffix or 'none'}, first bytes "
-        f"{head[:4]!r}); pass format='grib', 'netcdf' or 'weatherbench'"
-    )
+    raise SourceError(f"{path}: cannot tell the format ({what}, first bytes {head[:4]!r}); pass {formats}")
 
 
 def open_source(path: str, format: str = "auto", *, variables: list[str] | None = None,
@@ -141,14 +144,7 @@ def remote_format(path: str, storage_options: dict | None = None) -> str:
     if size == 0:
         raise SourceError(f"{path}: is empty; the file is truncated or corrupt; re-download it")
     head = streaming.read_ranges(fs, p, [(0, min(1024, size))], path, storage_options)[0]
-    if head.startswith(b"CDF") or head.startswith(b"\x89HDF"):
-        return "netcdf"
-    if b"GRIB" in head:
-        return "grib"
-    raise SourceError(
-        f"{path}: cannot tell the format (no known extension, first bytes {head[:4]!r}); pass "
-        "format='grib' or 'netcdf'"
-    )
+    return _format_from_head(head, path, "no known extension", "format='grib' or 'netcdf'")
 
 
 def _open_remote(path: str, fmt: str, variables, member, storage_options) -> xr.Dataset:
