@@ -383,8 +383,8 @@ class ShardDataset:
             return hit
         info = self.manifest.raw.get("climatology") or {}
         if "parts" in info:  # one part per window of slots, every variable a column (issue 14)
-            table = pa.concat_tables([self._read_whole(rel, columns=["dayofyear", "hour", var])
-                                      for rel in info["parts"]])
+            table = S.climatology_rows(pa.concat_tables([self._read_whole(rel, columns=["dayofyear", "hour", var])
+                                                         for rel in info["parts"]]))
         else:  # datasets built before one-pass climatology: one file per variable
             table = self._read_whole(f"{info.get('path', S.CLIMATOLOGY_DIR)}/{var}.parquet")
         doy = table.column("dayofyear").to_numpy().astype(np.int64)
@@ -393,15 +393,18 @@ class ShardDataset:
         mean_row = len(doy)
         lookup = np.full((367, 24), mean_row, np.int64)
         days = np.arange(1, 367)
-        for h in range(24):
+        stored = sorted(set(hour.tolist()))
+        for h in stored:
             have = np.flatnonzero(hour == h)
-            if not len(have):
-                continue  # no training step at this hour: the time mean
             d = np.abs(days[:, None] - doy[have][None, :])
             circ = np.minimum(d, 366 - d)
             # nearest day of year (circular), ties to the nearer day in plain distance, then the earlier
             best = np.lexsort((doy[have][None, :].repeat(len(days), 0), d, circ), axis=1)[:, 0]
             lookup[1:, h] = have[best]
+        for h in set(range(24)) - set(stored):
+            if stored:  # an hour not stored (climatology_hours): the nearest stored hour, ties to the earlier
+                near = min(stored, key=lambda s: (min((h - s) % 24, (s - h) % 24), (h - s) % 24))
+                lookup[:, h] = lookup[:, near]
         with self._lock:
             self._clim[var] = (lookup, fields)
         return lookup, fields
@@ -409,8 +412,9 @@ class ShardDataset:
     def climatology(self, variables: Sequence[str], times: np.ndarray) -> np.ndarray:
         """float32 (n, V, H, W): each time's (day of year, hour) slot of the training climatology.
 
-        A slot the training years lack (day 366 in non-leap years, an hour never sampled) falls back
-        to the nearest day of year with that hour, or to the time mean when no day has it.
+        A slot the training years lack (day 366 in non-leap years) falls back to the nearest day of
+        year with that hour; an hour not stored (recipe ``climatology_hours``) to the nearest stored
+        hour, ties to the earlier one; the time mean only when nothing is stored.
         Constants are their own climatology."""
         variables = list(variables)
         self.check_variables(variables)

@@ -6,8 +6,9 @@ Layout under the output root (a local folder or ``s3://bucket/prefix``)::
 
     manifest.json                      written last: its presence means the dataset is complete
     constants.parquet                  one row: land_sea_mask, orography, latitude, ... (time-free)
-    climatology/<window>.parquet       rows (dayofyear, hour, count) of the training years, one
-                                       column per variable, one file per window of slots
+    climatology/<window>.parquet       rows (dayofyear, hour, count) of the training years at the
+                                       stored hours, one column per variable, one file per window
+                                       of slots; a last row (0, -1, steps) holds the window's mean
     climatology/time_mean.parquet      the time mean of each variable over the training years
     <split>/<year>/<start>.parquet     one row per time step
 
@@ -35,7 +36,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "FORMAT", "TIME", "MANIFEST", "CONSTANTS", "CLIMATOLOGY_DIR", "Manifest", "tensor_type",
-    "shard_schema", "table_from_arrays", "arrays_from_table", "read_shard", "read_climatology", "write_options", "climatology_slots",
+    "shard_schema", "table_from_arrays", "arrays_from_table", "read_shard", "read_climatology", "climatology_rows", "write_options", "climatology_slots",
 ]
 
 FORMAT = "climax-shards/1"
@@ -164,7 +165,15 @@ def read_climatology(root: str, variable: str, filesystem: Any = None) -> pa.Tab
     for rel in info["parts"]:
         with fs.open_input_file(f"{base}/{rel}") as f:
             tables.append(pq.ParquetFile(f).read(columns=["dayofyear", "hour", "count", variable]))
-    return pa.concat_tables(tables)
+    return climatology_rows(pa.concat_tables(tables))
+
+
+def climatology_rows(table: pa.Table) -> pa.Table:
+    """The (day of year, hour) rows of climatology parts: without each part's last row (hour -1),
+    the mean of all the window's steps, from which the build merges the time mean."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.greater_equal(table.column("hour"), 0))
 
 
 def shard_metadata(path: str, filesystem: Any = None) -> dict | None:

@@ -1,22 +1,23 @@
-"""The preprocessing build: recipe in, shards + statistics + climatology + manifest out, on Ray Data.
+"""The preprocessing build: recipe in, shards + statistics + climatology + manifest out, on Ray.
 
-Stages (each a Ray Data ``map`` over small JSON rows, so the same code runs on one machine or a
-cluster; every task writes its own output and returns only metadata):
+Stages (plain Ray tasks, so the same code runs on one machine or a cluster; every task writes its
+own output and returns only metadata; docs/design.md says why not Ray Data):
 
 1. scan: one task per source file reads its metadata (variables, valid times, grid, fingerprint).
    The driver checks coverage (every variable at every time step, no duplicates, one grid per
    variable, a grid the regridder accepts) before any data is decoded.
-2. shards: one task per time chunk (a shard of at most ``shard_bytes``, never crossing a year)
-   opens the files that hold those times, decodes, checks for NaN/Inf, regrids, writes the shard
-   under a temporary name then renames it, and returns its checksum and float64 partial statistics
-   (which also live in the shard's footer, so a re-run that skips it still merges them). One more
-   task writes the constants.
-3. climatology: one task per variable reads that column of the training shards and writes its
-   day-of-year x hour climatology and time mean.
-4. the driver merges statistics in chunk order and writes ``manifest.json`` last.
+2. shards, in one pass: training years are cut by windows of day-of-year x hour slots; one task
+   per window decodes, checks, regrids (a few steps of one variable at a time, within
+   ``max_task_mb``) and writes that window's shards for every training year, its climatology part
+   (the slots at ``climatology_hours`` and the mean of all its steps) and returns float64 partial
+   statistics (also kept in each shard's footer, so a re-run that skips it still merges them).
+   Validation/test shards and the constants are one task each. Files are written under a
+   temporary name, then renamed.
+3. the driver merges statistics in chunk order and the time mean from the parts, and writes
+   ``manifest.json`` last. No stage reads the shards again.
 
-A re-run skips every shard whose footer records the same recipe and source fingerprints, so a
-crashed run resumes and yields byte-identical shards; ``overwrite`` rebuilds everything.
+A re-run skips every shard whose footer records the same recipe and source fingerprints and code
+version, so a crashed run resumes and yields byte-identical shards; ``overwrite`` rebuilds everything.
 """
 
 from __future__ import annotations
@@ -174,6 +175,26 @@ class Plan:
     units: list[dict] = field(default_factory=list)
     calendar: str = "standard"  # the sources' calendar ("mixed" when they differ)
     gaps: list = None  # [first missing step (ISO), number of steps] left out under time.missing: allow
+    clim_hours: list[int] = field(default_factory=list)  # hours of day the climatology stores
+
+
+#: WeatherBench 2's climatology hours (its ERA5 climatologies are 6-hourly): the default, so that
+#: an hourly archive does not store 24 fields per day of year when scores are made at 0/6/12/18 UTC.
+SYNOPTIC_HOURS = (0, 6, 12, 18)
+
+
+def climatology_hours(wanted, train_hours) -> list[int]:
+    """The hours of day at which the climatology is stored (recipe ``climatology_hours``)."""
+    have = sorted({int(h) for h in train_hours})
+    if wanted == "all":
+        return have
+    if wanted is None:
+        return [h for h in SYNOPTIC_HOURS if h in have] or have
+    missing = [h for h in wanted if h not in have]
+    if missing:
+        raise BuildError(f"climatology_hours {missing}: no training step falls at those hours (training steps "
+                         f"are at hours {have}); choose among them, or use 'all'")
+    return list(wanted)
 
 
 STANDARD_CALENDARS = {"standard", "gregorian", "proleptic_gregorian"}
@@ -323,6 +344,7 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
     train = np.array([splits_of_year[int(y)] == "train" for y in years], dtype=bool)
     slot_of = _slot_keys(tns)
     train_slots = np.unique(slot_of[train])
+    clim_hours = climatology_hours(recipe.climatology_hours, train_slots % 24)
     window_of_slot = {int(s): k // rows for k, s in enumerate(train_slots)}
 
     def prev_of(first: int, split: str) -> int | None:
@@ -374,7 +396,8 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
     for win in sorted(windows):
         slots = train_slots[win * rows:(win + 1) * rows]
         units.append({"kind": "window", "window": win, "chunks": windows[win],
-                      "slots": [int(s) for s in slots], "path": f"{S.CLIMATOLOGY_DIR}/{win:05d}.parquet"})
+                      "slots": [int(s) for s in slots if s % 24 in clim_hours],  # the slots it stores
+                      "path": f"{S.CLIMATOLOGY_DIR}/{win:05d}.parquet"})
     consts = list(const_vars)
     if consts:
         chunks.append({"kind": "constants", "index": len(chunks), "path": S.CONSTANTS, "variables": consts,
@@ -382,7 +405,8 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
         units.append({"kind": "constants", "chunks": [chunks[-1]["index"]]})
     # windows first (the longest tasks), then the single shards
     units.sort(key=lambda u: {"window": 0, "shard": 1, "constants": 2}[u["kind"]])
-    return Plan(chunks, files, dst, time_vars, const_vars, units=units, calendar=calendar, gaps=gaps)
+    return Plan(chunks, files, dst, time_vars, const_vars, units=units, calendar=calendar, gaps=gaps,
+                clim_hours=clim_hours)
 
 
 # ----------------------------------------------------------------------------- 3. work
@@ -395,7 +419,7 @@ def _sources_fingerprint(chunk: dict, files: list[dict]) -> str:
 #: Version of the code that writes shards and climatology parts, kept in every footer: bump it when
 #: a change alters what is written, so that a re-run rebuilds files of older code instead of keeping
 #: them (the shard format's own version, ``climax.shards.FORMAT``, is checked alike).
-CODE_VERSION = "2026.12-onepass"
+CODE_VERSION = "2026.12-clim-hours"
 
 
 def _existing(path: str, recipe_fp: str, sources_fp: str, storage_options) -> dict | None:
@@ -621,14 +645,24 @@ def _window_fingerprint(chunks: list[dict], ctx: dict) -> str:
 
 
 def _part_time_sums(table: pa.Table, variables: list[str]) -> tuple[dict[str, np.ndarray], int]:
-    """float64 sum over the window's steps of each variable, from its climatology part (count x
-    the stored float32 slot mean): the same numbers whether the part was just written or read back."""
-    counts = table.column("count").to_numpy().astype(np.float64)
-    sums = {}
-    for v in variables:
-        clim = table.column(v).combine_chunks().to_numpy_ndarray()
-        sums[v] = np.tensordot(counts, clim.astype(np.float64), axes=(0, 0))
-    return sums, int(counts.sum())
+    """float64 sum over the window's steps of each variable, from its climatology part's last row
+    (hour -1: count = every step of the window, the float32 window mean): the same numbers whether
+    the part was just written or read back."""
+    k = int(np.flatnonzero(table.column("hour").to_numpy() < 0)[0])
+    n = int(table.column("count")[k].as_py())
+    sums = {v: table.column(v).combine_chunks().to_numpy_ndarray()[k].astype(np.float64) * n for v in variables}
+    return sums, n
+
+
+def _as_index(idx: np.ndarray):
+    """A slice when ``idx`` is an arithmetic progression (a view, no gather), else ``idx``."""
+    if len(idx) == 1:
+        return slice(int(idx[0]), int(idx[0]) + 1)
+    if len(idx) > 1:
+        d = np.diff(idx)
+        if d[0] > 0 and (d == d[0]).all():
+            return slice(int(idx[0]), int(idx[-1]) + 1, int(d[0]))
+    return idx
 
 
 def run_window(unit: dict, ctx: dict) -> dict:
@@ -649,29 +683,39 @@ def run_window(unit: dict, ctx: dict) -> dict:
                 table = pq.read_table(fh)
             sums, n = _part_time_sums(table, variables)
             return {"chunks": results, "time_sums": sums, "count": n, "skipped": True}
-    slots = np.asarray(unit["slots"], dtype=np.int64)
+    slots = np.asarray(unit["slots"], dtype=np.int64)  # the window's slots at the climatology hours
     pos = {int(s): k for k, s in enumerate(slots)}
     h, w = len(ctx["lat"]), len(ctx["lon"])
     acc = {v: np.zeros((len(slots), h, w), np.float64) for v in variables}
+    total = {v: np.zeros((h, w), np.float64) for v in variables}  # every step, for the time mean
     counts = np.zeros(len(slots), np.int64)
+    steps = 0
     results = []
     for chunk in chunks:
         res = run_chunk(chunk, ctx, keep_arrays=True)
         arrays = res.pop("arrays")
-        at = np.array([pos[int(s)] for s in _slot_keys(np.asarray(chunk["times"]))], dtype=np.int64)
+        keys = _slot_keys(np.asarray(chunk["times"]))
+        keep = np.flatnonzero(np.isin(keys, slots))
+        at = np.array([pos[int(keys[i])] for i in keep], dtype=np.int64)
         counts[at] += 1  # a slot occurs once per year, so `at` has no repeats
-        # a year's steps of a window are usually consecutive slots: add in place, no gather
-        sel = slice(int(at[0]), int(at[-1]) + 1) if len(at) and at[-1] - at[0] == len(at) - 1 else at
+        # a year's steps of a window are usually regular: add in place through views, no gather
+        src, dst = _as_index(keep), _as_index(at)
         for v in variables:
-            acc[v][sel] += arrays[v]
+            total[v] += arrays[v].sum(axis=0, dtype=np.float64)
+            if len(at):
+                acc[v][dst] += arrays[v][src]
+        steps += len(keys)
         del arrays
         results.append(res)
     used = counts > 0
     doy, hour = slots[used] // 24 + 1, slots[used] % 24
-    clim = {v: (acc[v][used] / counts[used][:, None, None]).astype(np.float32) for v in variables}
-    del acc
-    table = pa.table({"dayofyear": doy.astype(np.int16), "hour": hour.astype(np.int8),
-                      "count": counts[used].astype(np.int32),
+    # one row per stored slot, then the window's mean over all its steps (day 0, hour -1), from which
+    # the driver merges the time mean (climax.shards.climatology_rows drops it for readers)
+    clim = {v: np.concatenate([acc[v][used] / counts[used][:, None, None], (total[v] / max(steps, 1))[None]])
+            .astype(np.float32) for v in variables}
+    del acc, total
+    table = pa.table({"dayofyear": np.r_[doy, 0].astype(np.int16), "hour": np.r_[hour, -1].astype(np.int8),
+                      "count": np.r_[counts[used], steps].astype(np.int32),
                       **{v: pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(clim[v]))
                          for v in variables}},
                      metadata={S.META_KEY: json.dumps({"recipe": ctx["recipe_fp"], "sources": fp, "code": CODE_VERSION,
@@ -888,6 +932,7 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
         "splits": splits,
         "statistics": statistics,
         "climatology": {"path": S.CLIMATOLOGY_DIR, "over": "train", "slots": "dayofyear x hour",
+                        "hours": plan.clim_hours,
                         "parts": parts, "time_mean": f"{S.CLIMATOLOGY_DIR}/time_mean.parquet"} if parts else None,
         "recipe": redact(recipe),  # no storage credentials in the published manifest (climax.redact)
         "recipe_fingerprint": recipe.fingerprint(),

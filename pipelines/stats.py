@@ -33,28 +33,50 @@ class Moments:
         """Moments of all elements: two passes (mean, then squared deviations) over float64
         blocks of ``block`` elements, merged with Chan's formula (bounded memory)."""
         a = np.asarray(values).reshape(-1)
+        buf = np.empty(min(block, a.size), np.float64)
         total = cls()
         for k in range(0, a.size, block):
-            x = a[k:k + block].astype(np.float64)
-            mean = float(x.sum() / x.size)
-            x -= mean
-            total = total.merge(cls(int(x.size), mean, float(np.dot(x, x))))
+            x = buf[:min(block, a.size - k)]
+            np.copyto(x, a[k:k + block], casting="same_kind")
+            total = total.merge(cls._of_scratch(x))
         return total
+
+    @classmethod
+    def _of_scratch(cls, x: np.ndarray) -> Moments:
+        """Moments of a float64 array that may be overwritten (no copy)."""
+        x = x.reshape(-1)
+        mean = float(x.sum() / x.size)
+        x -= mean
+        return cls(int(x.size), mean, float(np.dot(x, x)))
 
     @classmethod
     def of_diffs(cls, first: np.ndarray | None, values: np.ndarray, block: int = 1 << 20) -> Moments:
         """Moments of the differences between consecutive fields of ``values`` (axis 0), preceded
-        by ``first`` when given, in float64, a block of fields at a time."""
+        by ``first`` when given, in float64, a block of fields at a time.
+
+        The differences are computed straight into one float64 scratch buffer (no concatenated
+        or cast copies of the input); each block of fields is one Chan part, as before."""
         v = np.asarray(values)
-        if first is not None:
-            v = np.concatenate([np.asarray(first, v.dtype)[None], v])
-        if len(v) < 2:
+        n = len(v) + (first is not None)  # fields in the virtual sequence [first, *values]
+        if n < 2:
             return cls()
-        per = max(1, block // max(1, v[0].size))
+        field = v.shape[1:]
+        size = int(np.prod(field)) if field else 1
+        per = max(1, block // max(1, size))
+        buf = np.empty((min(per, n - 1), *field), np.float64)
+        off = 1 if first is not None else 0  # virtual index j is values[j - off]
         total = cls()
-        for k in range(0, len(v) - 1, per):
-            seg = v[k:k + per + 1].astype(np.float64)
-            total = total.merge(cls.of(np.diff(seg, axis=0), block=max(block, seg[1:].size)))
+        for k in range(0, n - 1, per):
+            m = min(per, n - 1 - k)
+            out = buf[:m]
+            lo = k
+            if off and k == 0:  # the first difference is values[0] - first
+                np.subtract(v[:1], np.asarray(first)[None], out=out[:1], dtype=np.float64)
+                out, lo = out[1:], 1
+            if len(out):
+                a, b = lo - off, k + m - off  # differences v[a+1:b+1] - v[a:b]
+                np.subtract(v[a + 1:b + 1], v[a:b], out=out, dtype=np.float64)
+            total = total.merge(cls._of_scratch(buf[:m]))
         return total
 
     def merge(self, other: Moments) -> Moments:

@@ -356,6 +356,40 @@ def test_climatology_equals_a_two_pass_reference(built, archive):
             np.testing.assert_allclose(got[k], truth[sel].astype(np.float64).mean(0), rtol=1e-6)
 
 
+def test_climatology_keeps_the_chosen_hours_and_the_time_mean_of_every_step(built, archive, ray_local, tmp_path):
+    """``climatology_hours`` stores only those hours of day (default: WB2's 0/6/12/18 UTC where the
+    steps have them); the time mean still covers every training step."""
+    from pipelines.build import BuildError, build
+
+    assert built[1]["climatology"]["hours"] == [0, 12]  # 12-hourly steps: the synoptic hours they have
+    kw = dict(grid={"resolution": 22.5, "method": "bilinear"}, splits={"train": [2014, 2015]},
+              time={"start": "2014-01-01", "end": "2015-12-31T12:00", "step": "12h"})
+    with pytest.raises(BuildError, match=r"climatology_hours \[3\]: no training step falls at those hours"):
+        build(Recipe.model_validate(recipe_dict(archive, tmp_path / "bad", climatology_hours=[3], **kw)))
+    assert not (tmp_path / "bad" / S.MANIFEST).exists()
+    recipe = Recipe.model_validate(recipe_dict(archive, tmp_path / "noon", climatology_hours=[12], **kw))
+    assert recipe.fingerprint() != Recipe.model_validate(recipe_dict(archive, tmp_path, **kw)).fingerprint()
+    manifest = build(recipe)
+    assert manifest["climatology"]["hours"] == [12]
+    out = tmp_path / "noon"
+    for var in ("2m_temperature", "geopotential_500"):
+        times, _ = _truth(archive, var, (2014, 2015))
+        truth = np.concatenate([S.read_shard(str(out / sh["path"]), [var])[1][var]
+                                for sh in manifest["splits"]["train"]["shards"]])
+        clim = S.read_climatology(str(out), var)
+        doy, hour = clim.column("dayofyear").to_numpy(), clim.column("hour").to_numpy()
+        assert set(hour.tolist()) == {12} and len(doy) == 365
+        tdoy, thour = S.climatology_slots(times)
+        got = clim.column(var).combine_chunks().to_numpy_ndarray()
+        for k in (0, 31, 200, 364):
+            sel = (tdoy == doy[k]) & (thour == 12)
+            assert sel.sum() == 2 == clim.column("count")[k].as_py()
+            np.testing.assert_allclose(got[k], truth[sel].astype(np.float64).mean(0), rtol=1e-6)
+        _, mean = S.read_shard(str(out / "climatology" / "time_mean.parquet"))
+        assert len(truth) == len(times) == 2 * 730
+        np.testing.assert_allclose(mean[var][0], truth.astype(np.float64).mean(0), rtol=1e-6)
+
+
 def test_task_budget_below_one_source_chunk_gives_the_same_bytes(archive, ray_local, tmp_path):
     """A memory budget smaller than one chunk at source resolution decodes in sub-blocks of a few
     steps and still writes exactly the bytes of an unconstrained build (regridding included)."""

@@ -31,7 +31,8 @@ _REDOWNLOAD = "the file is truncated or corrupt; re-download it"
 def open_raw(path: str, storage_options: dict | None = None) -> xr.Dataset:
     """xarray Dataset, lazy, times as cftime objects; SourceError for unreadable files.
 
-    A remote ``path`` (s3://, gs://, ...) is streamed: h5netcdf reads the HDF5 file through an
+    A local file is opened with netCDF4 (h5netcdf as the fallback). A remote ``path`` (s3://,
+    gs://, ...) is streamed: h5netcdf reads the HDF5 file through an
     fsspec file object with a block cache (:func:`pipelines.streaming.open_file`), so a task
     fetches the metadata and the chunks it reads, never the whole object. NetCDF 3 objects, which
     h5netcdf cannot read, are copied to the node's bounded download cache
@@ -39,9 +40,11 @@ def open_raw(path: str, storage_options: dict | None = None) -> xr.Dataset:
     """
     if "://" in str(path) and not str(path).startswith("file://"):
         return _open_remote(str(path), storage_options)
-    with open(path, "rb") as f:
-        magic = f.read(8)
-    engines = ["netcdf4", "h5netcdf"] if magic.startswith(b"CDF") else ["h5netcdf", "netcdf4"]
+    # netCDF4 (the C library) first for local files: it reads NetCDF 3 and 4, and its per-read
+    # overhead is ~3x lower than h5netcdf's (0.6-0.7 ms against 2.0-2.4 ms for a 120-step
+    # single-level slice, measured on the benchmark input). h5netcdf stays the fallback, and the
+    # engine for remote file objects, which netCDF4 cannot take.
+    engines = ["netcdf4", "h5netcdf"]
     errors = []
     for engine in engines:
         try:
