@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipelines.variables import parse_variable, physical_range
+from pipelines.names import parse_variable, physical_range
 
 __all__ = ["Recipe", "SourceSpec", "GridSpec", "TimeSpec"]
 
@@ -105,7 +105,7 @@ class Recipe(_Strict):
         "also Ray's memory request per task, so a node runs no more tasks than its memory holds")
     valid_range: dict[str, tuple[float, float] | None] = Field(
         default_factory=dict, description="per variable [min, max] replacing its physical range check "
-                                          "(pipelines/variables.py RANGES), or null to skip it, for unusual data")
+                                          "(pipelines/names.py RANGES), or null to skip it, for unusual data")
 
     @field_validator("variables")
     @classmethod
