@@ -24,7 +24,7 @@ demo: $(STAMP)
 # Token authentication is disabled for the pytest process only (the tests' own local clusters,
 # tests/conftest.py does the same); `make demo` keeps Ray's default: its local Ray generates a token.
 test: $(STAMP)
-	RAY_AUTH_MODE=disabled $(PY) -m pytest -q tests
+	RAY_AUTH_MODE=disabled $(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/model_step.py

@@ -43,7 +43,7 @@ from pipelines.recipe import Recipe
 from pipelines.sources import SourceError, is_zarr_path, list_files, open_source
 from pipelines.sources.weatherbench import file_year
 from pipelines.stats import ClimatologyAccumulator, Moments, merge_all
-from pipelines.variables import check_range, parse_variable
+from pipelines.names import check_range, parse_variable
 
 log = logging.getLogger("pipelines.build")
 
@@ -503,7 +503,7 @@ def _check_finite(values: np.ndarray, path: str, v: str, times: list[int] | None
 
 def _check_range(values: np.ndarray, v: str, path: str, times: list[int] | None, ranges: dict | None) -> None:
     """Fill values without an attribute (-9999, 9.999e20, 0 over a whole field): a physical range
-    per variable (pipelines/variables.py), or the recipe's ``valid_range`` override."""
+    per variable (pipelines/names.py), or the recipe's ``valid_range`` override."""
     if ranges is None:
         return
     try:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipelines.variables import parse_variable, physical_range
+from pipelines.names import parse_variable, physical_range
 
 __all__ = ["Recipe", "SourceSpec", "GridSpec", "TimeSpec"]
 
@@ -110,7 +110,7 @@ class Recipe(_Strict):
         "stored hour. The time mean always covers every training step")
     valid_range: dict[str, tuple[float, float] | None] = Field(
         default_factory=dict, description="per variable [min, max] replacing its physical range check "
-                                          "(pipelines/variables.py RANGES), or null to skip it, for unusual data")
+                                          "(pipelines/names.py RANGES), or null to skip it, for unusual data")
 
     @field_validator("variables")
     @classmethod

@@ -248,7 +248,7 @@ def test_recipe_times_with_a_zone_offset_are_converted_to_utc():
 
 
 def test_physical_ranges_catch_fill_values_without_attributes():
-    from pipelines.variables import check_range, physical_range
+    from pipelines.names import check_range, physical_range
 
     assert physical_range("geopotential_500") == pytest.approx((40_000.0, 62_000.0))
     assert physical_range("temperature_850") == (150.0, 350.0) and physical_range("specific_humidity_850")[1] == 0.05

@@ -10,7 +10,8 @@ import pytest
 import xarray as xr
 
 from pipelines import storage
-from pipelines import variables as V
+from pipelines import names as V
+from pipelines import units as U
 from pipelines.sources import SourceError, detect_format, open_source
 from pipelines.sources import weatherbench as wb
 
@@ -106,14 +107,14 @@ def test_grib_is_lazy(shared_data, monkeypatch):
 
 def test_netcdf_is_lazy(shared_data, monkeypatch):
     seen = []
-    real = V._LazyAffine._raw_getitem
+    real = U._LazyAffine._raw_getitem
 
     def spy(self, key):
         out = real(self, key)
         seen.append(out.shape)
         return out
 
-    monkeypatch.setattr(V._LazyAffine, "_raw_getitem", spy)
+    monkeypatch.setattr(U._LazyAffine, "_raw_getitem", spy)
     ds = open_source(str(shared_data / "era5/era5-levels-members.nc"), member=1)
     assert seen == []
     ds["geopotential_850"].isel(time=slice(2, 4)).load()

@@ -1,10 +1,11 @@
-"""ClimaX variable names, producer-name mapping and unit conversion (pipelines/variables.py)."""
+"""ClimaX variable names, producer-name mapping and unit conversion (pipelines/names.py, pipelines/units.py)."""
 
 import numpy as np
 import pytest
 import xarray as xr
 
-from pipelines import variables as V
+from pipelines import names as V
+from pipelines import units as U
 
 
 def test_default_vars_match_climax_pretraining_config():
@@ -123,7 +124,7 @@ def test_grib_and_netcdf_names():
 ])
 def test_to_canonical_converts(name, units, value, expected):
     da = xr.DataArray(np.full((2, 3), value), dims=("lat", "lon"), name="x", attrs={"units": units})
-    out = V.to_canonical(da, name, "in.nc")
+    out = U.to_canonical(da, name, "in.nc")
     assert out.dtype == np.float32
     np.testing.assert_allclose(out.values, expected, rtol=1e-6)
     assert out.attrs["units"] == V.parse_variable(name).units
@@ -142,8 +143,8 @@ def test_to_canonical_converts(name, units, value, expected):
 def test_to_canonical_refuses(name, units):
     attrs = {"units": units} if units else {}
     da = xr.DataArray(np.ones((2, 3)), dims=("lat", "lon"), name="tas", attrs=attrs)
-    with pytest.raises(V.UnitsError) as e:
-        V.to_canonical(da, name, "/data/file.nc")
+    with pytest.raises(U.UnitsError) as e:
+        U.to_canonical(da, name, "/data/file.nc")
     msg = str(e.value)
     assert "/data/file.nc" in msg and "'tas'" in msg and name in msg
     assert repr(units) in msg and V.parse_variable(name).units in msg
@@ -152,7 +153,7 @@ def test_to_canonical_refuses(name, units):
 def test_to_canonical_grib_units_and_dim_order():
     da = xr.DataArray(np.arange(24.0).reshape(2, 3, 4), dims=("lon", "time", "lat"), name="gh",
                       attrs={"GRIB_units": "gpm"})
-    out = V.to_canonical(da, "geopotential_500", "x.grib")
+    out = U.to_canonical(da, "geopotential_500", "x.grib")
     assert out.dims == ("time", "lat", "lon")
     np.testing.assert_allclose(out.values, da.transpose("time", "lat", "lon").values * V.G, rtol=1e-6)
 
@@ -163,7 +164,7 @@ def test_to_canonical_stays_lazy_on_backend_arrays(tmp_path):
                coords={"time": np.arange(5), "lat": [0.0, 1.0, 2.0], "lon": [0.0, 1, 2, 3]}
                ).to_netcdf(path, engine="h5netcdf")
     with xr.open_dataset(path, engine="h5netcdf", cache=False) as ds:
-        out = V.to_canonical(ds.t2m, "2m_temperature", str(path))
+        out = U.to_canonical(ds.t2m, "2m_temperature", str(path))
         assert not isinstance(out.variable._data, np.ndarray)  # nothing read yet
         part = out.isel(time=slice(1, 3), lon=[3, 0])
         np.testing.assert_allclose(part.values, ds.t2m.values[1:3][:, :, [3, 0]] + 273.15, rtol=1e-6)

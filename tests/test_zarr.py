@@ -299,7 +299,7 @@ def test_weatherbench_constants_layouts(layout, ray_local, tmp_path):
 
 
 def test_long_names_map_to_climax_bases():
-    from pipelines import variables as V
+    from pipelines import names as V
 
     n = V.netcdf_base
     assert n("geopotential", True) == "geopotential" and n("specific_humidity", True) == "specific_humidity"

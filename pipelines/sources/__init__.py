@@ -4,7 +4,7 @@ ARCO-ERA5), one module each.
 Public entry point: :func:`open_source`. The returned Dataset's contract (the preprocessing
 pipeline relies on it):
 
-* data variables named by ClimaX names (see :mod:`pipelines.variables`), only those requested
+* data variables named by ClimaX names (see :mod:`pipelines.names`), only those requested
   (all that map when ``variables`` is None); anything missing raises :class:`SourceError`;
 * dims ``("time", "lat", "lon")`` for time-varying fields, ``("lat", "lon")`` for constants;
   float32, canonical units; attrs ``units``, ``source_name``, ``source_file``;

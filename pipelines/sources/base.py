@@ -15,7 +15,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import xarray as xr
 
-from pipelines import variables as V
+from pipelines import names as V
+from pipelines import units as U
 
 STANDARD_DIMS = ("number", "time", "level", "lat", "lon")
 
@@ -174,8 +175,8 @@ def _field(name: str, cand: Candidate, level: float | None, member: int | None, 
         da = da.isel(lon=lon_order)
     da = da.assign_coords(lon=new_lon)
     try:
-        out = V.to_canonical(da.rename(cand.source_name), name, path, assume_units=cand.assume_units)
-    except V.UnitsError as exc:
+        out = U.to_canonical(da.rename(cand.source_name), name, path, assume_units=cand.assume_units)
+    except U.UnitsError as exc:
         raise SourceError(str(exc)) from None
     out.attrs.update(source_name=cand.source_name, source_file=str(path))
     return out
@@ -205,13 +206,13 @@ def assemble(path: str, candidates: list[Candidate], *, variables: list[str] | N
         for n in names:
             cand = avail[n][0]
             try:
-                V.conversion(V.found_units(cand.data) or cand.assume_units, n)
+                U.conversion(U.found_units(cand.data) or cand.assume_units, n)
                 kept.append(n)
-            except V.UnitsError:  # e.g. CMIP6 `pr` (a rate): listed in attrs, not returned
+            except U.UnitsError:  # e.g. CMIP6 `pr` (a rate): listed in attrs, not returned
                 try:
-                    V.to_canonical(cand.data.rename(cand.source_name), n, path,
+                    U.to_canonical(cand.data.rename(cand.source_name), n, path,
                                    assume_units=cand.assume_units)
-                except V.UnitsError as exc:
+                except U.UnitsError as exc:
                     skipped.append(str(exc))
         names = kept
         if not names:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from pipelines import variables as V
+from pipelines import names as V
 from pipelines.sources.base import Candidate, SourceError, assemble
 from pipelines.sources.netcdf import open_raw
 

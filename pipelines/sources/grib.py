@@ -22,7 +22,7 @@ import numpy as np
 import xarray as xr
 from xarray.core import indexing
 
-from pipelines import variables as V
+from pipelines import names as V
 from pipelines.sources import grib_index as GI
 from pipelines.sources.base import Candidate, SourceError, assemble
 

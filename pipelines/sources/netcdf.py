@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from pipelines import variables as V
+from pipelines import names as V
 from pipelines.sources.base import Candidate, SourceError, assemble, to_datetime64ns
 
 LAT_NAMES = ("latitude", "lat")

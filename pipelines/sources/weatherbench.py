@@ -23,7 +23,7 @@ import xarray as xr
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
-from pipelines import variables as V
+from pipelines import names as V
 from pipelines.sources.base import Candidate, SourceError, assemble
 from pipelines.sources.netcdf import candidates as nc_candidates
 from pipelines.sources.netcdf import open_raw

@@ -24,7 +24,7 @@ import warnings
 
 import xarray as xr
 
-from pipelines import variables as V
+from pipelines import names as V
 from pipelines.sources.base import SourceError, assemble
 from pipelines.sources.netcdf import candidates
 
