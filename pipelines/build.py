@@ -648,7 +648,8 @@ def run_window(unit: dict, ctx: dict) -> dict:
             with fs.open(p, "rb") as fh:
                 table = pq.read_table(fh)
             sums, n = _part_time_sums(table, variables)
-            return {"chunks": results, "time_sums": sums, "count": n, "skipped": True}
+            part = {"path": unit["path"], "rows": table.num_rows, "sha256": _sha256_of(path, ctx["storage_options"])}
+            return {"chunks": results, "time_sums": sums, "count": n, "skipped": True, "part": part}
     slots = np.asarray(unit["slots"], dtype=np.int64)
     pos = {int(s): k for k, s in enumerate(slots)}
     h, w = len(ctx["lat"]), len(ctx["lon"])
@@ -677,10 +678,10 @@ def run_window(unit: dict, ctx: dict) -> dict:
                      metadata={S.META_KEY: json.dumps({"recipe": ctx["recipe_fp"], "sources": fp, "code": CODE_VERSION,
                                                        "format": S.FORMAT}).encode()})
     del clim
-    _write_table(path, table, variables, ctx)
+    part = {"path": unit["path"], "rows": table.num_rows, "sha256": _write_table(path, table, variables, ctx)}
     sums, n = _part_time_sums(table, variables)
     pa.default_memory_pool().release_unused()  # give the encoder's buffers back between tasks
-    return {"chunks": results, "time_sums": sums, "count": n, "skipped": False}
+    return {"chunks": results, "time_sums": sums, "count": n, "skipped": False, "part": part}
 
 
 def run_unit(unit: dict, ctx: dict) -> dict:
@@ -815,6 +816,7 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
     log.info("writing %d shards in %d tasks", len(plan.chunks), len(plan.units))
 
     results: list[dict] = []
+    part_files: list[dict] = []  # rows and sha256 of each climatology file, for the readers' checks
     time_sum = {v: np.zeros((h, w), np.float64) for v in plan.time_vars}
     time_count = 0
     windows_done = 0
@@ -822,6 +824,8 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
     def take(_i: int, res: dict) -> None:
         nonlocal time_count, windows_done
         results.extend(res["chunks"])
+        if res.get("part"):
+            part_files.append(res["part"])
         if res["time_sums"] is not None:
             for v, s in res["time_sums"].items():
                 time_sum[v] += s
@@ -844,6 +848,8 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
         fs_tm, p_tm = storage.filesystem(tm_path, so)
         if overwrite or not fs_tm.exists(p_tm) or fs_tm.cat_file(p_tm) != bytes(data):  # a resumed run rewrites nothing
             write_atomic(tm_path, data, so)
+        part_files.append({"path": f"{S.CLIMATOLOGY_DIR}/time_mean.parquet", "rows": 1,
+                           "sha256": hashlib.sha256(data).hexdigest()})
 
     statistics = {}
     for v in recipe.variables:
@@ -884,11 +890,13 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
                  "missing": recipe.time.missing, "gaps": plan.gaps or []},
         "variables": variables,
         "normalized": False,
-        "constants": {"path": S.CONSTANTS, "sha256": const[0]["sha256"]} if const else None,
+        "constants": {"path": S.CONSTANTS, "rows": 1, "sha256": const[0]["sha256"]} if const else None,
         "splits": splits,
         "statistics": statistics,
         "climatology": {"path": S.CLIMATOLOGY_DIR, "over": "train", "slots": "dayofyear x hour",
-                        "parts": parts, "time_mean": f"{S.CLIMATOLOGY_DIR}/time_mean.parquet"} if parts else None,
+                        "parts": parts, "time_mean": f"{S.CLIMATOLOGY_DIR}/time_mean.parquet",
+                        # rows and sha256 of each file, checked by the readers (climax.shards.check_rows)
+                        "files": sorted(part_files, key=lambda f: f["path"])} if parts else None,
         "recipe": redact(recipe),  # no storage credentials in the published manifest (climax.redact)
         "recipe_fingerprint": recipe.fingerprint(),
         "versions": _versions(),

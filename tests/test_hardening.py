@@ -394,3 +394,88 @@ def test_bad_validation_split_fails_before_the_first_step(local_shards, tmp_path
     code, out = job("jobs.pretrain", [str(path)], env(ray_local))
     assert code == 1 and "has no split 'validation'" in out, out
     assert "step 1/" not in out, out  # no training step was taken
+
+
+# ----------------------------------------------------------------------------- readers check what they read
+def _rewrite(path: Path, transform) -> None:
+    """Rewrite a Parquet file as the build writes it (same schema and footer metadata), transformed."""
+    import pyarrow.parquet as pq
+
+    from climax import shards as S
+
+    table = pq.ParquetFile(path).read()
+    table = transform(table)
+    variables = [n for n in table.column_names if n not in (S.TIME, "dayofyear", "hour", "count")]
+    pq.write_table(table, path, **S.write_options(variables, 3, table.schema.field(variables[0]).type.shape))
+
+
+def test_readers_check_row_counts_against_the_manifest(local_shards, tmp_path):
+    """A shard or climatology part with fewer rows than the manifest lists (another build's file)
+    is refused by every reader, naming the file and what to do; the rows it has would read fine."""
+    import numpy as np
+
+    from climax import shards as S
+    from climax.data import ShardDataset, ShardReadError
+
+    root = tmp_path / "ds"
+    shutil.copytree(local_shards, root)
+    ds = ShardDataset(str(root))
+    entry = ds.manifest.shards("train")[0]
+    _rewrite(root / entry["path"], lambda t: t.slice(0, entry["rows"] // 2))
+    with pytest.raises(ShardReadError, match=rf"shard {root}/{entry['path']} has {entry['rows'] // 2} rows where "
+                                             rf"the manifest lists {entry['rows']}.*rebuild the dataset"):
+        ShardDataset(str(root)).read("train", np.array([0]), ["2m_temperature"])
+
+    part = ds.manifest.raw["climatology"]["parts"][0]
+    assert ds.manifest.file_info(part)["rows"] > 1
+    _rewrite(root / part, lambda t: t.slice(0, 1))
+    with pytest.raises(ShardReadError, match=rf"shard {root}/{part} has 1 rows .*rebuild"):
+        ShardDataset(str(root)).climatology(["2m_temperature"], np.array(["2015-01-01T00"], "datetime64[ns]"))
+    with pytest.raises(ShardReadError, match=rf"{part} has 1 rows"):
+        S.read_climatology(str(root), "2m_temperature")
+
+
+def test_verify_checks_sha256_once_per_shard_per_process(local_shards, tmp_path, monkeypatch):
+    import numpy as np
+
+    from climax import shards as S
+    from climax.data import ShardDataset, ShardReadError
+    from jobs.evaluate import EvaluateConfig, open_dataset
+    from jobs.train import DatasetSpec
+
+    hashed = []
+    real = S.sha256_of_stream
+    monkeypatch.setattr(S, "sha256_of_stream", lambda f: hashed.append(1) or real(f))
+    monkeypatch.setattr(S, "_VERIFIED", set())
+    root = tmp_path / "ds"
+    shutil.copytree(local_shards, root)
+    # off (the default): no extra read
+    ShardDataset(str(root)).read("train", np.array([0, 1]), ["2m_temperature"])
+    assert hashed == []
+    # on: each file once per process, whichever dataset object reads it
+    for _ in range(2):
+        ds = ShardDataset(str(root), verify=True)
+        ds.read("train", np.array([0, 1]), ["2m_temperature"])
+    assert len(hashed) == 1
+    ds.climatology(["2m_temperature", "land_sea_mask"], np.array(["2014-03-01T00"], "datetime64[ns]"))
+    assert len(hashed) == 1 + len(ds.manifest.raw["climatology"]["parts"]) + 2  # + time mean + constants
+
+    # same rows, one value changed: only verify notices
+    entry = ds.manifest.shards("val")[0]
+
+    def bump(t):
+        import pyarrow as pa
+
+        a = S.arrays_from_table(t)[1]["2m_temperature"].copy()
+        a[0, 0, 0] += 1.0
+        return t.set_column(t.column_names.index("2m_temperature"), "2m_temperature",
+                            pa.FixedShapeTensorArray.from_numpy_ndarray(a))
+
+    _rewrite(root / entry["path"], bump)
+    ShardDataset(str(root)).read("val", np.array([0]), ["2m_temperature"])
+    with pytest.raises(ShardReadError, match=rf"shard {root}/{entry['path']} has sha256 .* the manifest.*rebuild"):
+        ShardDataset(str(root), verify=True).read("val", np.array([0]), ["2m_temperature"])
+    # the option's homes: a training dataset entry and the evaluate/forecast jobs
+    assert DatasetSpec(root=str(root), verify=True).verify
+    assert EvaluateConfig(checkpoint="c", data=str(root), verify=True).verify
+    assert open_dataset(str(root), None, verify=True).verify
