@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import platform
+import re
 import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import pyarrow.parquet as pq
 
 from climax import shards as S
 from climax.redact import redact
-from pipelines import node_cache, regrid, storage
+from pipelines import lease, node_cache, regrid, storage
 from pipelines.recipe import Recipe
 from pipelines.sources import SourceError, is_zarr_path, list_files, open_source
 from pipelines.sources.weatherbench import file_year
@@ -77,9 +78,13 @@ def fingerprint_file(path: str, storage_options: dict | None) -> str:
     return hashlib.sha256(f"{info.get('size')}|{tag}".encode()).hexdigest()[:16]
 
 
-def write_atomic(path: str, data: bytes | memoryview, storage_options: dict | None, *, durable: bool = False) -> None:
+def write_atomic(path: str, data: bytes | memoryview, storage_options: dict | None, *, durable: bool = False,
+                 owner: str | None = None) -> None:
     """Local: temporary name in the same folder, then rename. Object storage: one PUT, which is
     atomic (the object appears whole or not at all).
+
+    ``owner``: the build's lease token, part of the temporary name (``.<name>.<token>.<random>.tmp``)
+    so that a build removes only its own and dead owners' temporaries (``_remove_stale``).
 
     ``durable`` also fsyncs before the rename (the manifest). Shards skip it: a crash never leaves
     a half-written shard under its name either way, a re-run checks every footer, and forcing
@@ -92,7 +97,8 @@ def write_atomic(path: str, data: bytes | memoryview, storage_options: dict | No
             raise storage.explain(exc, path, storage_options) from None
         return
     os.makedirs(os.path.dirname(p), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp")
+    tag = f"{owner}." if owner else ""
+    tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{tag}{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -558,7 +564,7 @@ def _chunk_stats(chunk: dict, arrays: dict[str, np.ndarray], prev: dict[str, np.
 
 def _write_table(path: str, table: pa.Table, variables: list[str], ctx: dict) -> str:
     data = table_bytes(table, variables, ctx["compression_level"])
-    write_atomic(path, data, ctx["storage_options"])
+    write_atomic(path, data, ctx["storage_options"], owner=ctx.get("owner"))
     digest = hashlib.sha256(data).hexdigest()
     del data
     return digest
@@ -769,17 +775,23 @@ def build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
     """Run the whole build on the connected Ray cluster; return the manifest.
 
     ``timings``, when given, receives the wall time of each stage (for benchmarks)."""
-    # local copies of remote sources (only formats that cannot be streamed): those a killed run
-    # left are removed first, this run's when it ends (one task per node; pipelines.node_cache)
-    node_cache.cleanup_nodes()
+    # one build at a time per output: a second one refuses naming the first, before touching
+    # anything (pipelines.lease); the lease goes at the end, on error too
+    owner = lease.acquire(recipe.output, recipe.storage_options or None)
     try:
-        return _build(recipe, overwrite, progress=progress, timings=timings)
-    finally:
+        # local copies of remote sources (only formats that cannot be streamed): those a killed run
+        # left are removed first, this run's when it ends (one task per node; pipelines.node_cache)
         node_cache.cleanup_nodes()
+        try:
+            return _build(recipe, overwrite, progress=progress, timings=timings, owner=owner)
+        finally:
+            node_cache.cleanup_nodes()
+    finally:
+        owner.release()
 
 
 def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
-           timings: dict[str, float] | None = None) -> dict:
+           timings: dict[str, float] | None = None, owner: lease.Lease | None = None) -> dict:
     import time as _time
 
     timings = {} if timings is None else timings
@@ -810,6 +822,7 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
         "regrid_cache": recipe.regrid_cache, "time_vars": plan.time_vars, "overwrite": overwrite,
         "compression_level": recipe.compression_level, "block_bytes": block_bytes,
         "ranges": {v: recipe.value_range(v) for v in recipe.variables},
+        "owner": owner.token if owner else None,
     }
     timings["plan"] = _time.perf_counter() - t
     t = _time.perf_counter()
@@ -847,7 +860,7 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
         tm_path = _join(recipe.output, S.CLIMATOLOGY_DIR, "time_mean.parquet")
         fs_tm, p_tm = storage.filesystem(tm_path, so)
         if overwrite or not fs_tm.exists(p_tm) or fs_tm.cat_file(p_tm) != bytes(data):  # a resumed run rewrites nothing
-            write_atomic(tm_path, data, so)
+            write_atomic(tm_path, data, so, owner=ctx["owner"])
         part_files.append({"path": f"{S.CLIMATOLOGY_DIR}/time_mean.parquet", "rows": 1,
                            "sha256": hashlib.sha256(data).hexdigest()})
 
@@ -903,17 +916,29 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
         "sources": [{"path": f["path"], "format": f["format"], "fingerprint": f["fingerprint"],
                      "calendar": f["calendar"]} for f in files],
     }
-    write_atomic(manifest_path, json.dumps(manifest, indent=1).encode(), so, durable=True)
-    _remove_stale(recipe, {r["path"] for r in results} | set(parts))  # after: never listed by a manifest
+    if owner is not None:
+        owner.check()  # never publish over a build that took the output over
+    write_atomic(manifest_path, json.dumps(manifest, indent=1).encode(), so, durable=True, owner=ctx["owner"])
+    _remove_stale(recipe, {r["path"] for r in results} | set(parts), owner)  # after: never listed by a manifest
     timings["driver"] = _time.perf_counter() - t
     log.info("wrote %s (%d shards, %d skipped)", manifest_path, len(results),
              sum(r.get("skipped", False) for r in results))
     return manifest
 
 
-def _remove_stale(recipe: Recipe, keep: set[str]) -> None:
-    """Delete shards and climatology parts of an earlier recipe that this plan does not produce
-    (and leftover temporaries)."""
+#: ``.<name>.<owner token>.<random>.tmp`` (write_atomic); older code wrote ``.<name>.<random>.tmp``
+_TMP = re.compile(r"^\..+?(?:\.([0-9a-f]{32}))?\.[0-9a-f]{8}\.tmp$")
+
+
+def _tmp_owner(name: str) -> str | None:
+    m = _TMP.match(name)
+    return m.group(1) if m else None
+
+
+def _remove_stale(recipe: Recipe, keep: set[str], owner: lease.Lease | None = None) -> None:
+    """Delete shards and climatology parts of an earlier recipe that this plan does not produce,
+    and leftover temporaries of this build or of owners whose lease it took over: never those of
+    another live writer (their names carry its lease token)."""
     so = recipe.storage_options or None
     fs, root = storage.filesystem(recipe.output, so)
     for sub in ("train", "val", "test", S.CLIMATOLOGY_DIR):
@@ -924,5 +949,8 @@ def _remove_stale(recipe: Recipe, keep: set[str]) -> None:
             rel = p[len(root.rstrip("/")) + 1:]
             if rel == f"{S.CLIMATOLOGY_DIR}/time_mean.parquet":
                 continue
-            if rel not in keep and (p.endswith(".parquet") or p.endswith(".tmp")):
+            if p.endswith(".tmp"):
+                if owner is None or owner.owns_temporary(_tmp_owner(p.rsplit("/", 1)[-1])):
+                    fs.rm(p)
+            elif rel not in keep and p.endswith(".parquet"):
                 fs.rm(p)

@@ -479,3 +479,122 @@ def test_verify_checks_sha256_once_per_shard_per_process(local_shards, tmp_path,
     assert DatasetSpec(root=str(root), verify=True).verify
     assert EvaluateConfig(checkpoint="c", data=str(root), verify=True).verify
     assert open_dataset(str(root), None, verify=True).verify
+
+
+# ----------------------------------------------------------------------------- one build per output
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_build_refuses_naming_the_first(raw, tmp_path):
+    from pipelines.build import build
+    from pipelines.lease import LEASE, LeaseError, acquire
+    from pipelines.recipe import Recipe
+
+    out = tmp_path / "out"
+    first = acquire(str(out))  # a live build of this process
+    try:
+        before = (out / LEASE).read_bytes()
+        with pytest.raises(LeaseError) as e:
+            build(Recipe.model_validate(recipe(raw, str(out))))
+        msg = str(e.value)
+        assert "\n" not in msg and f"{out} is being built by another build" in msg, msg
+        assert f"pid {os.getpid()}" in msg and f"delete {out}/{LEASE}" in msg, msg
+        assert (out / LEASE).read_bytes() == before and sorted(p.name for p in out.iterdir()) == [LEASE]
+    finally:
+        first.release()
+    assert not out.exists()  # released: the lease and the folder it made are gone
+
+
+def test_stale_leases_are_taken_over_live_ones_are_not(tmp_path):
+    import socket
+    import time
+
+    from pipelines.lease import LEASE, LeaseError, acquire
+
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / LEASE
+    host, now = socket.gethostname(), time.time()
+
+    def plant(**rec):
+        path.write_text(json.dumps({"token": "f" * 32, "created": now - 60, "dead": ["e" * 32], **rec}))
+
+    for live in ({"host": host, "pid": os.getpid(), "expires": now + 300},  # this host, process alive
+                 {"host": "elsewhere", "pid": 1, "expires": now + 300}):  # another host, not expired
+        plant(**live)
+        with pytest.raises(LeaseError, match=f"host {live['host']}, pid {live['pid']}"):
+            acquire(str(out))
+        assert json.loads(path.read_text())["token"] == "f" * 32
+    for stale in ({"host": host, "pid": _dead_pid(), "expires": now + 300},  # owner's process is gone
+                  {"host": "elsewhere", "pid": 1, "expires": now - 1}):  # not refreshed: expired
+        plant(**stale)
+        lease = acquire(str(out))
+        rec = json.loads(path.read_text())
+        assert rec["token"] == lease.token and rec["pid"] == os.getpid() and rec["host"] == host
+        assert rec["expires"] > now + 200 and set(rec["dead"]) == {"e" * 32, "f" * 32}
+        assert lease.owns_temporary("f" * 32) and lease.owns_temporary(lease.token)
+        assert not lease.owns_temporary("a" * 32)
+        lease.refresh()
+        assert json.loads(path.read_text())["expires"] >= rec["expires"]
+        lease.release()
+        assert not path.exists()
+    # taken over while building: refreshing notices, and the build stops before publishing
+    lease = acquire(str(out))
+    plant(host="elsewhere", pid=7, expires=now + 300)
+    lease.refresh()
+    with pytest.raises(LeaseError, match="taken over by another build .*host elsewhere, pid 7"):
+        lease.check()
+    lease.release()
+    assert json.loads(path.read_text())["pid"] == 7  # not ours: left alone
+
+
+def test_remove_stale_keeps_a_live_writers_temporaries(raw, tmp_path):
+    from pipelines.build import _remove_stale
+    from pipelines.lease import acquire
+    from pipelines.recipe import Recipe
+
+    out = tmp_path / "out"
+    folder = out / "train" / "2014"
+    folder.mkdir(parents=True)
+    (out / ".build-lease.json").write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "d" * 32,
+                                                       "created": 0, "expires": 0}))
+    lease = acquire(str(out))  # takes over the dead owner "ddd..."
+    names = {"mine": f".a.parquet.{lease.token}.0000000a.tmp", "dead": f".b.parquet.{'d' * 32}.0000000b.tmp",
+             "live": f".c.parquet.{'1' * 32}.0000000c.tmp", "legacy": ".d.parquet.0000000d.tmp",
+             "kept": "2014-000.parquet", "stale": "2014-999.parquet"}
+    for name in names.values():
+        (folder / name).write_bytes(b"x")
+    _remove_stale(Recipe.model_validate(recipe(raw, str(out))), {"train/2014/2014-000.parquet"}, lease)
+    lease.release()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([names["live"], names["kept"]])
+
+
+def test_leases_on_s3_are_conditional_puts(moto_s3):
+    import time
+
+    import s3fs
+
+    from pipelines.lease import LEASE, LeaseError, acquire
+
+    fs = s3fs.S3FileSystem(**moto_s3)
+    fs.mkdir("leases")
+    out = "s3://leases/shards"
+    first = acquire(out, moto_s3)
+    with pytest.raises(LeaseError, match=rf"{out} is being built by another build \(host .*, pid {os.getpid()}"):
+        acquire(out, moto_s3)
+    first.refresh()
+    assert first.lost is None
+    first.release()
+    assert not fs.exists(f"leases/shards/{LEASE}")
+    # an expired record is replaced only if unchanged since it was read (If-Match)
+    fs.pipe_file(f"leases/shards/{LEASE}", json.dumps({"host": "elsewhere", "pid": 1, "token": "c" * 32,
+                                                       "created": 0, "expires": time.time() - 1}).encode())
+    second = acquire(out, moto_s3)
+    assert json.loads(fs.cat_file(f"leases/shards/{LEASE}"))["token"] == second.token and second.dead == ["c" * 32]
+    second.release()
+    with pytest.raises(Exception, match="bucket no-such-lease-bucket does not exist"):
+        acquire("s3://no-such-lease-bucket/x", moto_s3)
+    assert not fs.exists("no-such-lease-bucket")
