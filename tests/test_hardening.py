@@ -598,3 +598,75 @@ def test_leases_on_s3_are_conditional_puts(moto_s3):
     with pytest.raises(Exception, match="bucket no-such-lease-bucket does not exist"):
         acquire("s3://no-such-lease-bucket/x", moto_s3)
     assert not fs.exists("no-such-lease-bucket")
+
+
+# ----------------------------------------------------------------------------- faults under load
+def test_killed_worker_mid_shard_task_is_retried_with_identical_output(raw, local_shards, tmp_path, monkeypatch,
+                                                                       ray_local):
+    """SIGKILL one Ray worker (not the driver) after its task wrote a training shard and before it wrote
+    its climatology part: Ray retries the task, and the dataset is byte for byte the uninterrupted one."""
+    import signal
+    import threading
+    import time
+
+    import pipelines.build as B
+    from pipelines.recipe import Recipe
+
+    marker = str(tmp_path / "paused-worker.pid")
+    real_run_unit = B.run_unit
+
+    def run_unit_pausing_once(unit, ctx):  # pickled by value into the worker: a test wrapper, not a hook
+        import os as _os
+        import time as _time
+
+        import pipelines.build as wb
+
+        if unit["kind"] == "window":
+            try:  # the first window task to claim the marker pauses in its middle, once
+                fd = _os.open(marker + ".claim", _os.O_CREAT | _os.O_EXCL | _os.O_WRONLY)
+                _os.close(fd)
+            except FileExistsError:
+                return real_run_unit(unit, ctx)
+            real_chunk = wb.run_chunk
+
+            def chunk_then_pause(chunk, c, **kw):
+                res = real_chunk(chunk, c, **kw)  # the shard is written
+                with open(marker + ".tmp", "w") as f:
+                    f.write(str(_os.getpid()))
+                _os.replace(marker + ".tmp", marker)
+                _time.sleep(120)  # killed here, before the climatology part
+                return res
+
+            wb.run_chunk = chunk_then_pause
+        return real_run_unit(unit, ctx)
+
+    monkeypatch.setattr(B, "run_unit", run_unit_pausing_once)
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not os.path.exists(marker):
+            time.sleep(0.05)
+        if os.path.exists(marker):
+            pid = int(Path(marker).read_text())
+            assert pid != os.getpid()
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    out = tmp_path / "out"
+    manifest = B.build(Recipe.model_validate(recipe(raw, str(out))), progress=False)
+    thread.join(timeout=5)
+    assert killed, "no worker paused in a shard task"
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed[0], 0)  # that worker is gone: the task ran again elsewhere
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+                and p.name != "manifest.json"}
+
+    assert files(out) == files(local_shards) and len(files(out)) > 5
+    reference = json.loads((local_shards / "manifest.json").read_text())
+    for key in ("splits", "statistics", "climatology", "constants", "grid", "time", "variables"):
+        assert manifest[key] == reference[key], key
