@@ -117,11 +117,7 @@ def _tensor_column(table: pa.Table, name: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- dataset
-class ShardReadError(RuntimeError):
-    """A shard that does not decode (truncated, overwritten, bit rot). Retrying cannot help, so the
-    training job stops at once instead of restarting its workers (``jobs.train.StopOnDataError``)."""
-
-    retryable = False
+ShardReadError = S.ShardReadError  # a shard that does not decode or is not the manifest's: not retried
 
 
 #: pyarrow's words for a file that is not what its footer says (network errors are OSErrors too: those retry)
@@ -151,14 +147,17 @@ class ShardDataset:
         name: a label for batches and messages (default: the root's last path component).
         max_open_files: bound of the LRU of open shards (parsed footers are kept apart, so reopening
             costs no footer parse).
+        verify: also check each file's sha256 against the manifest's, once per file per process
+            (one extra read of it). The row count of every file is checked always (from its footer).
     """
 
     def __init__(self, root: str, storage_options: dict | None = None, name: str | None = None,
-                 max_open_files: int = 64):
+                 max_open_files: int = 64, verify: bool = False):
         self.root = str(root).rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.name = name or self.root.rsplit("/", 1)[-1]
         self.max_open_files = max(1, int(max_open_files))
+        self.verify = bool(verify)
         self.fs, self._base = _filesystem(self.root, self.storage_options)
         self._remote = not isinstance(self.fs, pafs.LocalFileSystem)
         mpath = self._path(S.MANIFEST)
@@ -216,11 +215,15 @@ class ShardDataset:
                 return hit
             footer = self._footers.get(rel)
         try:
+            if footer is None:
+                self._verify(rel)
             src = self.fs.open_input_file(self._path(rel))
             pf = pq.ParquetFile(src, metadata=footer, pre_buffer=self._remote)
         except FileNotFoundError:
             raise FileNotFoundError(f"dataset {self.name} ({self.root}): shard {rel} is listed in the manifest "
                                     "but missing; rebuild with jobs.preprocess") from None
+        if footer is None:  # first open: the footer's row count against the manifest's
+            S.check_rows(self._path(rel), pf.metadata.num_rows, self.manifest.file_info(rel), self.name)
         entry = (pf, threading.Lock())
         with self._lock:
             entry = self._files.setdefault(rel, entry)
@@ -230,10 +233,19 @@ class ShardDataset:
                 self._files.popitem(last=False)  # closed when the last reader drops it
         return entry
 
+    def _verify(self, rel: str) -> None:
+        """``verify``: the file's sha256 against the manifest's (once per file per process)."""
+        if self.verify:
+            path = self._path(rel)
+            S.verify_sha256(path, self.manifest.file_info(rel), lambda: self.fs.open_input_stream(path), self.name)
+
     def _read_whole(self, rel: str, columns: Sequence[str] | None = None) -> pa.Table:
         # ParquetFile, not pq.read_table: that one imports pyarrow.dataset and pandas (about 1 s)
+        self._verify(rel)
         with self.fs.open_input_file(self._path(rel)) as f:
-            return pq.ParquetFile(f).read(columns=columns)
+            pf = pq.ParquetFile(f)
+            S.check_rows(self._path(rel), pf.metadata.num_rows, self.manifest.file_info(rel), self.name)
+            return pf.read(columns=columns)
 
     def open_files(self) -> int:
         """How many shards are open now (the LRU's size)."""

@@ -24,8 +24,10 @@ Values are raw, in physical units; the manifest's statistics normalise them at l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +38,8 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "FORMAT", "TIME", "MANIFEST", "CONSTANTS", "CLIMATOLOGY_DIR", "Manifest", "tensor_type",
-    "shard_schema", "table_from_arrays", "arrays_from_table", "read_shard", "read_climatology", "climatology_rows", "write_options", "climatology_slots",
+    "shard_schema", "table_from_arrays", "arrays_from_table", "read_shard", "read_climatology", "climatology_rows",
+    "write_options", "climatology_slots", "ShardReadError", "check_rows", "verify_sha256",
 ]
 
 FORMAT = "climax-shards/1"
@@ -47,6 +50,57 @@ CLIMATOLOGY_DIR = "climatology"
 LAT_ORDER = "south_to_north"
 #: Key-value metadata stored in each shard's footer (fingerprints and partial statistics).
 META_KEY = b"climax"
+
+
+class ShardReadError(RuntimeError):
+    """A shard that does not decode or is not the file the manifest lists (truncated, overwritten,
+    another build's, bit rot). Retrying cannot help, so the training job stops at once instead of
+    restarting its workers (``jobs.train.StopOnDataError``)."""
+
+    retryable = False
+
+
+def check_rows(path: str, num_rows: int, expected: dict | None, dataset: str = "") -> None:
+    """Compare a file's footer row count (``ParquetFile.metadata.num_rows``: already parsed, so
+    free) with the manifest's ``rows`` for it; raise ShardReadError naming the file otherwise."""
+    if expected is None or expected.get("rows") is None or int(expected["rows"]) == int(num_rows):
+        return
+    raise ShardReadError(
+        f"{f'dataset {dataset}: ' if dataset else ''}shard {path} has {num_rows} rows where the manifest lists "
+        f"{expected['rows']}; the shard and the manifest come from different builds: rebuild the dataset "
+        "(re-run jobs.preprocess with its recipe) or copy the whole dataset again")
+
+
+#: (file path, sha256) already verified by this process: a shard is hashed once per process.
+_VERIFIED: set[tuple[str, str]] = set()
+_VERIFIED_LOCK = threading.Lock()
+
+
+def sha256_of_stream(stream: Any) -> str:
+    h = hashlib.sha256()
+    for block in iter(lambda: stream.read(1 << 22), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: str, expected: dict | None, open_stream: Any, dataset: str = "") -> None:
+    """``verify: true``: the file's sha256 against the manifest's, once per file per process.
+    ``open_stream()`` opens the file for one sequential read (a context manager)."""
+    want = (expected or {}).get("sha256")
+    if not want:
+        return
+    with _VERIFIED_LOCK:
+        if (path, want) in _VERIFIED:
+            return
+    with open_stream() as f:
+        got = sha256_of_stream(f)
+    if got != want:
+        raise ShardReadError(
+            f"{f'dataset {dataset}: ' if dataset else ''}shard {path} has sha256 {got[:16]}... where the manifest "
+            f"lists {want[:16]}...; the file changed after the build (overwritten, copied in part, bit rot): "
+            "rebuild the dataset (re-run jobs.preprocess with its recipe) or copy the whole dataset again")
+    with _VERIFIED_LOCK:
+        _VERIFIED.add((path, want))
 
 
 def tensor_type(shape: Sequence[int]) -> pa.DataType:
@@ -152,19 +206,25 @@ def read_shard(path: str, columns: Sequence[str] | None = None, rows: Sequence[i
     return arrays_from_table(table.take(pa.array(offset[np.searchsorted(groups, group)] + rows - starts[group])))
 
 
-def read_climatology(root: str, variable: str, filesystem: Any = None) -> pa.Table:
+def read_climatology(root: str, variable: str, filesystem: Any = None, verify: bool = False) -> pa.Table:
     """Rows (dayofyear, hour, count, ``variable``) of a dataset's training climatology, from its
-    parts (one per window of slots, every variable a column) as the manifest lists them."""
+    parts (one per window of slots, every variable a column) as the manifest lists them. Each
+    part's row count is checked against the manifest; ``verify`` also checks its sha256."""
     import pyarrow.fs as pafs
 
     fs, base = (filesystem, root.rstrip("/")) if filesystem is not None else pafs.FileSystem.from_uri(
         root if "://" in root else os.path.abspath(root))
     with fs.open_input_file(f"{base}/{MANIFEST}") as f:
-        info = json.loads(f.read())["climatology"]
+        manifest = Manifest.from_json(f.read().decode())
     tables = []
-    for rel in info["parts"]:
-        with fs.open_input_file(f"{base}/{rel}") as f:
-            tables.append(pq.ParquetFile(f).read(columns=["dayofyear", "hour", "count", variable]))
+    for rel in manifest.raw["climatology"]["parts"]:
+        path, expected = f"{base}/{rel}", manifest.file_info(rel)
+        if verify:
+            verify_sha256(path, expected, lambda: fs.open_input_stream(path))
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            check_rows(path, pf.metadata.num_rows, expected)
+            tables.append(pf.read(columns=["dayofyear", "hour", "count", variable]))
     return climatology_rows(pa.concat_tables(tables))
 
 
@@ -222,6 +282,22 @@ class Manifest:
     @property
     def step_hours(self) -> float:
         return self.raw["time"]["step_seconds"] / 3600
+
+    def file_info(self, rel: str) -> dict | None:
+        """What the manifest records of the file ``rel`` (``rows``, ``sha256``), or None: shards,
+        constants, and climatology files (``climatology.files``; absent in datasets built before)."""
+        files = self.__dict__.get("_files")
+        if files is None:
+            files = {}
+            for split in self.raw.get("splits", {}).values():
+                files.update({s["path"]: s for s in split.get("shards", [])})
+            const = self.raw.get("constants")
+            if const:
+                files[const.get("path", CONSTANTS)] = {"rows": 1, **const}
+            for entry in (self.raw.get("climatology") or {}).get("files", []):
+                files[entry["path"]] = entry
+            self.__dict__["_files"] = files
+        return files.get(rel)
 
     def shards(self, split: str) -> list[dict]:
         return self.raw["splits"][split]["shards"]

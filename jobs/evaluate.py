@@ -37,6 +37,8 @@ class EvaluateConfig(BaseModel):
     checkpoint: str = Field(description="model checkpoint: a model.pt file or a directory holding one "
                                         "(a Ray Train checkpoint)")
     data: str = Field(description="shard dataset root (a folder or s3://bucket/prefix)")
+    verify: bool = Field(False, description="also check each shard's sha256 against the manifest's, once per shard "
+                                            "per process (one extra read); row counts are checked always")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for s3:// data")
     split: str = Field("test", description="split to evaluate on")
     in_vars: list[str] | None = Field(None, description="input variables (default: the checkpoint's)")
@@ -111,13 +113,13 @@ def load_checkpoint_model(path: str):
 
 
 def open_dataset(root: str, storage_options: dict | None, meta: dict | None = None, statistics: str = "checkpoint",
-                 source: str = "the checkpoint"):
+                 source: str = "the checkpoint", verify: bool = False):
     """The shard dataset, normalising with the checkpoint's statistics (``meta``) unless
     ``statistics`` is "dataset" (docs/design.md, "Checkpoint statistics")."""
     from climax.data import ShardDataset
     from climax.normalization import apply_statistics, checkpoint_statistics
 
-    dataset = ShardDataset(root, storage_options=storage_options or None)
+    dataset = ShardDataset(root, storage_options=storage_options or None, verify=verify)
     if meta is not None and statistics == "checkpoint":
         stats = checkpoint_statistics(meta)
         if stats:
@@ -256,7 +258,8 @@ def _evaluate(cfg: EvaluateConfig):
         model, meta = load_checkpoint_model(cfg.checkpoint)
         if meta.get("task") == "downscaling":  # coarse -> fine: RMSE, bias, Pearson vs bilinear; maps
             return _downscaling(cfg, model, meta)
-        dataset = open_dataset(cfg.data, cfg.storage_options, meta, cfg.statistics, f"checkpoint {cfg.checkpoint}")
+        dataset = open_dataset(cfg.data, cfg.storage_options, meta, cfg.statistics, f"checkpoint {cfg.checkpoint}",
+                           verify=cfg.verify)
         in_vars, out_vars = resolve_variables(model, meta, dataset, cfg.in_vars, cfg.out_vars, cfg.data)
         region = build_region(cfg.region, dataset, model.patch_size)
         df = evaluate_model(model, dataset, cfg.split, in_vars, out_vars, cfg.leads, cfg.rollout_step,

@@ -60,6 +60,8 @@ class ForecastConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     checkpoint: str = Field(description="model checkpoint: a model.pt file or a directory holding one")
     data: str = Field(description="shard dataset root holding the initial conditions (folder or s3://)")
+    verify: bool = Field(False, description="also check each shard's sha256 against the manifest's, once per shard "
+                                            "per process (one extra read); row counts are checked always")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for s3://")
     in_vars: list[str] | None = Field(None, description="input variables (default: the checkpoint's)")
     out_vars: list[str] | None = Field(None, description="output variables (default: the checkpoint's)")
@@ -112,7 +114,8 @@ def run(cfg: ForecastConfig, argv: list[str]) -> str:
     from climax.evaluation import forecast_dataset, forecast_fields, history_line, write_netcdf
 
     model, meta = load_checkpoint_model(cfg.checkpoint)
-    dataset = open_dataset(cfg.data, cfg.storage_options, meta, cfg.statistics, f"checkpoint {cfg.checkpoint}")
+    dataset = open_dataset(cfg.data, cfg.storage_options, meta, cfg.statistics, f"checkpoint {cfg.checkpoint}",
+                           verify=cfg.verify)
     in_vars, out_vars = resolve_variables(model, meta, dataset, cfg.in_vars, cfg.out_vars, cfg.data)
     region = build_region(cfg.region, dataset, model.patch_size)
     times = (np.array([np.datetime64(t, "ns") for t in cfg.init_times]) if cfg.init_times is not None

@@ -41,6 +41,8 @@ class DatasetSpec(_Strict):
     weight: float = Field(1.0, gt=0, description="share of training batches drawn from this dataset")
     name: str | None = Field(None, description="label in logs (default: the folder name)")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="s3 options (endpoint_url, key, ...)")
+    verify: bool = Field(False, description="also check each shard's sha256 against the manifest's, once per shard "
+                                            "per process (one extra read); row counts are checked always")
 
 
 class LeadConfig(_Strict):
@@ -356,7 +358,7 @@ def train_loop_per_worker(config: dict) -> None:
     log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.train.seed)
 
-    datasets = [ShardDataset(d.root, d.storage_options, name=d.name) for d in cfg.data.datasets]
+    datasets = [ShardDataset(d.root, d.storage_options, name=d.name, verify=d.verify) for d in cfg.data.datasets]
     model = build_model(cfg, datasets, log=log)
     if cfg.freeze_backbone:
         frozen = freeze_backbone(model)

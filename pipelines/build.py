@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import re
 import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ import pyarrow.parquet as pq
 
 from climax import shards as S
 from climax.redact import redact
-from pipelines import node_cache, regrid, storage
+from pipelines import lease, node_cache, regrid, storage
 from pipelines.recipe import Recipe
 from pipelines.sources import SourceError, is_zarr_path, list_files, open_source
 from pipelines.sources.weatherbench import file_year
@@ -78,9 +79,13 @@ def fingerprint_file(path: str, storage_options: dict | None) -> str:
     return hashlib.sha256(f"{info.get('size')}|{tag}".encode()).hexdigest()[:16]
 
 
-def write_atomic(path: str, data: bytes | memoryview, storage_options: dict | None, *, durable: bool = False) -> None:
+def write_atomic(path: str, data: bytes | memoryview, storage_options: dict | None, *, durable: bool = False,
+                 owner: str | None = None) -> None:
     """Local: temporary name in the same folder, then rename. Object storage: one PUT, which is
     atomic (the object appears whole or not at all).
+
+    ``owner``: the build's lease token, part of the temporary name (``.<name>.<token>.<random>.tmp``)
+    so that a build removes only its own and dead owners' temporaries (``_remove_stale``).
 
     ``durable`` also fsyncs before the rename (the manifest). Shards skip it: a crash never leaves
     a half-written shard under its name either way, a re-run checks every footer, and forcing
@@ -93,7 +98,8 @@ def write_atomic(path: str, data: bytes | memoryview, storage_options: dict | No
             raise storage.explain(exc, path, storage_options) from None
         return
     os.makedirs(os.path.dirname(p), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp")
+    tag = f"{owner}." if owner else ""
+    tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{tag}{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -582,7 +588,7 @@ def _chunk_stats(chunk: dict, arrays: dict[str, np.ndarray], prev: dict[str, np.
 
 def _write_table(path: str, table: pa.Table, variables: list[str], ctx: dict) -> str:
     data = table_bytes(table, variables, ctx["compression_level"])
-    write_atomic(path, data, ctx["storage_options"])
+    write_atomic(path, data, ctx["storage_options"], owner=ctx.get("owner"))
     digest = hashlib.sha256(data).hexdigest()
     del data
     return digest
@@ -682,7 +688,8 @@ def run_window(unit: dict, ctx: dict) -> dict:
             with fs.open(p, "rb") as fh:
                 table = pq.read_table(fh)
             sums, n = _part_time_sums(table, variables)
-            return {"chunks": results, "time_sums": sums, "count": n, "skipped": True}
+            part = {"path": unit["path"], "rows": table.num_rows, "sha256": _sha256_of(path, ctx["storage_options"])}
+            return {"chunks": results, "time_sums": sums, "count": n, "skipped": True, "part": part}
     slots = np.asarray(unit["slots"], dtype=np.int64)  # the window's slots at the climatology hours
     pos = {int(s): k for k, s in enumerate(slots)}
     h, w = len(ctx["lat"]), len(ctx["lon"])
@@ -721,10 +728,10 @@ def run_window(unit: dict, ctx: dict) -> dict:
                      metadata={S.META_KEY: json.dumps({"recipe": ctx["recipe_fp"], "sources": fp, "code": CODE_VERSION,
                                                        "format": S.FORMAT}).encode()})
     del clim
-    _write_table(path, table, variables, ctx)
+    part = {"path": unit["path"], "rows": table.num_rows, "sha256": _write_table(path, table, variables, ctx)}
     sums, n = _part_time_sums(table, variables)
     pa.default_memory_pool().release_unused()  # give the encoder's buffers back between tasks
-    return {"chunks": results, "time_sums": sums, "count": n, "skipped": False}
+    return {"chunks": results, "time_sums": sums, "count": n, "skipped": False, "part": part}
 
 
 def run_unit(unit: dict, ctx: dict) -> dict:
@@ -812,17 +819,23 @@ def build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
     """Run the whole build on the connected Ray cluster; return the manifest.
 
     ``timings``, when given, receives the wall time of each stage (for benchmarks)."""
-    # local copies of remote sources (only formats that cannot be streamed): those a killed run
-    # left are removed first, this run's when it ends (one task per node; pipelines.node_cache)
-    node_cache.cleanup_nodes()
+    # one build at a time per output: a second one refuses naming the first, before touching
+    # anything (pipelines.lease); the lease goes at the end, on error too
+    owner = lease.acquire(recipe.output, recipe.storage_options or None)
     try:
-        return _build(recipe, overwrite, progress=progress, timings=timings)
-    finally:
+        # local copies of remote sources (only formats that cannot be streamed): those a killed run
+        # left are removed first, this run's when it ends (one task per node; pipelines.node_cache)
         node_cache.cleanup_nodes()
+        try:
+            return _build(recipe, overwrite, progress=progress, timings=timings, owner=owner)
+        finally:
+            node_cache.cleanup_nodes()
+    finally:
+        owner.release()
 
 
 def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
-           timings: dict[str, float] | None = None) -> dict:
+           timings: dict[str, float] | None = None, owner: lease.Lease | None = None) -> dict:
     import time as _time
 
     timings = {} if timings is None else timings
@@ -853,12 +866,14 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
         "regrid_cache": recipe.regrid_cache, "time_vars": plan.time_vars, "overwrite": overwrite,
         "compression_level": recipe.compression_level, "block_bytes": block_bytes,
         "ranges": {v: recipe.value_range(v) for v in recipe.variables},
+        "owner": owner.token if owner else None,
     }
     timings["plan"] = _time.perf_counter() - t
     t = _time.perf_counter()
     log.info("writing %d shards in %d tasks", len(plan.chunks), len(plan.units))
 
     results: list[dict] = []
+    part_files: list[dict] = []  # rows and sha256 of each climatology file, for the readers' checks
     time_sum = {v: np.zeros((h, w), np.float64) for v in plan.time_vars}
     time_count = 0
     windows_done = 0
@@ -866,6 +881,8 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
     def take(_i: int, res: dict) -> None:
         nonlocal time_count, windows_done
         results.extend(res["chunks"])
+        if res.get("part"):
+            part_files.append(res["part"])
         if res["time_sums"] is not None:
             for v, s in res["time_sums"].items():
                 time_sum[v] += s
@@ -887,7 +904,9 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
         tm_path = _join(recipe.output, S.CLIMATOLOGY_DIR, "time_mean.parquet")
         fs_tm, p_tm = storage.filesystem(tm_path, so)
         if overwrite or not fs_tm.exists(p_tm) or fs_tm.cat_file(p_tm) != bytes(data):  # a resumed run rewrites nothing
-            write_atomic(tm_path, data, so)
+            write_atomic(tm_path, data, so, owner=ctx["owner"])
+        part_files.append({"path": f"{S.CLIMATOLOGY_DIR}/time_mean.parquet", "rows": 1,
+                           "sha256": hashlib.sha256(data).hexdigest()})
 
     statistics = {}
     for v in recipe.variables:
@@ -928,29 +947,43 @@ def _build(recipe: Recipe, overwrite: bool = False, *, progress: bool = True,
                  "missing": recipe.time.missing, "gaps": plan.gaps or []},
         "variables": variables,
         "normalized": False,
-        "constants": {"path": S.CONSTANTS, "sha256": const[0]["sha256"]} if const else None,
+        "constants": {"path": S.CONSTANTS, "rows": 1, "sha256": const[0]["sha256"]} if const else None,
         "splits": splits,
         "statistics": statistics,
         "climatology": {"path": S.CLIMATOLOGY_DIR, "over": "train", "slots": "dayofyear x hour",
                         "hours": plan.clim_hours,
-                        "parts": parts, "time_mean": f"{S.CLIMATOLOGY_DIR}/time_mean.parquet"} if parts else None,
+                        "parts": parts, "time_mean": f"{S.CLIMATOLOGY_DIR}/time_mean.parquet",
+                        # rows and sha256 of each file, checked by the readers (climax.shards.check_rows)
+                        "files": sorted(part_files, key=lambda f: f["path"])} if parts else None,
         "recipe": redact(recipe),  # no storage credentials in the published manifest (climax.redact)
         "recipe_fingerprint": recipe.fingerprint(),
         "versions": _versions(),
         "sources": [{"path": f["path"], "format": f["format"], "fingerprint": f["fingerprint"],
                      "calendar": f["calendar"]} for f in files],
     }
-    write_atomic(manifest_path, json.dumps(manifest, indent=1).encode(), so, durable=True)
-    _remove_stale(recipe, {r["path"] for r in results} | set(parts))  # after: never listed by a manifest
+    if owner is not None:
+        owner.check()  # never publish over a build that took the output over
+    write_atomic(manifest_path, json.dumps(manifest, indent=1).encode(), so, durable=True, owner=ctx["owner"])
+    _remove_stale(recipe, {r["path"] for r in results} | set(parts), owner)  # after: never listed by a manifest
     timings["driver"] = _time.perf_counter() - t
     log.info("wrote %s (%d shards, %d skipped)", manifest_path, len(results),
              sum(r.get("skipped", False) for r in results))
     return manifest
 
 
-def _remove_stale(recipe: Recipe, keep: set[str]) -> None:
-    """Delete shards and climatology parts of an earlier recipe that this plan does not produce
-    (and leftover temporaries)."""
+#: ``.<name>.<owner token>.<random>.tmp`` (write_atomic); older code wrote ``.<name>.<random>.tmp``
+_TMP = re.compile(r"^\..+?(?:\.([0-9a-f]{32}))?\.[0-9a-f]{8}\.tmp$")
+
+
+def _tmp_owner(name: str) -> str | None:
+    m = _TMP.match(name)
+    return m.group(1) if m else None
+
+
+def _remove_stale(recipe: Recipe, keep: set[str], owner: lease.Lease | None = None) -> None:
+    """Delete shards and climatology parts of an earlier recipe that this plan does not produce,
+    and leftover temporaries of this build or of owners whose lease it took over: never those of
+    another live writer (their names carry its lease token)."""
     so = recipe.storage_options or None
     fs, root = storage.filesystem(recipe.output, so)
     for sub in ("train", "val", "test", S.CLIMATOLOGY_DIR):
@@ -961,5 +994,8 @@ def _remove_stale(recipe: Recipe, keep: set[str]) -> None:
             rel = p[len(root.rstrip("/")) + 1:]
             if rel == f"{S.CLIMATOLOGY_DIR}/time_mean.parquet":
                 continue
-            if rel not in keep and (p.endswith(".parquet") or p.endswith(".tmp")):
+            if p.endswith(".tmp"):
+                if owner is None or owner.owns_temporary(_tmp_owner(p.rsplit("/", 1)[-1])):
+                    fs.rm(p)
+            elif rel not in keep and p.endswith(".parquet"):
                 fs.rm(p)

@@ -105,17 +105,38 @@ def _ray_ports_open_to_the_world(rules: list[dict]) -> list[dict]:
     return bad
 
 
+def _inbound_rules(config: dict) -> list[dict]:
+    """The inbound rules `ray up` authorizes on the security group it creates for this config: Ray's
+    own defaults (all traffic between the cluster's nodes, SSH from anywhere) then the config's
+    ``provider.security_group.IpPermissions`` (ray.autoscaler._private.aws.config: no public API
+    lists them; if Ray renames this helper, the test fails loudly rather than checking nothing)."""
+    from ray.autoscaler._private.aws.config import _create_default_inbound_rules
+
+    extended = config["provider"].get("security_group", {}).get("IpPermissions", [])
+    return _create_default_inbound_rules({"sg-climax-ray"}, extended)
+
+
 def test_no_ray_port_open_to_the_world(prepared):
-    rules = prepared["provider"].get("security_group", {}).get("IpPermissions")
-    assert rules is not None, "cluster.yaml must state the security group's inbound rules"
+    assert prepared["provider"].get("security_group", {}).get("IpPermissions") is not None, \
+        "cluster.yaml must state the security group's inbound rules"
+    rules = _inbound_rules(prepared)
+    # something real is checked: Ray's two default rules at least, one of them open to the world
+    assert len(rules) >= 2 and any(r.get("IpRanges") == [{"CidrIp": "0.0.0.0/0"}] for r in rules), rules
+    assert [r for r in rules if r.get("UserIdGroupPairs")], rules  # node-to-node traffic stays inside the group
     assert _ray_ports_open_to_the_world(rules) == []
-    # the check can fail: each of these would be caught in cluster.yaml
+    # the check can fail: each of these planted in cluster.yaml (still a valid config) is caught
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
     world = {"IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
     for planted in ({"IpProtocol": "tcp", "FromPort": 6379, "ToPort": 6379, **world},  # the GCS
                     {"IpProtocol": "tcp", "FromPort": 8000, "ToPort": 9000, **world},  # the dashboard's range
                     {"IpProtocol": "-1", **world},  # every port
                     {"IpProtocol": "tcp", "FromPort": 10001, "ToPort": 10001, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]}):
-        assert _ray_ports_open_to_the_world([planted]) == [planted], planted
+        bad = yaml.safe_load(CLUSTER.read_text())
+        bad["provider"]["security_group"]["IpPermissions"] = [planted]
+        config = prepare_config(bad)
+        validate_config(config)
+        assert _ray_ports_open_to_the_world(_inbound_rules(config)) == [planted], planted
     ssh = {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, **world}
     assert _ray_ports_open_to_the_world([ssh]) == []
     for node_type in prepared["available_node_types"].values():

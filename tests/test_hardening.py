@@ -394,3 +394,279 @@ def test_bad_validation_split_fails_before_the_first_step(local_shards, tmp_path
     code, out = job("jobs.pretrain", [str(path)], env(ray_local))
     assert code == 1 and "has no split 'validation'" in out, out
     assert "step 1/" not in out, out  # no training step was taken
+
+
+# ----------------------------------------------------------------------------- readers check what they read
+def _rewrite(path: Path, transform) -> None:
+    """Rewrite a Parquet file as the build writes it (same schema and footer metadata), transformed."""
+    import pyarrow.parquet as pq
+
+    from climax import shards as S
+
+    table = pq.ParquetFile(path).read()
+    table = transform(table)
+    variables = [n for n in table.column_names if n not in (S.TIME, "dayofyear", "hour", "count")]
+    pq.write_table(table, path, **S.write_options(variables, 3, table.schema.field(variables[0]).type.shape))
+
+
+def test_readers_check_row_counts_against_the_manifest(local_shards, tmp_path):
+    """A shard or climatology part with fewer rows than the manifest lists (another build's file)
+    is refused by every reader, naming the file and what to do; the rows it has would read fine."""
+    import numpy as np
+
+    from climax import shards as S
+    from climax.data import ShardDataset, ShardReadError
+
+    root = tmp_path / "ds"
+    shutil.copytree(local_shards, root)
+    ds = ShardDataset(str(root))
+    entry = ds.manifest.shards("train")[0]
+    _rewrite(root / entry["path"], lambda t: t.slice(0, entry["rows"] // 2))
+    with pytest.raises(ShardReadError, match=rf"shard {root}/{entry['path']} has {entry['rows'] // 2} rows where "
+                                             rf"the manifest lists {entry['rows']}.*rebuild the dataset"):
+        ShardDataset(str(root)).read("train", np.array([0]), ["2m_temperature"])
+
+    part = ds.manifest.raw["climatology"]["parts"][0]
+    assert ds.manifest.file_info(part)["rows"] > 1
+    _rewrite(root / part, lambda t: t.slice(0, 1))
+    with pytest.raises(ShardReadError, match=rf"shard {root}/{part} has 1 rows .*rebuild"):
+        ShardDataset(str(root)).climatology(["2m_temperature"], np.array(["2015-01-01T00"], "datetime64[ns]"))
+    with pytest.raises(ShardReadError, match=rf"{part} has 1 rows"):
+        S.read_climatology(str(root), "2m_temperature")
+
+
+def test_verify_checks_sha256_once_per_shard_per_process(local_shards, tmp_path, monkeypatch):
+    import numpy as np
+
+    from climax import shards as S
+    from climax.data import ShardDataset, ShardReadError
+    from jobs.evaluate import EvaluateConfig, open_dataset
+    from jobs.train import DatasetSpec
+
+    hashed = []
+    real = S.sha256_of_stream
+    monkeypatch.setattr(S, "sha256_of_stream", lambda f: hashed.append(1) or real(f))
+    monkeypatch.setattr(S, "_VERIFIED", set())
+    root = tmp_path / "ds"
+    shutil.copytree(local_shards, root)
+    # off (the default): no extra read
+    ShardDataset(str(root)).read("train", np.array([0, 1]), ["2m_temperature"])
+    assert hashed == []
+    # on: each file once per process, whichever dataset object reads it
+    for _ in range(2):
+        ds = ShardDataset(str(root), verify=True)
+        ds.read("train", np.array([0, 1]), ["2m_temperature"])
+    assert len(hashed) == 1
+    ds.climatology(["2m_temperature", "land_sea_mask"], np.array(["2014-03-01T00"], "datetime64[ns]"))
+    assert len(hashed) == 1 + len(ds.manifest.raw["climatology"]["parts"]) + 2  # + time mean + constants
+
+    # same rows, one value changed: only verify notices
+    entry = ds.manifest.shards("val")[0]
+
+    def bump(t):
+        import pyarrow as pa
+
+        a = S.arrays_from_table(t)[1]["2m_temperature"].copy()
+        a[0, 0, 0] += 1.0
+        return t.set_column(t.column_names.index("2m_temperature"), "2m_temperature",
+                            pa.FixedShapeTensorArray.from_numpy_ndarray(a))
+
+    _rewrite(root / entry["path"], bump)
+    ShardDataset(str(root)).read("val", np.array([0]), ["2m_temperature"])
+    with pytest.raises(ShardReadError, match=rf"shard {root}/{entry['path']} has sha256 .* the manifest.*rebuild"):
+        ShardDataset(str(root), verify=True).read("val", np.array([0]), ["2m_temperature"])
+    # the option's homes: a training dataset entry and the evaluate/forecast jobs
+    assert DatasetSpec(root=str(root), verify=True).verify
+    assert EvaluateConfig(checkpoint="c", data=str(root), verify=True).verify
+    assert open_dataset(str(root), None, verify=True).verify
+
+
+# ----------------------------------------------------------------------------- one build per output
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_second_build_refuses_naming_the_first(raw, tmp_path):
+    from pipelines.build import build
+    from pipelines.lease import LEASE, LeaseError, acquire
+    from pipelines.recipe import Recipe
+
+    out = tmp_path / "out"
+    first = acquire(str(out))  # a live build of this process
+    try:
+        before = (out / LEASE).read_bytes()
+        with pytest.raises(LeaseError) as e:
+            build(Recipe.model_validate(recipe(raw, str(out))))
+        msg = str(e.value)
+        assert "\n" not in msg and f"{out} is being built by another build" in msg, msg
+        assert f"pid {os.getpid()}" in msg and f"delete {out}/{LEASE}" in msg, msg
+        assert (out / LEASE).read_bytes() == before and sorted(p.name for p in out.iterdir()) == [LEASE]
+    finally:
+        first.release()
+    assert not out.exists()  # released: the lease and the folder it made are gone
+
+
+def test_stale_leases_are_taken_over_live_ones_are_not(tmp_path):
+    import socket
+    import time
+
+    from pipelines.lease import LEASE, LeaseError, acquire
+
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / LEASE
+    host, now = socket.gethostname(), time.time()
+
+    def plant(**rec):
+        path.write_text(json.dumps({"token": "f" * 32, "created": now - 60, "dead": ["e" * 32], **rec}))
+
+    for live in ({"host": host, "pid": os.getpid(), "expires": now + 300},  # this host, process alive
+                 {"host": "elsewhere", "pid": 1, "expires": now + 300}):  # another host, not expired
+        plant(**live)
+        with pytest.raises(LeaseError, match=f"host {live['host']}, pid {live['pid']}"):
+            acquire(str(out))
+        assert json.loads(path.read_text())["token"] == "f" * 32
+    for stale in ({"host": host, "pid": _dead_pid(), "expires": now + 300},  # owner's process is gone
+                  {"host": "elsewhere", "pid": 1, "expires": now - 1}):  # not refreshed: expired
+        plant(**stale)
+        lease = acquire(str(out))
+        rec = json.loads(path.read_text())
+        assert rec["token"] == lease.token and rec["pid"] == os.getpid() and rec["host"] == host
+        assert rec["expires"] > now + 200 and set(rec["dead"]) == {"e" * 32, "f" * 32}
+        assert lease.owns_temporary("f" * 32) and lease.owns_temporary(lease.token)
+        assert not lease.owns_temporary("a" * 32)
+        lease.refresh()
+        assert json.loads(path.read_text())["expires"] >= rec["expires"]
+        lease.release()
+        assert not path.exists()
+    # taken over while building: refreshing notices, and the build stops before publishing
+    lease = acquire(str(out))
+    plant(host="elsewhere", pid=7, expires=now + 300)
+    lease.refresh()
+    with pytest.raises(LeaseError, match="taken over by another build .*host elsewhere, pid 7"):
+        lease.check()
+    lease.release()
+    assert json.loads(path.read_text())["pid"] == 7  # not ours: left alone
+
+
+def test_remove_stale_keeps_a_live_writers_temporaries(raw, tmp_path):
+    from pipelines.build import _remove_stale
+    from pipelines.lease import acquire
+    from pipelines.recipe import Recipe
+
+    out = tmp_path / "out"
+    folder = out / "train" / "2014"
+    folder.mkdir(parents=True)
+    (out / ".build-lease.json").write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "d" * 32,
+                                                       "created": 0, "expires": 0}))
+    lease = acquire(str(out))  # takes over the dead owner "ddd..."
+    names = {"mine": f".a.parquet.{lease.token}.0000000a.tmp", "dead": f".b.parquet.{'d' * 32}.0000000b.tmp",
+             "live": f".c.parquet.{'1' * 32}.0000000c.tmp", "legacy": ".d.parquet.0000000d.tmp",
+             "kept": "2014-000.parquet", "stale": "2014-999.parquet"}
+    for name in names.values():
+        (folder / name).write_bytes(b"x")
+    _remove_stale(Recipe.model_validate(recipe(raw, str(out))), {"train/2014/2014-000.parquet"}, lease)
+    lease.release()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([names["live"], names["kept"]])
+
+
+def test_leases_on_s3_are_conditional_puts(moto_s3):
+    import time
+
+    import s3fs
+
+    from pipelines.lease import LEASE, LeaseError, acquire
+
+    fs = s3fs.S3FileSystem(**moto_s3)
+    fs.mkdir("leases")
+    out = "s3://leases/shards"
+    first = acquire(out, moto_s3)
+    with pytest.raises(LeaseError, match=rf"{out} is being built by another build \(host .*, pid {os.getpid()}"):
+        acquire(out, moto_s3)
+    first.refresh()
+    assert first.lost is None
+    first.release()
+    assert not fs.exists(f"leases/shards/{LEASE}")
+    # an expired record is replaced only if unchanged since it was read (If-Match)
+    fs.pipe_file(f"leases/shards/{LEASE}", json.dumps({"host": "elsewhere", "pid": 1, "token": "c" * 32,
+                                                       "created": 0, "expires": time.time() - 1}).encode())
+    second = acquire(out, moto_s3)
+    assert json.loads(fs.cat_file(f"leases/shards/{LEASE}"))["token"] == second.token and second.dead == ["c" * 32]
+    second.release()
+    with pytest.raises(Exception, match="bucket no-such-lease-bucket does not exist"):
+        acquire("s3://no-such-lease-bucket/x", moto_s3)
+    assert not fs.exists("no-such-lease-bucket")
+
+
+# ----------------------------------------------------------------------------- faults under load
+def test_killed_worker_mid_shard_task_is_retried_with_identical_output(raw, local_shards, tmp_path, monkeypatch,
+                                                                       ray_local):
+    """SIGKILL one Ray worker (not the driver) after its task wrote a training shard and before it wrote
+    its climatology part: Ray retries the task, and the dataset is byte for byte the uninterrupted one."""
+    import signal
+    import threading
+    import time
+
+    import pipelines.build as B
+    from pipelines.recipe import Recipe
+
+    marker = str(tmp_path / "paused-worker.pid")
+    real_run_unit = B.run_unit
+
+    def run_unit_pausing_once(unit, ctx):  # pickled by value into the worker: a test wrapper, not a hook
+        import os as _os
+        import time as _time
+
+        import pipelines.build as wb
+
+        if unit["kind"] == "window":
+            try:  # the first window task to claim the marker pauses in its middle, once
+                fd = _os.open(marker + ".claim", _os.O_CREAT | _os.O_EXCL | _os.O_WRONLY)
+                _os.close(fd)
+            except FileExistsError:
+                return real_run_unit(unit, ctx)
+            real_chunk = wb.run_chunk
+
+            def chunk_then_pause(chunk, c, **kw):
+                res = real_chunk(chunk, c, **kw)  # the shard is written
+                with open(marker + ".tmp", "w") as f:
+                    f.write(str(_os.getpid()))
+                _os.replace(marker + ".tmp", marker)
+                _time.sleep(120)  # killed here, before the climatology part
+                return res
+
+            wb.run_chunk = chunk_then_pause
+        return real_run_unit(unit, ctx)
+
+    monkeypatch.setattr(B, "run_unit", run_unit_pausing_once)
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not os.path.exists(marker):
+            time.sleep(0.05)
+        if os.path.exists(marker):
+            pid = int(Path(marker).read_text())
+            assert pid != os.getpid()
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    out = tmp_path / "out"
+    manifest = B.build(Recipe.model_validate(recipe(raw, str(out))), progress=False)
+    thread.join(timeout=5)
+    assert killed, "no worker paused in a shard task"
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed[0], 0)  # that worker is gone: the task ran again elsewhere
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+                and p.name != "manifest.json"}
+
+    assert files(out) == files(local_shards) and len(files(out)) > 5
+    reference = json.loads((local_shards / "manifest.json").read_text())
+    for key in ("splits", "statistics", "climatology", "constants", "grid", "time", "variables"):
+        assert manifest[key] == reference[key], key

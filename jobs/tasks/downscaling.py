@@ -39,6 +39,8 @@ class DownscalingData(_Strict):
     root: str = Field(description="dataset written by jobs.preprocess (folder or s3://bucket/prefix)")
     name: str | None = Field(None, description="label in logs (default: the folder name)")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="s3 options (endpoint_url, key, ...)")
+    verify: bool = Field(False, description="also check each shard's sha256 against the manifest's, once per shard "
+                                            "per process (one extra read); row counts are checked always")
 
 
 class DownscalingSpec(_Strict):
@@ -70,8 +72,9 @@ def check_config(cfg) -> None:
 def open_datasets(spec) -> tuple[Any, Any]:
     from climax.data import ShardDataset
 
-    coarse = ShardDataset(spec.coarse.root, spec.coarse.storage_options, name=spec.coarse.name)
-    fine = ShardDataset(spec.fine.root, spec.fine.storage_options, name=spec.fine.name)
+    coarse = ShardDataset(spec.coarse.root, spec.coarse.storage_options, name=spec.coarse.name,
+                          verify=spec.coarse.verify)
+    fine = ShardDataset(spec.fine.root, spec.fine.storage_options, name=spec.fine.name, verify=spec.fine.verify)
     if coarse.shape == fine.shape:
         raise ValueError(f"the coarse dataset {coarse.root} and the fine dataset {fine.root} share the grid "
                          f"{fine.shape}; downscaling needs a coarser input (e.g. jobs.preprocess with a larger "

@@ -195,7 +195,7 @@ def projection_loop(cfg) -> None:
     log = print if rank == 0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.train.seed)
 
-    datasets = [ShardDataset(d.root, d.storage_options, name=d.name) for d in cfg.data.datasets]
+    datasets = [ShardDataset(d.root, d.storage_options, name=d.name, verify=d.verify) for d in cfg.data.datasets]
     in_vars, out_vars = variables(cfg, datasets[0])
     scenarios = [load_scenario(ds, in_vars, out_vars) for ds in datasets]
     grid = datasets[0].shape
