@@ -374,8 +374,12 @@ def disk_full(t):
     """A real full disk: a 64 KiB tmpfs mounted in a user namespace (no root needed where the
     kernel allows unprivileged user namespaces), holding the output. The build runs as a user runs
     it, in that namespace with its own local Ray, so the shard writes of its workers get ENOSPC."""
-    if shutil.which("unshare") is None or subprocess.run(["unshare", "-Urm", "true"], capture_output=True).returncode:
-        pytest.skip("unprivileged user namespaces are not available here (needed for a tiny tmpfs)")
+    probe = t.tmp / "probe"
+    probe.mkdir()
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-Urm", "mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(probe)],
+            capture_output=True).returncode:
+        pytest.skip("no unprivileged user namespace with a tmpfs mount here (needed for a tiny full disk)")
     src = grib_copy(t.raw, t.tmp / "grib")
     disk = t.tmp / "disk"
     disk.mkdir()
