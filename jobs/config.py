@@ -91,7 +91,9 @@ def validate(model: type[BaseModel], cfg: dict, source: str = "config") -> BaseM
                 lines.append(err["msg"].removeprefix("Value error, "))
             else:  # the input may hold credentials (a storage_options mapping): redacted
                 shown = REDACTED if any(is_secret_key(str(p)) for p in loc) else redact(err.get("input"))
-                lines.append(f"{where}: {err['msg']} (got {shown!r})")
+                lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')} (got {shown!r})")
+        if len(lines) == 1:  # one problem, one line: it names the key and says what is wrong
+            raise ConfigError(f"invalid {source}: {lines[0]}") from None
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
 
 

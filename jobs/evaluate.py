@@ -150,6 +150,16 @@ def resolve_variables(model, meta: dict, dataset, in_vars: list[str] | None, out
     return list(in_vars), list(out_vars)
 
 
+def check_grid(model, dataset, checkpoint: str, data: str) -> None:
+    """A checkpoint trained on another grid than the dataset's: named before any work."""
+    img = tuple(getattr(model, "img_size", ()) or ())
+    have = (len(dataset.lat), len(dataset.lon))
+    if img and img != have:
+        raise ValueError(f"checkpoint {checkpoint} was trained on a {img} grid but dataset {data} has {have}; "
+                         "evaluate on a dataset built at the checkpoint's resolution (jobs.preprocess grid.resolution) "
+                         "or give a checkpoint trained on this grid")
+
+
 def build_region(spec, dataset, patch_size: int):
     from climax.regions import Region
 
@@ -260,6 +270,7 @@ def _evaluate(cfg: EvaluateConfig):
             return _downscaling(cfg, model, meta)
         dataset = open_dataset(cfg.data, cfg.storage_options, meta, cfg.statistics, f"checkpoint {cfg.checkpoint}",
                            verify=cfg.verify)
+        check_grid(model, dataset, cfg.checkpoint, cfg.data)
         in_vars, out_vars = resolve_variables(model, meta, dataset, cfg.in_vars, cfg.out_vars, cfg.data)
         region = build_region(cfg.region, dataset, model.patch_size)
         df = evaluate_model(model, dataset, cfg.split, in_vars, out_vars, cfg.leads, cfg.rollout_step,

@@ -22,6 +22,7 @@ version, so a crashed run resumes and yields byte-identical shards; ``overwrite`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -107,9 +108,18 @@ def write_atomic(path: str, data: bytes | memoryview, storage_options: dict | No
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, p)
+    except OSError as exc:
+        if exc.errno in _FULL:  # the disk, a quota or a file-size limit: say which file and what to do
+            raise OSError(exc.errno, f"no space left writing {p} ({exc.strerror}, {len(data)} bytes); free "
+                                     "space there or set output to a folder with room (a re-run resumes: "
+                                     "finished shards are kept)") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _join(root: str, *parts: str) -> str:
@@ -244,6 +254,19 @@ def _slot_keys(tns: np.ndarray) -> np.ndarray:
     return (doy - 1) * 24 + hour
 
 
+def _held_step(times, step_ns: int) -> str | None:
+    """The sources' step ("6h") when it is coarser than the recipe's (time.step: 1h on 6-hourly
+    files), else None."""
+    t = np.unique(np.fromiter(times, np.int64, len(times)))
+    if len(t) < 2:
+        return None
+    held = int(np.diff(t).min())
+    if held <= step_ns:
+        return None
+    hour, minute = 3600 * 10**9, 60 * 10**9
+    return f"{held // hour}h" if held % hour == 0 else f"{held // minute}min" if held % minute == 0 else f"{held // 10**9}s"
+
+
 def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
     """Check coverage and cut the time axis into shards. Raises BuildError naming what is wrong.
 
@@ -317,6 +340,12 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
                              "check the variable name and level, or add a source that has it")
         missing = [t for t in tns if t not in where[v]]
         if missing and recipe.time.missing == "error":
+            held = _held_step(where[v], step_ns=recipe.time.step_ns)
+            if held:  # the recipe's step is not the sources' (time.step: 1h for 6-hourly files)
+                raise BuildError(
+                    f"variable {v} is missing at {len(missing)} of {len(tns)} time steps, first at "
+                    f"{', '.join(_iso(t) for t in missing[:3])}: the sources hold it every {held}, not every "
+                    f"{recipe.time.step}; set time.step: {held} (or a multiple of it)")
             raise BuildError(
                 f"variable {v} is missing at {len(missing)} of {len(tns)} time steps, first at "
                 f"{', '.join(_iso(t) for t in missing[:3])}; add the files covering them, set time.start/"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -17,6 +18,10 @@ from pipelines.names import parse_variable, physical_range
 __all__ = ["Recipe", "SourceSpec", "GridSpec", "TimeSpec"]
 
 log = logging.getLogger("pipelines.recipe")
+
+# an ISO time followed by a zone name ("2015-01-01T00:00 Europe/Paris", "... CET", "...+01:00[Europe/Paris]")
+_ZONE_NAME = re.compile(r"^(\d{4}-\d\d-\d\d(?:[T ][\d:.]+)?)([+-]\d\d:?\d\d)?"
+                        r"(?:\s+([A-Za-z][A-Za-z0-9_+/-]*)|\[([A-Za-z][A-Za-z0-9_+/-]*)\])$")
 
 
 class _Strict(BaseModel):
@@ -45,6 +50,34 @@ class TimeSpec(_Strict):
         "error", description="time steps the sources lack (a model calendar's absent days are not missing): "
                              "error (stop, naming them) or allow (leave them out; the manifest lists the gaps and training skips "
                              "the samples that need them)")
+
+    @field_validator("start", "end", mode="before")
+    @classmethod
+    def _no_zone_names(cls, v, info):
+        # "2015-01-01T00:00 Europe/Paris" (or "... CET"): a zone name, not an offset. Refused, with
+        # the offset it has at that time, because a name's offset changes (summer time) and a
+        # wall-clock time can be ambiguous or absent; the shards' times are UTC.
+        if not isinstance(v, str):
+            return v
+        m = _ZONE_NAME.match(v.strip())
+        if not m:
+            return v
+        when, offset, zone = m.group(1), m.group(2), m.group(3) or m.group(4)
+        if zone.upper() in ("UTC", "GMT", "Z") and not offset:
+            return when  # plain UTC, said in words
+        hint = "the time in UTC"
+        if offset:  # both: the offset says it all
+            raise ValueError(f"{v!r} gives both an offset and a time zone ({zone}); write only the offset: "
+                             f"{when.replace(' ', 'T')}{offset}")
+        try:
+            from zoneinfo import ZoneInfo
+
+            local = datetime.fromisoformat(when).replace(tzinfo=ZoneInfo(zone))
+            hint = f"{local.isoformat(timespec='minutes')} (its offset then) or {hint}"
+        except Exception:  # noqa: BLE001 - an unknown zone name: no offset to suggest
+            pass
+        raise ValueError(f"{v!r} names a time zone ({zone}); write a UTC offset instead: "
+                         f"{hint}")
 
     @field_validator("start", "end")
     @classmethod

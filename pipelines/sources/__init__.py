@@ -77,9 +77,12 @@ def detect_format(path: str) -> str:
     p = Path(path)
     if is_zarr_path(path):
         return "zarr"
-    if p.is_dir():
-        return "weatherbench"
     name = p.name.lower()
+    if p.is_dir():
+        if name.endswith(GRIB_EXTENSIONS + NETCDF_EXTENSIONS):  # e.g. a glob *.grib matched a folder
+            raise SourceError(f"{path}: is a directory, not a {'GRIB' if name.endswith(GRIB_EXTENSIONS) else 'NetCDF'} "
+                              "file; remove it or narrow the source path so that it matches only files")
+        return "weatherbench"
     if name.endswith(GRIB_EXTENSIONS):
         return "grib"
     if name.endswith(NETCDF_EXTENSIONS):
@@ -180,7 +183,8 @@ def _open_local(path: str, fmt: str, variables, member) -> xr.Dataset:
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt in ("grib", "netcdf") and os.path.isdir(path):
-        raise SourceError(f"{path}: is a directory; format {fmt!r} needs a file")
+        raise SourceError(f"{path}: is a directory; format {fmt!r} needs a file: give the files (e.g. "
+                          f"{path.rstrip('/')}/*.{'grib' if fmt == 'grib' else 'nc'}) or narrow the source path")
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise SourceError(f"{path}: is empty; the file is truncated or corrupt; re-download it")
     return SOURCES[fmt].open(path, variables=variables, member=member)

@@ -5,7 +5,8 @@ big messages are never read):
 
 * message boundaries come from section 0 (``GRIB``, edition, total length: 3 bytes at offset 4
   in GRIB 1 (with ECMWF's large-message convention), 8 bytes at offset 8 in GRIB 2); every
-  message must end in ``7777`` inside the file, else :class:`SourceError` naming the file;
+  message must end in ``7777`` inside the file, else :class:`SourceError` naming the file; bytes
+  between messages must be zero padding (a damaged message is refused, not skipped);
 * GRIB 2 sections are walked by their lengths, so multi-field messages (NCEP packs ``u`` and
   ``v`` in one message) become one entry per field: the field's sections are copied into a
   single-field message (a reused bitmap, indicator 254, is replaced by the one it refers to);

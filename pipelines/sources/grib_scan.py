@@ -283,6 +283,13 @@ def _walk(b: Scanner, mm, n: int, path: str) -> None:
             o = pos
         else:
             o = mm.find(b"GRIB", pos)
+            # Zero padding between messages is normal (GRIB 1 archives pad to record boundaries);
+            # other bytes there are a damaged message whose fields would silently go missing.
+            end = n if o < 0 else o
+            if end > pos and (o >= 0 or count) and bytes(mm[pos:end]).strip(b"\x00"):
+                where = f"between message {count} and {count + 1}" if o >= 0 and count else \
+                    "before the first message" if not count else "after the last message"
+                raise _corrupt(path, f"bytes {pos}..{end} ({where}) are not GRIB: a damaged message")
             if o < 0:
                 return
         if o + 16 > n:
