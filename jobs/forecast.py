@@ -235,7 +235,7 @@ def checkpoint_stats(meta: dict, folder: str | None, needed: list[str], source: 
 def initial_conditions(cfg: ForecastConfig, model, meta: dict):
     """(FieldDataset on the checkpoint's grid, in_vars, out_vars) from ``cfg.init_file``."""
     from climax.forecast_io import FieldDataset
-    from pipelines.regrid import Grid, get_regridder
+    from pipelines.regrid import Grid, RegridError, get_regridder
     from pipelines.sources import open_source
     from pipelines.variables import parse_variable
 
@@ -262,8 +262,12 @@ def initial_conditions(cfg: ForecastConfig, model, meta: dict):
             have = ", ".join(str(t)[:16] for t in times[:8]) + (" ..." if len(times) > 8 else "")
             raise ValueError(f"{src} has no fields at initial time(s) {absent}; its times are {have}")
         rows = np.array([int(np.flatnonzero(times == t)[0]) for t in wanted])
-    regrid = get_regridder(Grid(np.asarray(ds["lat"].values), np.asarray(ds["lon"].values)), Grid(lat, lon),
-                           cfg.regrid)
+    try:
+        regrid = get_regridder(Grid(np.asarray(ds["lat"].values), np.asarray(ds["lon"].values)), Grid(lat, lon),
+                               cfg.regrid)
+    except RegridError as e:
+        raise ValueError(f"{src}: its {ds.sizes['lat']}x{ds.sizes['lon']} grid cannot give checkpoint {cfg.checkpoint}'s "
+                         f"{len(lat)}x{len(lon)} grid: {e}") from None
     fields = np.empty((len(rows), len(in_vars), len(lat), len(lon)), dtype=np.float32)
     for j, v in enumerate(in_vars):
         if v == "latitude":
