@@ -155,3 +155,22 @@ def test_missing_variable_statistics_grid_and_time_say_what(grib, trained, tmp_p
     with pytest.raises(SystemExit) as e:  # a configuration error (exit 2), as every job's
         forecast.main([*base, "region=Europe"])
     assert e.value.code == 2 and "region= crops a shard dataset" in capsys.readouterr().err
+
+
+def test_forecast_from_the_era5_ensemble_grib(trained, shared_data, tmp_path):
+    """ERA5's GRIB 1 sample (3 deg, 10 members): one member, the variables it holds (in_vars/out_vars)."""
+    import xarray as xr
+
+    from jobs import forecast
+
+    era5 = shared_data / "era5" / "era5-levels-members.grib"
+    if not era5.is_file():
+        pytest.skip(f"{era5} is absent")
+    ckpt, grid, *_ = trained
+    out = tmp_path / "era5.nc"
+    forecast.main([f"checkpoint={ckpt}", f"init_file={era5}", "member=0", "init_times=['2017-01-01T12:00']",
+                   "in_vars=[latitude, geopotential_500, temperature_850]",
+                   "out_vars=[geopotential_500, temperature_850]", "leads=[12]", f"output={out}", "progress=false"])
+    with xr.open_dataset(out) as ds:
+        assert ds["geopotential_500"].shape == (1, 1, 16, 32) and np.isfinite(ds["geopotential_500"].values).all()
+        np.testing.assert_array_equal(ds["lat"].values, grid.lat)
