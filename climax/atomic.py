@@ -58,13 +58,14 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, storage_options: di
     return str(target)
 
 
-def upload_folder(local: str | os.PathLike, url: str, storage_options: dict | None = None) -> list[str]:
-    """Upload every file under ``local`` to ``url`` (one PUT each; LAST files at the end)."""
+def upload_folder(local: str | os.PathLike, url: str, storage_options: dict | None = None,
+                  last: tuple[str, ...] = LAST) -> list[str]:
+    """Upload every file under ``local`` to ``url`` (one PUT each; files named in ``last`` at the end)."""
     import fsspec
 
     fs, remote = fsspec.core.url_to_fs(url, **(storage_options or {}))
     local = Path(local)
-    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name in LAST, str(p)))
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: (p.name in last, str(p)))
     done = []
     for p in files:
         dest = f"{remote.rstrip('/')}/{p.relative_to(local).as_posix()}"

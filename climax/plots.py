@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_metric_vs_lead", "plot_maps", "plot_downscaling_maps"]
+__all__ = ["plot_metric_vs_lead", "plot_maps", "plot_downscaling_maps", "plot_spectra"]
 
 _STYLE = {
     "direct": dict(color="tab:blue", marker="o"),
@@ -132,4 +132,26 @@ def plot_downscaling_maps(coarse: np.ndarray | None, coarse_lat: Sequence[float]
         ax.set_aspect("equal")
         fig.colorbar(mesh, ax=ax, shrink=0.8, label=units)
     fig.suptitle(title or variable)
+    return _save(fig, path)
+
+
+def plot_spectra(df: pd.DataFrame, path: str | os.PathLike, variable: str, title: str | None = None) -> Path:
+    """Log-log zonal energy spectra of one variable (``climax.spectra.spectra_table`` rows): forecast
+    (solid) against truth (dashed), one colour per lead time; wavenumber 0 (the zonal mean) left out."""
+    sub = df[(df["variable"] == variable) & (df["wavenumber"] > 0)]
+    if sub.empty:
+        raise ValueError(f"no spectra rows for {variable!r}")
+    fig = _figure(5.5, 4.0)
+    ax = fig.subplots()
+    leads = sorted(dict.fromkeys(sub["lead_hours"]))
+    colours = [f"C{i % 10}" for i in range(len(leads))]
+    for lead, colour in zip(leads, colours):
+        rows = sub[sub["lead_hours"] == lead].sort_values("wavenumber")
+        ax.loglog(rows["wavenumber"], rows["forecast"], color=colour, label=f"forecast {lead:g} h")
+        ax.loglog(rows["wavenumber"], rows["truth"], color=colour, linestyle="--", alpha=0.7, label=f"truth {lead:g} h")
+    ax.set_xlabel("zonal wavenumber")
+    ax.set_ylabel(f"energy [{sub['units'].iloc[0]}]")
+    ax.set_title(title or f"{variable}: zonal energy spectra")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
     return _save(fig, path)

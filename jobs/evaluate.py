@@ -8,8 +8,11 @@ rollout (``rollout_step``) and the persistence and climatology baselines: ``rmse
 headline RMSE: sqrt of the time-mean of the area-weighted MSE), ``rmse_sample_mean`` (the mean of
 per-sample RMSEs, the ClimaX paper's convention), ``bias`` (forecast - truth, WB2's) and ``acc``
 (anomalies against the dataset's day-of-year x hour climatology at the valid time). Writes into
-``output``: metrics.csv, metrics.json, rmse_vs_lead.png, acc_vs_lead.png and maps_<variable>.png
-(forecast, truth and error at one initial time), and prints the table. Runs in this process, on
+``output``: metrics.csv, metrics.json, rmse_vs_lead.png, acc_vs_lead.png, maps_<variable>.png
+(forecast, truth and error at one initial time), spectra.csv and spectra_<variable>.png (WeatherBench
+2's zonal energy spectra of the direct forecast and of the truth at ``spectra_leads``, averaged over
+``spectra_samples`` initial times and the latitude band ``spectra_band``: ``climax.spectra``), and
+prints the table. Runs in this process, on
 the GPU when there is one (``device=auto``).
 """
 
@@ -54,6 +57,10 @@ class EvaluateConfig(BaseModel):
     map_lead: float | None = Field(None, description="lead time of the maps (default: the longest)")
     map_init: str | None = Field(None, description="initial time of the maps (default: the first scored)")
     progress: bool = Field(True, description="show progress bars")
+    spectra_leads: list[float] | None = Field(None, description="lead times of the zonal energy spectra (among leads; "
+                                                                "default: all of them; []: no spectra)")
+    spectra_samples: int = Field(8, ge=1, description="initial times the spectra are averaged over (evenly spread)")
+    spectra_band: list[float] = Field([30.0, 60.0], description="|latitude| band (degrees) the spectra average over")
     coarse: str | None = Field(None, description="downscaling checkpoints: the coarse input dataset (default: the "
                                                  "run's); data is the fine truth, leads and rollout are ignored")
     statistics: Literal["checkpoint", "dataset"] = Field(
@@ -234,7 +241,43 @@ def write_outputs(cfg: EvaluateConfig, df, model, dataset, in_vars, out_vars, re
     for j, v in enumerate(out_vars):
         plot_maps(fc[j], truth[j], lat, lon, out / f"maps_{v}.png", v, units.get(v, ""),
                   title=f"{v}: {lead:g} h forecast from {str(axis.times[row])[:16]} (direct)")
+    write_spectra(cfg, df, model, dataset, in_vars, out_vars, region, out, units)
     return out
+
+
+def write_spectra(cfg: EvaluateConfig, df, model, dataset, in_vars, out_vars, region, out: Path, units) -> None:
+    """spectra.csv and spectra_<variable>.png: zonal energy spectra of the direct forecast and the truth."""
+    from climax.evaluation import forecast_fields
+    from climax.plots import plot_spectra
+    from climax.spectra import spectra_table
+
+    leads = [float(x) for x in (cfg.leads if cfg.spectra_leads is None else cfg.spectra_leads)]
+    if not leads:
+        return
+    if region is not None:
+        df.attrs.setdefault("notes", []).append("spectra skipped: a regional model does not cover whole circles of "
+                                                "latitude")
+        return
+    off = [x for x in leads if x not in {float(y) for y in cfg.leads}]
+    if off:
+        raise ValueError(f"spectra_leads {off} are not among the evaluated leads {cfg.leads}; choose some of those")
+    axis = dataset.axis(cfg.split)
+    inits = np.array(df.attrs["init_times"], dtype="datetime64[ns]")  # every one has a target at every lead
+    inits = inits[np.unique(np.linspace(0, len(inits) - 1, min(cfg.spectra_samples, len(inits))).round().astype(int))]
+    rows = np.searchsorted(axis.times, inits)
+    fc = forecast_fields(model, dataset, cfg.split, rows, leads, in_vars, out_vars, batch_size=cfg.batch_size,
+                         device=cfg.device, progress=False)
+    forecast, truth = {}, {}
+    for i, lead in enumerate(leads):
+        targets = np.searchsorted(axis.times, inits + np.timedelta64(int(round(lead * 3600)), "s"))
+        forecast[lead] = fc[:, i]
+        truth[lead] = np.asarray(dataset.read(cfg.split, targets, out_vars), dtype=np.float32)
+    table = spectra_table(forecast, truth, out_vars, dataset.lat, dataset.lon, cfg.spectra_band, units)
+    write_atomic(out / "spectra.csv", table.to_csv(index=False))
+    band = f"|lat| {cfg.spectra_band[0]:g}-{cfg.spectra_band[1]:g}"
+    for v in out_vars:
+        plot_spectra(table, out / f"spectra_{v}.png", v,
+                     title=f"{v}: zonal energy spectra, {band}, {len(inits)} initial times")
 
 
 def main(argv: list[str] | None = None):
@@ -284,8 +327,9 @@ def _evaluate(cfg: EvaluateConfig):
     for note in df.attrs.get("notes", []):
         print(f"note: {note}")
     print(results_table(df))
+    spectra = [f"spectra_{v}.png" for v in out_vars if (out / f"spectra_{v}.png").is_file()]
     print(f"\nwritten to {out}/: metrics.csv, metrics.json, rmse_vs_lead.png, acc_vs_lead.png, "
-          + ", ".join(f"maps_{v}.png" for v in out_vars))
+          + ", ".join([f"maps_{v}.png" for v in out_vars] + (["spectra.csv", *spectra] if spectra else [])))
     return df
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from climax.variables import DEFAULT_LEVELS, NAME_ALIASES, ORIGINAL_DEFAULT_VARS
+from climax.variables import DEFAULT_LEVELS, NAME_ALIASES, ORIGINAL_DEFAULT_VARS, PRESSURE_LEVEL_UNITS
 
 #: Standard gravity (m s-2), used for geopotential <-> geopotential height and orography.
 G = 9.80665
@@ -64,16 +64,9 @@ CONSTANTS: dict[str, str] = {
     "soil_type": "1",
 }
 
-#: Pressure-level bases (variables are named ``<base>_<hPa>``) and their canonical units.
-PRESSURE_LEVEL: dict[str, str] = {
-    "geopotential": "m**2 s**-2",
-    "temperature": "K",
-    "u_component_of_wind": "m s**-1",
-    "v_component_of_wind": "m s**-1",
-    "specific_humidity": "kg kg**-1",
-    "relative_humidity": "%",
-    "vertical_velocity": "Pa s**-1",
-}
+#: Pressure-level bases (variables are named ``<base>_<hPa>``) and their canonical units: one home,
+#: ``climax.variables`` (the forecast writers split names into base and level too).
+PRESSURE_LEVEL: dict[str, str] = dict(PRESSURE_LEVEL_UNITS)
 
 #: Physical range [min, max] of each base in its canonical units above: decoded values outside it
 #: are fill values without a ``_FillValue`` attribute (-9999, 9.999e20, 0 over a whole field) or a

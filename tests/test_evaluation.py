@@ -403,6 +403,10 @@ def test_evaluate_job_writes_tables_and_plots(shards, dataset, checkpoint, tmp_p
     names = {p.name for p in out.iterdir()}
     assert {"metrics.csv", "metrics.json", "rmse_vs_lead.png", "acc_vs_lead.png"} <= names
     assert {f"maps_{v}.png" for v in SHARD_OUT} <= names
+    assert {"spectra.csv", *(f"spectra_{v}.png" for v in SHARD_OUT)} <= names and "spectra.csv" in printed
+    spectra = pd.read_csv(out / "spectra.csv")
+    assert len(spectra) == len(SHARD_OUT) * 3 * (32 // 2 + 1) and (spectra.truth > 0).all()
+    assert set(spectra.lead_hours) == {6, 12, 24} and np.isfinite(spectra.forecast).all()
     csv = pd.read_csv(out / "metrics.csv")
     n_regions = len(df.attrs["regions"])
     assert set(csv.region) == set(df.attrs["regions"]) and "global" in set(csv.region)
@@ -467,6 +471,42 @@ def test_forecast_job_writes_cf_netcdf(shards, dataset, checkpoint, tmp_path):
                    "rollout_step=null", "leads=[48]", "out_vars=[temperature_850]"])
     with xr.open_dataset(out) as ds:
         assert ds.sizes["init_time"] == 3 and ds.sizes["lead_time"] == 1 and list(ds.data_vars) == ["temperature_850"]
+
+
+def test_forecast_job_writes_wb2_zarr(shards, dataset, checkpoint, tmp_path):
+    """format=zarr: WeatherBench 2's layout; selected like WB2's evaluation, it holds the model's forecasts
+    and scores against the truth as climax.wb2 does."""
+    import xarray as xr
+
+    from climax import load_model
+    from climax.wb2 import ScoreSums, accumulate, area_weights, region_weight_matrix
+    from jobs import forecast
+
+    out = tmp_path / "fc.zarr"
+    inits = ["2016-01-01T00:00", "2016-03-01T06:00"]
+    cfg = _write_yaml(tmp_path / "forecast.yaml", {
+        "checkpoint": str(checkpoint), "data": str(shards), "init_times": inits, "leads": [6, 12],
+        "format": "zarr", "output": str(out), "progress": False, "device": "cpu"})
+    assert forecast.main([cfg]) == str(out)
+    model, _ = load_model(checkpoint)
+    axis = dataset.axis("test")
+    rows = np.searchsorted(axis.times, np.array(inits, dtype="datetime64[ns]"))
+    expect = forecast_fields(model, dataset, "test", rows, [6, 12], SHARD_VARS, SHARD_OUT, device="cpu", progress=False)
+    with xr.open_zarr(out) as ds:
+        assert set(ds.data_vars) == {"2m_temperature", "geopotential", "temperature"}
+        assert ds["level"].values.tolist() == [500, 850] and (np.diff(ds["latitude"].values) > 0).all()
+        lead = np.timedelta64(12, "h")
+        fc = ds["temperature"].sel(time=np.array(inits, dtype="datetime64[ns]"), prediction_timedelta=lead, level=850)
+        np.testing.assert_allclose(fc.values, expect[:, 1, 2], rtol=1e-6)  # the dataset's latitudes ascend already
+        truth = dataset.read("test", np.searchsorted(axis.times, axis.times[rows] + lead), ["temperature_850"])[:, 0]
+        w = xr.DataArray(area_weights(ds["latitude"].values), dims="latitude")
+        mse = ((fc.astype("float64") - truth.astype("float64")) ** 2).weighted(w).mean(["latitude", "longitude"])
+        rmse = float(np.sqrt(mse.mean("time")))
+    sums = ScoreSums.zeros(1, 1)
+    area = torch.as_tensor(region_weight_matrix(area_weights(dataset.lat), [np.ones((16, 32), dtype=bool)]))
+    t = torch.from_numpy(truth[:, None].astype(np.float64))
+    accumulate(sums, torch.from_numpy(expect[:, 1, 2:3].astype(np.float64)), t, t, area, area)
+    np.testing.assert_allclose(sums.scores()["rmse"][0, 0], rmse, rtol=1e-6)
 
 
 def test_jobs_fail_with_one_line(shards, checkpoint, tmp_path, capsys):
