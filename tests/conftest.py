@@ -5,6 +5,10 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller polls its workers every 2 s by default: a run's start, its reports and its
+# end each wait up to one interval. The tests' runs are seconds long, so they poll more often (Ray's
+# own knob; every Ray the tests start, and the jobs they run in subprocesses, inherit it).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -26,6 +30,29 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def forecast_shards(tmp_path_factory, ray_local) -> Path:
+    """Three years of 6-hourly 11.25-degree sample data, preprocessed: train 2014, val 2015, test
+    2016 (``tests.helpers.FORECAST_VARS``). Built once for the session: test_train and test_masking
+    train on it."""
+    from pipelines.build import build
+    from pipelines.recipe import Recipe
+    from pipelines.sample_data import generate
+    from tests.helpers import FORECAST_VARS as variables
+
+    raw = tmp_path_factory.mktemp("raw")
+    generate(raw, years=(2014, 2015, 2016), resolution=11.25, step_hours=6, variables=variables,
+             formats=("weatherbench",), progress=False)
+    out = tmp_path_factory.mktemp("shards")
+    build(Recipe.model_validate({
+        "sources": [{"path": str(raw / "weatherbench")}], "variables": variables,
+        "grid": {"resolution": 11.25, "method": "bilinear"},
+        "time": {"start": "2014-01-01", "end": "2016-12-31T18:00", "step": "6h"},
+        "splits": {"train": [2014, 2014], "val": [2015, 2015], "test": [2016, 2016]},
+        "output": str(out), "shard_bytes": 2_000_000}))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: the variables of the session's shared forecast dataset (conftest.py: ``forecast_shards``)
+FORECAST_VARS = ["land_sea_mask", "orography", "2m_temperature", "10m_v_component_of_wind", "geopotential_500",
+                 "temperature_850"]
+
 
 def tiny_model(default_vars, img_size=(16, 32), patch_size=2, **kw):
     from climax import ClimaX

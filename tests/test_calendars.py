@@ -55,7 +55,7 @@ def _job_yaml(path: Path, cfg: dict) -> str:
     return str(path)
 
 
-def test_model_calendar_builds_trains_evaluates_and_forecasts(model_calendar, tmp_path, capsys):
+def test_model_calendar_builds_trains_evaluates_and_forecasts(model_calendar, tmp_path, capsys, ray_local):
     from climax.data import ShardDataset
     from climax.evaluation import evaluation_inits
     from jobs import evaluate, forecast
@@ -85,10 +85,10 @@ def test_model_calendar_builds_trains_evaluates_and_forecasts(model_calendar, tm
                     "leads": {"random": True, "min_hours": 6, "max_hours": 24, "val_hours": [6]}},
            "optim": {"lr": 1e-3, "warmup_steps": 2}, "train": {"epochs": 1, "steps_per_epoch": 3},
            "scaling": {"num_workers": 1}, "max_failures": 0, "observability": {"tensorboard": False}}
-    # as users run it, in its own process (the workers' lines reach its output)
+    # as users run it, in its own process (the workers' lines reach its output), on the session's Ray
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     proc = subprocess.run([sys.executable, "-m", "jobs.pretrain", _job_yaml(tmp_path / "pretrain.yaml", cfg)],
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert re.search(r"split train: \d+ time steps, \d+ \(input, lead\) pairs; \d+ skipped: their input or target "

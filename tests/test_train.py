@@ -21,32 +21,18 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import FORECAST_VARS, ROOT
 
-VARS = ["land_sea_mask", "orography", "2m_temperature", "10m_v_component_of_wind", "geopotential_500",
-        "temperature_850"]
+VARS = FORECAST_VARS
 TINY = {"patch_size": 2, "embed_dim": 64, "depth": 2, "decoder_depth": 1, "num_heads": 4, "mlp_ratio": 2.0,
         "drop_path": 0.0, "drop_rate": 0.0}
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory, ray_local) -> Path:
-    """Three years of 6-hourly 11.25-degree sample data, preprocessed: train 2014, val 2015, test 2016."""
-    from pipelines.build import build
-    from pipelines.recipe import Recipe
-    from pipelines.sample_data import generate
-
-    raw = tmp_path_factory.mktemp("raw")
-    generate(raw, years=(2014, 2015, 2016), resolution=11.25, step_hours=6, variables=VARS,
-             formats=("weatherbench",), progress=False)
-    out = tmp_path_factory.mktemp("shards")
-    build(Recipe.model_validate({
-        "sources": [{"path": str(raw / "weatherbench")}], "variables": VARS,
-        "grid": {"resolution": 11.25, "method": "bilinear"},
-        "time": {"start": "2014-01-01", "end": "2016-12-31T18:00", "step": "6h"},
-        "splits": {"train": [2014, 2014], "val": [2015, 2015], "test": [2016, 2016]},
-        "output": str(out), "shard_bytes": 2_000_000}))
-    return out
+@pytest.fixture
+def dataset(forecast_shards) -> Path:
+    """Three years of 6-hourly 11.25-degree sample data, preprocessed: train 2014, val 2015, test 2016
+    (``forecast_shards``, built once per session: tests/conftest.py)."""
+    return forecast_shards
 
 
 def config(dataset: Path, storage: Path, **kw) -> dict:
@@ -180,7 +166,7 @@ def test_relaunch_with_the_same_name_resumes(dataset, tmp_path, ray_local):
     assert last_metrics(tmp_path / "runs" / "resumed")["step"] == 15
 
 
-def test_original_checkpoint_finetunes_on_another_grid(dataset, tmp_path):
+def test_original_checkpoint_finetunes_on_another_grid(dataset, tmp_path, ray_local):
     """Our model saved as an original Lightning-style dict (``net.`` keys, no config) at 8 x 16,
     finetuned on the 16 x 32 data with fixed leads and a new output variable."""
     from climax import ClimaX, load_model
@@ -194,7 +180,7 @@ def test_original_checkpoint_finetunes_on_another_grid(dataset, tmp_path):
     cfg = config(dataset, tmp_path / "runs", **{
         "name": "finetune", "init_checkpoint": str(ckpt), "ckpt_vars": old_vars,
         "data.leads": {"random": False, "hours": [6, 12]}, "train.epochs": 1, "train.steps_per_epoch": 4})
-    out = run_job("jobs.finetune", cfg, tmp_path)
+    out = run_job("jobs.finetune", cfg, tmp_path, env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
     assert "interpolated" in out and "pos_embed" in out, out
     assert "temperature_850" in out, out  # reported as new (initialised)
     run_dir = tmp_path / "runs" / "finetune"

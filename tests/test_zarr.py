@@ -241,7 +241,8 @@ def test_zarr_from_gcs(wb2, built_zarr, gcs, ray_local, tmp_path):
     from pipelines.sources import SourceError
 
     fs, _ = storage.filesystem(f"gs://{BUCKET}", gcs)
-    fs.put(str(wb2["store"]), f"{BUCKET}/datasets/era5/store.zarr", recursive=True)
+    # one request at a time: the emulator serves concurrent uploads very slowly (~0.5 s a file)
+    fs.put(str(wb2["store"]), f"{BUCKET}/datasets/era5/store.zarr", recursive=True, batch_size=1)
     path = f"gs://{BUCKET}/datasets/era5/store.zarr"  # format auto: *.zarr is enough
     manifest = build(recipe(path, tmp_path / "out", storage_options=gcs))
     _assert_same_build(*built_zarr, tmp_path / "out", manifest)
