@@ -128,7 +128,10 @@ class Lease:
 
         fd = os.open(os.path.dirname(self._p), os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # e.g. NFS, where flock needs a file open for writing: O_EXCL alone
+                pass
             yield
         finally:
             os.close(fd)  # releases the lock
@@ -216,7 +219,13 @@ class Lease:
         if self.remote:
             self._acquire_remote()
         else:
-            self._acquire_local()
+            try:
+                self._acquire_local()
+            except LeaseError:
+                raise
+            except OSError as exc:  # read-only, full, or not a folder
+                raise LeaseError(f"{self.output}: cannot write the build lease {self.path} ({exc.strerror or exc}); "
+                                 "check that the output is a writable folder with free space") from None
         self._thread = threading.Thread(target=self._refresh_loop, name="build-lease", daemon=True)
         self._thread.start()
         return self

@@ -549,6 +549,9 @@ def test_stale_leases_are_taken_over_live_ones_are_not(tmp_path):
         lease.check()
     lease.release()
     assert json.loads(path.read_text())["pid"] == 7  # not ours: left alone
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(LeaseError, match=r"cannot write the build lease .*a-file/out/\.build-lease\.json"):
+        acquire(str(tmp_path / "a-file" / "out"))
 
 
 def test_remove_stale_keeps_a_live_writers_temporaries(raw, tmp_path):
