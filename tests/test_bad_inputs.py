@@ -28,6 +28,8 @@ import yaml
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # a local Ray, one small training run, one job in a subprocess
+
 RES = 22.5  # 8 x 16
 GRIB_VARS = ["land_sea_mask", "orography", "2m_temperature", "temperature_850"]
 TIME = {"start": "2015-01-01", "end": "2015-01-02T18:00", "step": "6h"}
