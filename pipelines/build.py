@@ -264,7 +264,9 @@ def _held_step(times, step_ns: int) -> str | None:
     if held <= step_ns:
         return None
     hour, minute = 3600 * 10**9, 60 * 10**9
-    return f"{held // hour}h" if held % hour == 0 else f"{held // minute}min" if held % minute == 0 else f"{held // 10**9}s"
+    if held % hour == 0:
+        return f"{held // hour}h"
+    return f"{held // minute}min" if held % minute == 0 else f"{held // 10**9}s"
 
 
 def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:

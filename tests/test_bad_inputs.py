@@ -28,6 +28,8 @@ import yaml
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # a local Ray, one small training run, one job in a subprocess
+
 RES = 22.5  # 8 x 16
 GRIB_VARS = ["land_sea_mask", "orography", "2m_temperature", "temperature_850"]
 TIME = {"start": "2015-01-01", "end": "2015-01-02T18:00", "step": "6h"}
@@ -36,7 +38,8 @@ TIMES = np.arange(np.datetime64("2015-01-01T00", "ns"), np.datetime64("2015-01-0
 TINY = {"patch_size": 2, "embed_dim": 32, "depth": 1, "decoder_depth": 1, "num_heads": 2, "mlp_ratio": 2.0,
         "drop_path": 0.0, "drop_rate": 0.0}
 # what a message must say to do (one of these verbs, as an instruction)
-TODO = r"(?i)\b(re-download|re-run|remove|set|add|check|give|narrow|regrid|free|evaluate on|write|use|fix|replace|drop|convert)\b"
+TODO = (r"(?i)\b(re-download|re-run|remove|set|add|check|give|narrow|regrid|free|evaluate on|write|use|fix|"
+        r"replace|drop|convert)\b")
 
 
 @dataclass
@@ -148,8 +151,9 @@ def preprocess(tmp: Path, rec: dict, capsys, *args: str):
 
 
 def manifest_of(rec: dict) -> list[Path]:
+    """What a finished (or half-written) build would leave: the manifest, temporaries."""
     out = rec["output"]
-    return [] if "://" in out else [Path(out) / "manifest.json"]
+    return [] if "://" in out else [Path(out) / "manifest.json", Path(out) / "**" / ".*.tmp"]
 
 
 # ----------------------------------------------------------------------------- the catalogue
@@ -333,9 +337,10 @@ def rotated_grid(t):
 @case
 def time_zone_name_in_recipe(t):
     src = grib_copy(t.raw, t.tmp / "grib")
-    rec = recipe([{"path": str(src / "*.grib")}], t.tmp / "out", time={**TIME, "start": "2015-01-01T00:00 Europe/Paris"})
-    return Case(preprocess(t.tmp, rec, t.capsys), 2, ["time.start", "Europe/Paris"], r"write a UTC offset instead: 2015-01-01T00:00\+01:00",
-                manifest_of(rec))
+    rec = recipe([{"path": str(src / "*.grib")}], t.tmp / "out",
+                 time={**TIME, "start": "2015-01-01T00:00 Europe/Paris"})
+    return Case(preprocess(t.tmp, rec, t.capsys), 2, ["time.start", "Europe/Paris"],
+                r"write a UTC offset instead: 2015-01-01T00:00\+01:00", manifest_of(rec))
 
 
 @case
@@ -489,4 +494,4 @@ def test_bad_input(kind, raw, ray_local, tmp_path, capsys, request):
         assert name in line, line
     assert re.search(c.todo, line), line
     for pattern in c.unfinished:
-        assert not glob.glob(str(pattern), recursive=True), f"{pattern} exists after a failed run"
+        assert not glob.glob(str(pattern), recursive=True, include_hidden=True), f"{pattern} exists after a failed run"
