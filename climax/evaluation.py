@@ -61,7 +61,7 @@ from climax.wb2 import WB2_REGIONS, ScoreSums, accumulate, area_weights, region_
 __all__ = [
     "METHODS", "ForecastRequest", "evaluate_model", "forecast_fields", "forecast_dataset", "write_netcdf",
     "check_variables", "rollout_blockers", "evaluation_inits", "resolve_device", "cf_units", "history_line",
-    "ForecastFn",
+    "ForecastFn", "scores_frame",
 ]
 
 log = logging.getLogger("climax.evaluation")
@@ -301,7 +301,9 @@ def evaluate_model(
     baselines: bool = True,
     progress: bool = True,
     regions: Sequence[str] | None = None,
-) -> pd.DataFrame:
+    init_rows: Sequence[int] | np.ndarray | None = None,
+    return_sums: bool = False,
+) -> pd.DataFrame | dict[str, Any]:
     """Score forecasts on ``split``: one row per (method, variable, lead time, region).
 
     Args:
@@ -328,6 +330,12 @@ def evaluate_model(
         progress: show a progress bar.
         regions: WeatherBench 2 regions to score (names of ``climax.wb2.WB2_REGIONS``); None: all
             of them. Ignored when ``region`` (a model's box) is given: then the box is the region.
+        init_rows: score exactly these rows of the split (a worker's share of
+            :func:`evaluation_inits`; ``max_samples`` is then ignored).
+        return_sums: return the mergeable partial sums (:func:`scores_frame` turns merged ones
+            into the table) instead of the table: a dict with ``sums`` ({(method, lead):
+            ScoreSums} on the CPU), ``regions``, ``out_vars``, ``leads``, ``units``, ``notes``,
+            ``init_times``.
 
     Returns:
         A DataFrame with columns variable, lead_hours, method (direct, rollout, persistence,
@@ -370,10 +378,14 @@ def evaluate_model(
 
     axis = dataset.axis(split)
     times_ns = np.asarray(axis.times, dtype="datetime64[ns]").astype(np.int64)
-    inits = evaluation_inits(axis.times, leads, max_samples)
-    # initial times inside the split's span that a gap (calendar or data) leaves without a target
-    longest = int(round(max(leads) * _HOUR_NS))
-    gapped = int(np.sum(times_ns + longest <= times_ns[-1])) - len(evaluation_inits(axis.times, leads))
+    if init_rows is not None:
+        inits = np.asarray(init_rows, dtype=np.int64)
+        gapped = 0  # reported by whoever split the initial times
+    else:
+        inits = evaluation_inits(axis.times, leads, max_samples)
+        # initial times inside the split's span that a gap (calendar or data) leaves without a target
+        longest = int(round(max(leads) * _HOUR_NS))
+        gapped = int(np.sum(times_ns + longest <= times_ns[-1])) - len(evaluation_inits(axis.times, leads))
     if gapped > 0:
         notes.append(f"{gapped} initial times skipped: a target time at one of the leads is missing (calendar or "
                      "data gaps)")
@@ -458,21 +470,31 @@ def evaluate_model(
                     if lead in targets:
                         add("rollout", lead, pred.float() * out_std + out_mean, truth_of[lead], clim_of[lead])
 
+    init_times = [str(t) for t in axis.times[inits]]
+    if return_sums:
+        return {"sums": {k: v.to("cpu") for k, v in sums.items()}, "regions": names, "out_vars": out_vars,
+                "leads": leads, "units": units, "notes": notes, "init_times": init_times}
+    return scores_frame(sums, names, out_vars, leads, units, notes, init_times)
+
+
+def scores_frame(sums: dict[tuple[str, float], ScoreSums], regions: Sequence[str], out_vars: Sequence[str],
+                 leads: Sequence[float], units: dict[str, str], notes: list[str], init_times: list[str]) -> pd.DataFrame:
+    """The table of :func:`evaluate_model` from (merged) sums: one row per (method, variable, lead, region)."""
     records = []
     for method in METHODS:
         for lead in leads:
             if (method, lead) not in sums:
                 continue
             s = sums[(method, lead)].scores()
-            for k, name in enumerate(names):
+            for k, name in enumerate(regions):
                 for j, v in enumerate(out_vars):
                     records.append(dict(variable=v, lead_hours=lead, method=method, region=name,
                                         **{m: float(s[m][j, k]) for m in ("rmse", "rmse_sample_mean", "bias", "acc")},
                                         units=units[v], samples=sums[(method, lead)].count))
     df = pd.DataFrame.from_records(records, columns=COLUMNS)
-    df.attrs["notes"] = notes
-    df.attrs["regions"] = names
-    df.attrs["init_times"] = [str(t) for t in axis.times[inits]]
+    df.attrs["notes"] = list(notes)
+    df.attrs["regions"] = list(regions)
+    df.attrs["init_times"] = list(init_times)
     return df
 
 

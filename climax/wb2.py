@@ -119,6 +119,10 @@ class ScoreSums:
                          self.rmse_samples + other.rmse_samples.to(self.rmse_samples.device),
                          self.acc_samples + other.acc_samples.to(self.acc_samples.device), self.count + other.count)
 
+    def to(self, device) -> ScoreSums:
+        return ScoreSums(self.sq_err.to(device), self.err.to(device), self.weight.to(device),
+                         self.rmse_samples.to(device), self.acc_samples.to(device), self.count)
+
     def scores(self) -> dict[str, np.ndarray]:
         """(V, R) arrays: rmse (WB2), rmse_sample_mean, bias (WB2), acc."""
         n = max(self.count, 1)

@@ -5,9 +5,11 @@
    test 2017;
 3. pretrain a tiny ClimaX on Ray Train (random lead times 6 h to 72 h) for a few minutes;
 4. finetune it at fixed lead times (6 h, 24 h, 72 h) from the pretraining checkpoint;
-5. evaluate on the test split (direct, 6-hour rollout, persistence, climatology): print the RMSE /
-   ACC table and the paths of the plots;
-6. write CF-compliant NetCDF forecasts and open them back with xarray;
+5. evaluate on the test split (direct, 6-hour rollout, persistence, climatology): print the RMSE
+   (WeatherBench 2's and the ClimaX paper's) / bias / ACC table and the paths of the plots, zonal
+   energy spectra included;
+6. write CF-compliant NetCDF forecasts and a WeatherBench 2-layout Zarr store, and open them back
+   with xarray;
 7. a small Ray Tune campaign over the finetuning (learning rate, frozen backbone; ASHA, Optuna).
 
     python -m jobs.demo [workdir=demo_output] [pretrain_minutes=3] ...
@@ -98,14 +100,20 @@ def main(argv: list[str] | None = None) -> None:
                    "leads=[6, 24, 72]", "rollout_step=6", f"max_samples={cfg.eval_samples}",
                    f"output={work / 'evaluation'}", "progress=false"])
 
-    _stage("6. NetCDF forecasts")
+    _stage("6. forecasts: CF NetCDF and WeatherBench 2 Zarr")
     nc = forecast.main(["configs/forecast.yaml", f"checkpoint={fine_ckpt.path}", f"data={shards}",
                         f"init_range={{start: '{last}-01-01T00:00', end: '{last}-01-02T00:00', step: 12h}}",
                         "leads=[6, 24, 72]", f"output={work / 'forecasts' / 'forecast.nc'}", "progress=false"])
+    zarr = forecast.main(["configs/forecast.yaml", f"checkpoint={fine_ckpt.path}", f"data={shards}",
+                          f"init_range={{start: '{last}-01-01T00:00', end: '{last}-01-02T00:00', step: 12h}}",
+                          "leads=[6, 24, 72]", "format=zarr", f"output={work / 'forecasts' / 'forecast.zarr'}",
+                          "progress=false"])
     import xarray as xr
 
     with xr.open_dataset(nc) as ds:
         print(f"xarray opens it back: {dict(ds.sizes)}, variables {list(ds.data_vars)[:4]}...")
+    with xr.open_zarr(zarr) as ds:
+        print(f"WeatherBench 2 layout: {dict(ds.sizes)}, variables {list(ds.data_vars)[:4]}...")
 
     table = None
     if cfg.tune_trials:
@@ -132,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  shards      {shards}/manifest.json")
     print(f"  checkpoints {pre_ckpt.path}\n              {fine_ckpt.path}")
     print(f"  evaluation  {work / 'evaluation'}/metrics.csv, rmse_vs_lead.png, acc_vs_lead.png, maps_*.png")
-    print(f"  forecasts   {nc}")
+    spectra = sorted((work / "evaluation").glob("spectra_*.png"))
+    print(f"  spectra     {work / 'evaluation' / 'spectra.csv'}" + "".join(f"\n              {p}" for p in spectra))
+    print(f"  forecasts   {nc}\n              {zarr} (WeatherBench 2 layout)")
     if table:
         print(f"  tuning      {table}")
 

@@ -57,6 +57,9 @@ class EvaluateConfig(BaseModel):
     map_lead: float | None = Field(None, description="lead time of the maps (default: the longest)")
     map_init: str | None = Field(None, description="initial time of the maps (default: the first scored)")
     progress: bool = Field(True, description="show progress bars")
+    workers: int = Field(0, ge=0, description="Ray tasks the initial times are split over (0: all in this process); "
+                                              "partial sums merge exactly")
+    worker_gpus: float = Field(0.0, ge=0, description="GPUs per Ray task (0: CPU tasks)")
     spectra_leads: list[float] | None = Field(None, description="lead times of the zonal energy spectra (among leads; "
                                                                 "default: all of them; []: no spectra)")
     spectra_samples: int = Field(8, ge=1, description="initial times the spectra are averaged over (evenly spread)")
@@ -206,6 +209,61 @@ def results_table(df) -> str:
     return "\n\n".join(blocks)
 
 
+def _score_share(cfg: EvaluateConfig, in_vars: list[str], out_vars: list[str], rows: np.ndarray) -> dict:
+    """One Ray task: the partial sums of ``rows`` (the model and dataset opened in the worker)."""
+    from climax.evaluation import evaluate_model
+
+    model, meta = load_checkpoint_model(cfg.checkpoint)
+    dataset = open_dataset(cfg.data, cfg.storage_options, meta, cfg.statistics, f"checkpoint {cfg.checkpoint}")
+    region = build_region(cfg.region, dataset, model.patch_size)
+    device = cfg.device if cfg.worker_gpus else "cpu"
+    return evaluate_model(model, dataset, cfg.split, in_vars, out_vars, cfg.leads, cfg.rollout_step, cfg.batch_size,
+                          device, region, baselines=cfg.baselines, progress=False, init_rows=rows, return_sums=True)
+
+
+def evaluate_distributed(cfg: EvaluateConfig, dataset, in_vars: list[str], out_vars: list[str]):
+    """Split the scored initial times over ``cfg.workers`` Ray tasks and merge their sums exactly: the
+    same table as one process (to float64 round-off), with a progress bar and ETA over the shares."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from climax.evaluation import evaluation_inits, scores_frame
+    from jobs.common import init_ray
+
+    axis = dataset.axis(cfg.split)
+    leads = sorted({float(x) for x in cfg.leads})
+    inits = evaluation_inits(axis.times, leads, cfg.max_samples)
+    # shares of whole batches, a few per worker so that a slow one does not hold the rest up
+    n_shares = max(1, min(len(inits) // cfg.batch_size or 1, 4 * cfg.workers))
+    shares = [s for s in np.array_split(inits, n_shares) if len(s)]
+    init_ray()
+    task = ray.remote(num_cpus=1, num_gpus=cfg.worker_gpus)(_score_share)
+    pending = [task.remote(cfg, in_vars, out_vars, rows) for rows in shares]
+    parts = []
+    with tqdm(total=len(inits), desc=f"evaluate {cfg.split} on {cfg.workers} Ray workers", unit="init",
+              disable=not cfg.progress) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            part = ray.get(done[0])
+            parts.append(part)
+            bar.update(len(part["init_times"]))
+    sums = {}
+    for part in parts:
+        for key, s in part["sums"].items():
+            sums[key] = s if key not in sums else sums[key].merge(s)
+    first = parts[0]
+    notes = list(dict.fromkeys(n for p in parts for n in p["notes"]))
+    times_ns = np.asarray(axis.times, dtype="datetime64[ns]").astype(np.int64)
+    longest = int(round(max(leads) * 3600e9))
+    gapped = int(np.sum(times_ns + longest <= times_ns[-1])) - len(evaluation_inits(axis.times, leads))
+    if gapped > 0:
+        notes.insert(0, f"{gapped} initial times skipped: a target time at one of the leads is missing (calendar or "
+                        "data gaps)")
+    df = scores_frame(sums, first["regions"], first["out_vars"], first["leads"], first["units"], notes,
+                      [str(t) for t in axis.times[inits]])
+    return df
+
+
 def write_outputs(cfg: EvaluateConfig, df, model, dataset, in_vars, out_vars, region) -> Path:
     from climax.evaluation import forecast_fields
     from climax.plots import plot_maps, plot_metric_vs_lead
@@ -316,9 +374,12 @@ def _evaluate(cfg: EvaluateConfig):
         check_grid(model, dataset, cfg.checkpoint, cfg.data)
         in_vars, out_vars = resolve_variables(model, meta, dataset, cfg.in_vars, cfg.out_vars, cfg.data)
         region = build_region(cfg.region, dataset, model.patch_size)
-        df = evaluate_model(model, dataset, cfg.split, in_vars, out_vars, cfg.leads, cfg.rollout_step,
-                            cfg.batch_size, cfg.device, region, cfg.max_samples, baselines=cfg.baselines,
-                            progress=cfg.progress)
+        if cfg.workers:
+            df = evaluate_distributed(cfg, dataset, in_vars, out_vars)
+        else:
+            df = evaluate_model(model, dataset, cfg.split, in_vars, out_vars, cfg.leads, cfg.rollout_step,
+                                cfg.batch_size, cfg.device, region, cfg.max_samples, baselines=cfg.baselines,
+                                progress=cfg.progress)
         out = write_outputs(cfg, df, model, dataset, in_vars, out_vars, region)
     except Exception as e:  # one clear line, non-zero exit
         fail(error_line(e), code=1)

@@ -92,7 +92,7 @@ class ForecastConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda, ...")
     format: Literal["netcdf", "zarr"] = Field("netcdf", description="netcdf (CF-1.8) or zarr (WeatherBench 2 layout)")
     output: str | None = Field(None, description="file (netcdf) or store (zarr) to write, local or s3://; default "
-                                                 "forecast.nc / forecast.zarr")
+                                                 "forecast_output/forecast.nc / .zarr")
     engine: Literal["netcdf4", "h5netcdf"] = Field("netcdf4", description="xarray NetCDF engine")
     progress: bool = Field(True, description="show a progress bar")
     statistics: Literal["checkpoint", "dataset"] = Field(
@@ -110,7 +110,8 @@ class ForecastConfig(BaseModel):
     def _one_source(self):
         if (self.data is None) == (self.init_file is None):
             raise ValueError("give exactly one source of initial conditions: data (a shard dataset) or init_file "
-                             "(a GRIB, NetCDF or Zarr analysis)")
+                             "(a GRIB, NetCDF or Zarr analysis); with configs/forecast.yaml and init_file, add "
+                             "data=null init_range=null")
         if self.init_times is not None and self.init_range is not None:
             raise ValueError("give init_times (a list) or init_range (start, end, step), not both")
         if self.data is not None and self.init_times is None and self.init_range is None:
@@ -118,7 +119,7 @@ class ForecastConfig(BaseModel):
         if self.init_file is not None and self.region is not None:
             raise ValueError("region= crops a shard dataset; forecasts from init_file cover the checkpoint's grid")
         if self.output is None:
-            self.output = "forecast.zarr" if self.format == "zarr" else "forecast.nc"
+            self.output = f"forecast_output/forecast.{'zarr' if self.format == 'zarr' else 'nc'}"
         return self
 
     def requested_times(self) -> np.ndarray | None:
