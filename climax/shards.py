@@ -102,7 +102,8 @@ def verify_sha256(path: str, expected: dict | None, open_stream: Any, dataset: s
             raise ShardReadError(
                 f"{f'dataset {dataset}: ' if dataset else ''}shard {path} has sha256 {got[:16]}... where the "
                 f"manifest lists {want[:16]}...; the file changed after the build (overwritten, copied in part, "
-                "bit rot): rebuild the dataset (re-run jobs.preprocess with its recipe) or copy the whole dataset again")
+                "bit rot): rebuild the dataset (re-run jobs.preprocess with its recipe) or copy the whole "
+                "dataset again")
         with _VERIFIED_LOCK:
             _VERIFIED.add((path, want))
 
