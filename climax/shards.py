@@ -74,6 +74,7 @@ def check_rows(path: str, num_rows: int, expected: dict | None, dataset: str = "
 #: (file path, sha256) already verified by this process: a shard is hashed once per process.
 _VERIFIED: set[tuple[str, str]] = set()
 _VERIFIED_LOCK = threading.Lock()
+_HASHING: dict[str, threading.Lock] = {}
 
 
 def sha256_of_stream(stream: Any) -> str:
@@ -92,15 +93,20 @@ def verify_sha256(path: str, expected: dict | None, open_stream: Any, dataset: s
     with _VERIFIED_LOCK:
         if (path, want) in _VERIFIED:
             return
-    with open_stream() as f:
-        got = sha256_of_stream(f)
-    if got != want:
-        raise ShardReadError(
-            f"{f'dataset {dataset}: ' if dataset else ''}shard {path} has sha256 {got[:16]}... where the manifest "
-            f"lists {want[:16]}...; the file changed after the build (overwritten, copied in part, bit rot): "
-            "rebuild the dataset (re-run jobs.preprocess with its recipe) or copy the whole dataset again")
-    with _VERIFIED_LOCK:
-        _VERIFIED.add((path, want))
+        lock = _HASHING.setdefault(path, threading.Lock())
+    with lock:  # loader threads opening the same shard: one hashes it, the others wait
+        if (path, want) in _VERIFIED:
+            return
+        with open_stream() as f:
+            got = sha256_of_stream(f)
+        if got != want:
+            raise ShardReadError(
+                f"{f'dataset {dataset}: ' if dataset else ''}shard {path} has sha256 {got[:16]}... where the "
+                f"manifest lists {want[:16]}...; the file changed after the build (overwritten, copied in part, "
+                "bit rot): rebuild the dataset (re-run jobs.preprocess with its recipe) or copy the whole "
+                "dataset again")
+        with _VERIFIED_LOCK:
+            _VERIFIED.add((path, want))
 
 
 def tensor_type(shape: Sequence[int]) -> pa.DataType:
