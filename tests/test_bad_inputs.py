@@ -354,7 +354,9 @@ def missing_bucket(t):
 def missing_credentials(t):
     opts = t.request.getfixturevalue("moto_s3")
     mp = t.request.getfixturevalue("monkeypatch")
-    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+              "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+              "AWS_CONTAINER_CREDENTIALS_FULL_URI"):  # every place botocore looks for credentials
         mp.delenv(k, raising=False)
     mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(t.tmp / "none"))
     mp.setenv("AWS_CONFIG_FILE", str(t.tmp / "none"))
