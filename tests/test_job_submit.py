@@ -161,7 +161,7 @@ def wait(head: dict, submission_id: str, timeout: float = 600) -> tuple[str, str
         if time.time() > deadline:
             client.stop_job(submission_id)
             pytest.fail(f"{submission_id} still {status} after {timeout} s:\n{client.get_job_logs(submission_id)}")
-        time.sleep(1)
+        time.sleep(0.25)
     return str(status), client.get_job_logs(submission_id)
 
 
