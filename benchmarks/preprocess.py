@@ -35,6 +35,10 @@ runs and keeps the best wall time and the worst peak (the machine may be shared)
 
 ``--profile`` also runs one shard task in-process under cProfile and prints where its time goes
 (decode, regrid, statistics, Parquet encoding, ...).
+
+Why one file of ~790 lines: a benchmark script, run as a whole; the baseline it measures against (a
+re-implementation of the original ClimaX preprocessing) lives here so that nothing in the product
+depends on it.
 """
 
 from __future__ import annotations

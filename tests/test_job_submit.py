@@ -53,9 +53,12 @@ def _own_processes(session: int, marker: str) -> list[int]:
             continue
         try:
             stat = (d / "stat").read_text()
-            sid = int(stat[stat.rindex(")") + 2:].split()[3])
+            state, *_, sid = stat[stat.rindex(")") + 2:].split()[:4]
+            sid = int(sid)
             cmd = (d / "cmdline").read_bytes().decode(errors="replace")
         except (OSError, ValueError):
+            continue
+        if state == "Z":  # exited, not yet reaped (`ray start` itself, until proc.wait): nothing to stop
             continue
         if sid == session or marker in cmd:
             pids.append(int(d.name))
@@ -63,7 +66,9 @@ def _own_processes(session: int, marker: str) -> list[int]:
 
 
 def _stop(proc: subprocess.Popen, marker: str) -> None:
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+    # SIGTERM, then SIGKILL what is left after 5 s (the raylet and its runtime-env agent take ~13 s to
+    # exit gracefully after a run; nothing of the head outlives the test: its temp dir is removed)
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
         pids = _own_processes(proc.pid, marker)
         for pid in pids:
             try:
@@ -156,7 +161,7 @@ def wait(head: dict, submission_id: str, timeout: float = 600) -> tuple[str, str
         if time.time() > deadline:
             client.stop_job(submission_id)
             pytest.fail(f"{submission_id} still {status} after {timeout} s:\n{client.get_job_logs(submission_id)}")
-        time.sleep(1)
+        time.sleep(0.25)
     return str(status), client.get_job_logs(submission_id)
 
 

@@ -207,7 +207,7 @@ def _run_job(recipe: dict, tmp: Path, *extra, env=None, **popen) -> subprocess.P
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def test_sigkill_then_rerun_gives_identical_shards(built, archive, tmp_path):
+def test_sigkill_then_rerun_gives_identical_shards(built, archive, tmp_path, ray_local):
     reference, _ = built
     out = tmp_path / "killed"
     recipe = recipe_dict(archive, out)
@@ -223,7 +223,7 @@ def test_sigkill_then_rerun_gives_identical_shards(built, archive, tmp_path):
     assert not (out / "manifest.json").exists()  # nothing half-written looks finished
     done = len(list(out.rglob("*.parquet")))
     finished = _mtimes(out)
-    rerun = _run_job(recipe, tmp_path)
+    rerun = _run_job(recipe, tmp_path, env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
     log, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, log
     assert _files_bytes(out) == _files_bytes(reference)
@@ -268,10 +268,10 @@ def test_bad_input_gives_a_clear_error_and_no_manifest(archive, ray_local, tmp_p
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
-def test_job_exits_non_zero_with_one_line(archive, tmp_path):
+def test_job_exits_non_zero_with_one_line(archive, tmp_path, ray_local):
     recipe = recipe_dict(archive, tmp_path / "out")
     recipe["variables"] = VARS + ["specific_humidity_700"]
-    proc = _run_job(recipe, tmp_path)
+    proc = _run_job(recipe, tmp_path, env={"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, log
     last = log.strip().splitlines()[-1]
