@@ -13,7 +13,8 @@ per-sample RMSEs, the ClimaX paper's convention), ``bias`` (forecast - truth, WB
 2's zonal energy spectra of the direct forecast and of the truth at ``spectra_leads``, averaged over
 ``spectra_samples`` initial times and the latitude band ``spectra_band``: ``climax.spectra``), and
 prints the table. Runs in this process, on
-the GPU when there is one (``device=auto``).
+the GPU when there is one (``device=auto``), or with ``workers=N`` split over N Ray tasks (CPU, or
+``worker_gpus`` GPUs each) whose partial sums merge exactly into the same table.
 """
 
 from __future__ import annotations
