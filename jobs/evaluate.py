@@ -13,7 +13,8 @@ per-sample RMSEs, the ClimaX paper's convention), ``bias`` (forecast - truth, WB
 2's zonal energy spectra of the direct forecast and of the truth at ``spectra_leads``, averaged over
 ``spectra_samples`` initial times and the latitude band ``spectra_band``: ``climax.spectra``), and
 prints the table. Runs in this process, on
-the GPU when there is one (``device=auto``).
+the GPU when there is one (``device=auto``), or with ``workers=N`` split over N Ray tasks (CPU, or
+``worker_gpus`` GPUs each) whose partial sums merge exactly into the same table.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class EvaluateConfig(BaseModel):
     spectra_leads: list[float] | None = Field(None, description="lead times of the zonal energy spectra (among leads; "
                                                                 "default: all of them; []: no spectra)")
     spectra_samples: int = Field(8, ge=1, description="initial times the spectra are averaged over (evenly spread)")
-    spectra_band: list[float] = Field([30.0, 60.0], description="|latitude| band (degrees) the spectra average over")
+    spectra_band: list[float] = Field([30.0, 60.0], min_length=2, max_length=2,
+                                      description="|latitude| band (degrees) the spectra average over")
     coarse: str | None = Field(None, description="downscaling checkpoints: the coarse input dataset (default: the "
                                                  "run's); data is the fine truth, leads and rollout are ignored")
     statistics: Literal["checkpoint", "dataset"] = Field(
@@ -315,6 +317,11 @@ def write_spectra(cfg: EvaluateConfig, df, model, dataset, in_vars, out_vars, re
     if region is not None:
         df.attrs.setdefault("notes", []).append("spectra skipped: a regional model does not cover whole circles of "
                                                 "latitude")
+        return
+    band = np.abs(np.asarray(dataset.lat, dtype=np.float64))
+    if not ((band >= cfg.spectra_band[0]) & (band <= cfg.spectra_band[1])).any():
+        df.attrs.setdefault("notes", []).append(f"spectra skipped: no latitude row of the grid lies in spectra_band "
+                                                f"{cfg.spectra_band}")
         return
     off = [x for x in leads if x not in {float(y) for y in cfg.leads}]
     if off:

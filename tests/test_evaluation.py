@@ -429,17 +429,17 @@ def test_distributed_evaluation_equals_one_process(shards, checkpoint, tmp_path,
     from jobs import evaluate
 
     cfg = _write_yaml(tmp_path / "evaluate.yaml", {"checkpoint": str(checkpoint), "data": str(shards)})
-    args = [cfg, "leads=[6,12]", "rollout_step=6", "max_samples=10", "batch_size=2", "device=cpu", "progress=false",
-            "spectra_leads=[]"]
-    one = evaluate.main([*args, f"output={tmp_path / 'one'}"])
-    many = evaluate.main([*args, "workers=2", f"output={tmp_path / 'many'}"])
+    args = [cfg, "leads=[6,12]", "rollout_step=6", "max_samples=10", "batch_size=2", "device=cpu", "progress=false"]
+    one = evaluate.main([*args, "spectra_leads=[]", f"output={tmp_path / 'one'}"])
+    many = evaluate.main([*args, "workers=2", "spectra_band=[85, 89]", f"output={tmp_path / 'many'}"])
+    assert "spectra skipped: no latitude row" in capsys.readouterr().out
     assert len(many) == len(one) and list(many.columns) == list(one.columns)
     for col in ("variable", "lead_hours", "method", "region", "samples"):
         assert many[col].tolist() == one[col].tolist()
     for col in ("rmse", "rmse_sample_mean", "bias", "acc"):
         np.testing.assert_allclose(many[col], one[col], rtol=1e-6, atol=1e-9)
     assert many.attrs["init_times"] == one.attrs["init_times"] and many["samples"].max() == 10
-    assert not (tmp_path / "many" / "spectra.csv").exists()  # spectra_leads=[]: none
+    assert not (tmp_path / "one" / "spectra.csv").exists() and not (tmp_path / "many" / "spectra.csv").exists()
 
 
 def test_evaluate_job_on_a_region(shards, checkpoint, tmp_path, capsys):
