@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from climax.checkpoint import save_checkpoint
+from climax.checkpoint import load_checkpoint, save_checkpoint
 from climax.metrics import lat_weighted_mse, lat_weights
 from climax.model import ClimaX
 
@@ -38,10 +40,8 @@ __all__ = ["TrainState", "autocast", "train_step", "validate", "save_train_state
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
-#: Parameters frozen by ``freeze_backbone``: the variable aggregation, position and lead-time
-#: embeddings and the transformer. Patch and variable embeddings (new variables must learn
-#: theirs) and the head stay trainable.
-BACKBONE = ("var_query", "var_agg", "pos_embed", "lead_time_embed", "blocks", "norm")
+#: The top-level modules ``freeze_backbone`` freezes (declared by the model: ``ClimaX.BACKBONE``).
+BACKBONE = ClimaX.BACKBONE
 
 
 @dataclass
@@ -54,8 +54,8 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def unwrap(model: nn.Module) -> ClimaX:
-    """The ClimaX inside ``torch.compile`` and DDP / FSDP wrappers (checkpoints hold bare keys)."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` and DDP / FSDP wrappers (checkpoints hold bare keys)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
 
@@ -68,10 +68,11 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def freeze_backbone(model: ClimaX) -> list[str]:
-    """Freeze the backbone (see ``BACKBONE``); returns the frozen parameter names."""
+    """Freeze the backbone (what ``model.backbone_names()`` names); returns the frozen parameter names."""
+    backbone = model.backbone_names()
     frozen = []
     for name, p in model.named_parameters():
-        if name.split(".")[0] in BACKBONE:
+        if name in backbone:
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
@@ -177,8 +178,6 @@ def save_train_state(directory: str | os.PathLike, model: nn.Module, optimizer: 
 def load_train_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                      scheduler: Any = None) -> TrainState:
     """Restore weights (strictly: a resumed run has the same model), optimiser, scheduler, counters."""
-    from climax.checkpoint import load_checkpoint
-
     directory = Path(directory)
     report = load_checkpoint(unwrap(model), directory / MODEL_FILE, strict=True)
     del report
@@ -218,9 +217,6 @@ def read_train_state(directory: str | os.PathLike) -> dict:
     every worker at the next restart, so nothing but tensors and plain containers is unpickled; a
     file with anything else is refused with a message saying so.
     """
-    import pickle
-    import re
-
     path = Path(directory) / STATE_FILE
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

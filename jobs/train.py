@@ -334,7 +334,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
 
     from climax.data import ForecastLoader, MixedLoader, ShardDataset
-    from climax.masking import MaskedObjective, step_generator, validate_masked
+    from climax.masking import MaskedAutoencoder, MaskedObjective, step_generator, validate_masked
     from climax.normalization import checkpoint_record
     from climax.regions import Region
     from climax.sampling import lead_hours
@@ -409,7 +409,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer, scheduler, state = start_or_resume(cfg, model, total_steps, log)
     uses_all = all(set(_variables(cfg, ds)[0]) == set(model.default_vars) for ds in datasets)
     ddp_model = ray.train.torch.prepare_model(
-        model, move_to_device=False,
+        MaskedAutoencoder(model) if masked is not None else model, move_to_device=False,
         parallel_strategy_kwargs={"find_unused_parameters": not uses_all or cfg.freeze_backbone or masked is not None})
     if cfg.train.compile and device.type == "cuda":
         ddp_model = torch.compile(ddp_model)  # checkpoints still hold bare keys (climax.training.unwrap)
@@ -471,7 +471,7 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_train_state(tmp, ddp_model, optimizer, None, state, run_config=redact(cfg),
+                save_train_state(tmp, model, optimizer, None, state, run_config=redact(cfg),
                                  in_vars=val_in, out_vars=val_out, metrics=metrics,
                                  **checkpoint_record(val_ds, [*val_in, *val_out], region))
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
