@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from climax.atomic import write_atomic
 from climax.redact import redact, redact_text
-from jobs.config import ConfigError, _inner_model, fail, parse_args, validate
+from jobs.config import ConfigError, inner_model, fail, parse_args, validate
 from jobs.train import ROOT, TrainConfig
 
 DEFAULT_BASE = "configs/finetune/global.yaml"
@@ -235,7 +235,7 @@ def check_key(key: str) -> None:
                 raise ConfigError(f"unknown search_space key {key!r}; allowed keys at {where}: "
                                   f"{', '.join(current.model_fields)}")
             annotation = current.model_fields[part].annotation
-            inner = _inner_model(annotation)
+            inner = inner_model(annotation)
             if inner is None:
                 origin = getattr(annotation, "__origin__", None)
                 if origin is dict or "dict[" in str(annotation):
@@ -311,7 +311,7 @@ def _absolute_paths(cfg: dict) -> dict:
 
 
 def _model_base(base: TrainConfig) -> dict:
-    from jobs.train import _model_config
+    from climax.tasks import model_config
 
     if isinstance(base.model, dict):
         return dict(base.model)
@@ -321,7 +321,7 @@ def _model_base(base: TrainConfig) -> dict:
         _, meta, _ = read_checkpoint(base.init_checkpoint)
         if meta.get("model_config"):
             return {}  # the checkpoint's configuration, these keys on top
-    return _model_config(base)
+    return model_config(base)
 
 
 def resolve(cfg: CampaignConfig) -> Campaign:
@@ -815,9 +815,9 @@ def planned_trials(campaign: Campaign) -> int:
 
 
 def plot_history(histories: dict, best_id: str | None, metric: str, path: Path) -> Path:
-    from climax.plots import _figure, _save
+    from climax.plots import figure, save_figure
 
-    fig = _figure(7.5, 4.5)
+    fig = figure(7.5, 4.5)
     ax = fig.add_subplot()
     for tid, df in histories.items():
         if df is None or not len(df) or tid == best_id:
@@ -834,7 +834,7 @@ def plot_history(histories: dict, best_id: str | None, metric: str, path: Path) 
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} against epoch, every trial (grey), the best highlighted")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def export_checkpoint(campaign: Campaign, history, out: Path) -> tuple[str, dict]:

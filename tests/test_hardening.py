@@ -281,7 +281,7 @@ def test_projection_state_loads_with_weights_only(tmp_path):
     import torch
 
     from climax.training import UnsafeCheckpointError
-    from jobs.tasks.projection import load_state
+    from climax.tasks.projection import load_state
     from tests.helpers import tiny_model
 
     model = tiny_model(["2m_temperature"])
