@@ -250,7 +250,7 @@ def storage(cfg: TrainConfig, filesystem_class=None):
     return str(Path(cfg.storage_path).expanduser().resolve()), None
 
 
-class _StopOnDataError(UserCallback):
+class StopOnDataError(UserCallback):
     """A ``ray.train.UserCallback`` that ends the run at the first worker error that retrying cannot
     fix (``climax.data.ShardReadError``: a corrupt shard), instead of ``max_failures`` restarts.
 
@@ -300,7 +300,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep,
                                                      checkpoint_score_attribute=cfg.checkpoint.score,
                                                      checkpoint_score_order="min"),
-        callbacks=[*(callbacks or []), *observability_callbacks(cfg), _StopOnDataError()])
+        callbacks=[*(callbacks or []), *observability_callbacks(cfg), StopOnDataError()])
     return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.model_dump(mode="json"),
                         scaling_config=scaling, run_config=run)
 
