@@ -119,7 +119,7 @@ def tensor_column(table: pa.Table, name: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- dataset
 class ShardReadError(RuntimeError):
     """A shard that does not decode (truncated, overwritten, bit rot). Retrying cannot help, so the
-    training job stops at once instead of restarting its workers (``jobs.train.StopOnDataError``)."""
+    training job stops at once instead of restarting its workers (``jobs.train``'s StopOnDataError callback)."""
 
     retryable = False
 

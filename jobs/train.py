@@ -250,7 +250,7 @@ def storage(cfg: TrainConfig, filesystem_class=None):
     return str(Path(cfg.storage_path).expanduser().resolve()), None
 
 
-class StopOnDataError(UserCallback):
+def _stop_on_data_error_callback() -> UserCallback:
     """A ``ray.train.UserCallback`` that ends the run at the first worker error that retrying cannot
     fix (``climax.data.ShardReadError``: a corrupt shard), instead of ``max_failures`` restarts.
 
@@ -259,11 +259,16 @@ class StopOnDataError(UserCallback):
     not retry. So ``after_exception`` (run on the controller when workers fail, before the policy
     decides) raises the worker's own error for such failures; ``fit()`` then raises it at once."""
 
-    def after_exception(self, run_context, worker_exceptions: dict) -> None:
-        for rank, exc in sorted(worker_exceptions.items()):
-            final = _final_error(exc)
-            if final is not None:
-                raise final
+    # Defined in here, not at module level: cloudpickle then ships the class by value, so the Train
+    # controller needs no importable jobs.train of the same version (a cluster started elsewhere).
+    class StopOnDataError(UserCallback):
+        def after_exception(self, run_context, worker_exceptions: dict) -> None:
+            for rank, exc in sorted(worker_exceptions.items()):
+                final = _final_error(exc)
+                if final is not None:
+                    raise final
+
+    return StopOnDataError()
 
 
 def _final_error(exc: BaseException) -> BaseException | None:
@@ -300,7 +305,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep,
                                                      checkpoint_score_attribute=cfg.checkpoint.score,
                                                      checkpoint_score_order="min"),
-        callbacks=[*(callbacks or []), *observability_callbacks(cfg), StopOnDataError()])
+        callbacks=[*(callbacks or []), *observability_callbacks(cfg), _stop_on_data_error_callback()])
     return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.model_dump(mode="json"),
                         scaling_config=scaling, run_config=run)
 
