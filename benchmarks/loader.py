@@ -276,7 +276,7 @@ def hires(out: Path, days: int, batch_size: int) -> int:
 
     from benchmarks.common import machine
     from climax import shards as S
-    from climax.data import ForecastLoader, ShardDataset, _tensor_column
+    from climax.data import ForecastLoader, ShardDataset, tensor_column
     from climax.sampling import lead_hours
 
     root = hires_data(out.resolve(), days)
@@ -301,7 +301,7 @@ def hires(out: Path, days: int, batch_size: int) -> int:
             for a in range(0, n, 8):
                 table = pf.read_row_groups(list(range(a, min(a + 8, n))), columns=tv, use_threads=False)
                 for v in tv:
-                    mb += _tensor_column(table, v).nbytes / 1e6
+                    mb += tensor_column(table, v).nbytes / 1e6
         cpu, wall = cpu_s() - c, time.perf_counter() - t
         print(f"  decode, one thread, run {rep + 1}: {mb:.0f} MB in {cpu:.2f} CPU-s ({wall:.2f} s wall): "
               f"{mb / cpu:.0f} MB/s per core, {1000 * cpu / (mb / row_mb):.1f} ms CPU per step", flush=True)

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from climax.masking import DECODER
 from climax.model import ClimaX
 from climax.variables import NAME_ALIASES, ORIGINAL_DEFAULT_VARS
 
@@ -301,7 +300,7 @@ def load_checkpoint(
                                       f"does not fit the model's {tuple(init.shape)} and is not used)")
 
     for key in sorted(set(state) - used):
-        (report.decoder if key.startswith(f"{DECODER}.") else report.ignored).append(key)
+        (report.decoder if key.startswith(f"{ClimaX.DECODER}.") else report.ignored).append(key)
     if list(names) != list(model_vars):
         missing = [v for v in model_vars if v not in ckpt_index]
         extra = [v for v in names if v not in set(model_vars)]

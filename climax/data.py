@@ -108,7 +108,7 @@ def _filesystem(root: str, storage_options: dict | None) -> tuple[pafs.FileSyste
     return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(proto, **opts))), rest.rstrip("/")
 
 
-def _tensor_column(table: pa.Table, name: str) -> np.ndarray:
+def tensor_column(table: pa.Table, name: str) -> np.ndarray:
     col = table.column(name)
     col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     if not isinstance(col, pa.FixedShapeTensorArray):
@@ -336,7 +336,7 @@ class ShardDataset:
             else:
                 rel = self.manifest.raw.get("constants", {}).get("path", S.CONSTANTS)
                 table = self._read_whole(rel)
-                self._const = {c: _tensor_column(table, c)[0].astype(_F32, copy=False) for c in self.constants}
+                self._const = {c: tensor_column(table, c)[0].astype(_F32, copy=False) for c in self.constants}
         return self._const
 
     def read(self, split: str, idx: np.ndarray, variables: Sequence[str]) -> np.ndarray:
@@ -361,7 +361,7 @@ class ShardDataset:
             for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(uniq)]):
                 table = self._read_table(split, int(shard[lo]), axis.row[uniq[lo:hi]], tv)
                 for j, v in enumerate(tv):
-                    buf[j, lo:hi] = _tensor_column(table, v)
+                    buf[j, lo:hi] = tensor_column(table, v)
             for j, v in enumerate(variables):
                 if v not in consts:
                     np.take(buf[tv.index(v)], inv, axis=0, out=out[:, j], mode="clip")
@@ -401,7 +401,7 @@ class ShardDataset:
             table = self._read_whole(f"{info.get('path', S.CLIMATOLOGY_DIR)}/{var}.parquet")
         doy = table.column("dayofyear").to_numpy().astype(np.int64)
         hour = table.column("hour").to_numpy().astype(np.int64)
-        fields = np.concatenate([_tensor_column(table, var), self.time_mean([var])[0][None]]).astype(_F32, copy=False)
+        fields = np.concatenate([tensor_column(table, var), self.time_mean([var])[0][None]]).astype(_F32, copy=False)
         mean_row = len(doy)
         lookup = np.full((367, 24), mean_row, np.int64)
         days = np.arange(1, 367)
@@ -447,7 +447,7 @@ class ShardDataset:
         if self._time_mean is None and any(v not in self.constants for v in variables):
             rel = self.manifest.raw.get("climatology", {}).get("time_mean", f"{S.CLIMATOLOGY_DIR}/time_mean.parquet")
             table = self._read_whole(rel)
-            self._time_mean = {c: _tensor_column(table, c)[0].astype(_F32, copy=False) for c in table.column_names}
+            self._time_mean = {c: tensor_column(table, c)[0].astype(_F32, copy=False) for c in table.column_names}
         return np.stack([self.constant_fields()[v] if v in self.constants else self._time_mean[v]
                          for v in variables]) if variables else np.empty((0, *self.shape), _F32)
 
@@ -766,7 +766,7 @@ class ForecastLoader:
                 tmp = None
                 for v in cols:
                     j = self._slot[v]
-                    a = self._crop(_tensor_column(table, v))
+                    a = self._crop(tensor_column(table, v))
                     if isinstance(dest, slice):
                         np.subtract(a, self._mean[j], out=buf[j, dest])
                         buf[j, dest] *= self._inv_std[j]

@@ -45,6 +45,7 @@ from torch import nn
 from climax.data import Batch
 from climax.metrics import lat_weighted_bias, lat_weighted_mse, lat_weighted_pearson, lat_weighted_rmse
 from climax.model import ClimaX
+from climax.training import autocast, unwrap
 
 __all__ = ["resolve_variables", "make_downscaler", "paired_indices", "DownscalingLoader", "bilinear_matrix", "Downscaler", "DownscalingScores",
            "evaluate_downscaling", "METHODS"]
@@ -409,8 +410,6 @@ def evaluate_downscaling(model: Downscaler, batches, lat, device: torch.device, 
                          scores: DownscalingScores | None = None) -> DownscalingScores:
     """Score ``model`` (a ``Downscaler``, or a DDP wrapper of one) on ``batches``; returns the
     running scores (all-reduced over the process group when one is initialised)."""
-    from climax.training import autocast, unwrap
-
     ds = unwrap(model)
     model.eval()
     scores = scores or DownscalingScores(ds.out_vars, device)

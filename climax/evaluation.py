@@ -60,8 +60,8 @@ from climax.wb2 import WB2_REGIONS, ScoreSums, accumulate, area_weights, region_
 
 __all__ = [
     "METHODS", "ForecastRequest", "evaluate_model", "forecast_fields", "forecast_dataset", "write_netcdf",
-    "check_variables", "rollout_blockers", "evaluation_inits", "resolve_device", "cf_units", "history_line",
-    "ForecastFn", "scores_frame",
+    "check_variables", "rollout_blockers", "evaluation_inits", "resolve_device", "cf_units", "variable_units",
+    "history_line", "ForecastFn", "scores_frame",
 ]
 
 log = logging.getLogger("climax.evaluation")
@@ -411,7 +411,7 @@ def evaluate_model(
     # climax.metrics' cos weights exactly as before (float32), so acc and rmse_sample_mean are unchanged
     cos_m = torch.as_tensor(region_weight_matrix(lat_weights(torch.as_tensor(lat)).double().numpy(), masks),
                             device=device)
-    units = _units(dataset, out_vars)
+    units = variable_units(dataset, out_vars)
 
     read_vars = list(dict.fromkeys([*in_vars, *out_vars]))
     in_pos = [read_vars.index(v) for v in in_vars]
@@ -502,7 +502,7 @@ def _as_tensor(a) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
 
 
-def _units(dataset, variables: Sequence[str]) -> dict[str, str]:
+def variable_units(dataset, variables: Sequence[str]) -> dict[str, str]:
     specs = dataset.manifest.raw.get("variables", {})
     return {v: str(specs.get(v, {}).get("units", "")) for v in variables}
 

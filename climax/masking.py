@@ -13,16 +13,21 @@ As masked autoencoders do for images (He et al., 2022, MAE), the model sees a sa
 - **Patch masking** (after aggregation, position and lead-time embedding): ``mask_ratio`` of the
   tokens of each sample (default 0.75) are dropped before the transformer blocks, MAE-style (a
   per-sample random subset is gathered), so the encoder only runs on the kept quarter.
-- **Decoder** (``MaskedDecoder``, attached to the model as ``mae_decoder``): a light transformer
+- **Decoder** (``MaskedDecoder``, attached to the encoder as ``mae_decoder``): a light transformer
   (MAE's design) takes the encoded kept tokens, puts a learned mask token at every dropped position,
   adds fixed sin-cos position embeddings and predicts every variable's p x p values of every patch.
 - **Loss**: ``climax.metrics.lat_weighted_mse`` with a mask: the masked patches of every
   reconstructed variable plus the dropped variables everywhere; kept values never count.
 
-The decoder's weights are saved with the model under ``mae_decoder.`` and reported by
-``load_checkpoint`` as "ignored (pretraining decoder)" when a plain ClimaX (finetuning, evaluation)
-loads the checkpoint. Training-loop entry points: ``MaskedObjective`` (one call per training step,
-from ``climax.training.train_step``), ``validate_masked`` and ``step_generator``.
+- **Model**: ``MaskedAutoencoder`` (encoder + decoder) is what trains; the ClimaX encoder itself only
+  forecasts. The decoder is registered on the encoder (``ClimaX.DECODER``), so the encoder's
+  checkpoint carries its weights under ``mae_decoder.`` (a masked run continues, a finetuning run
+  starts from it) and ``load_checkpoint`` reports them as "ignored (pretraining decoder)" when a plain
+  ClimaX (finetuning, evaluation) loads the checkpoint.
+
+Training-loop entry points: ``MaskedObjective`` (one call per training step, from
+``climax.training.train_step``), ``validate_masked`` and ``step_generator`` (the forecast task,
+``climax/tasks/forecast.py``).
 """
 
 from __future__ import annotations
@@ -40,12 +45,13 @@ from torch import nn
 
 from climax.metrics import lat_weighted_mse
 from climax.model import ClimaX, get_2d_sincos_pos_embed
+from climax.training import autocast, unwrap
 
-__all__ = ["DECODER", "Mask", "MaskedDecoder", "MaskedObjective", "attach_decoder", "reconstruct",
-           "sample_mask", "step_generator", "validate_masked"]
+__all__ = ["DECODER", "Mask", "MaskedAutoencoder", "MaskedDecoder", "MaskedObjective", "attach_decoder",
+           "reconstruct", "sample_mask", "step_generator", "validate_masked"]
 
-#: Attribute (and state-dict prefix) of the pretraining decoder on a ClimaX.
-DECODER = "mae_decoder"
+#: Attribute (and state-dict prefix) of the pretraining decoder on a ClimaX (declared by the model).
+DECODER = ClimaX.DECODER
 
 
 @dataclass(frozen=True)
@@ -146,8 +152,8 @@ def attach_decoder(model: ClimaX, dim: int = 128, depth: int = 2, num_heads: int
 
 def reconstruct(model: ClimaX, x: torch.Tensor, lead_times: torch.Tensor, in_vars: Sequence[str],
                 out_vars: Sequence[str] | None, mask: Mask) -> torch.Tensor:
-    """``model(x, lead, in_vars, out_vars, mask=mask)``: the encoder on the kept tokens and kept
-    variables, the decoder on every position; (B, len(out_vars or in_vars), H, W)."""
+    """The encoder on the kept tokens and kept variables, the decoder on every position;
+    (B, len(out_vars or in_vars), H, W)."""
     decoder = getattr(model, DECODER, None)
     if decoder is None:
         raise ValueError("this ClimaX has no masked-pretraining decoder: call climax.masking.attach_decoder(model) "
@@ -155,6 +161,33 @@ def reconstruct(model: ClimaX, x: torch.Tensor, lead_times: torch.Tensor, in_var
     tokens = model.forward_encoder(x, lead_times, in_vars, var_mask=mask.var_keep, keep=mask.keep)
     preds = model.unpatchify(decoder(tokens, mask.keep))
     return preds[:, model.var_ids(out_vars if out_vars is not None else in_vars)]
+
+
+class MaskedAutoencoder(nn.Module):
+    """Encoder (a ClimaX with a decoder from ``attach_decoder``) + its ``mae_decoder``: the module a
+    masked run trains (and hands to DDP, so both paths synchronise their gradients).
+
+    ``forward(..., mask=None)`` forecasts with the encoder (validation, forecast steps of a schedule);
+    with a ``Mask`` it reconstructs (``reconstruct``). Checkpoints hold the encoder (``.encoder``),
+    whose state dict carries the decoder under ``mae_decoder.``.
+    """
+
+    def __init__(self, encoder: ClimaX):
+        super().__init__()
+        if getattr(encoder, DECODER, None) is None:
+            raise ValueError("this ClimaX has no masked-pretraining decoder: call climax.masking.attach_decoder(model) "
+                             "first (jobs: objective.kind=masked, schedule or mix)")
+        self.encoder = encoder
+
+    @property
+    def decoder(self) -> MaskedDecoder:
+        return getattr(self.encoder, DECODER)
+
+    def forward(self, x: torch.Tensor, lead_times: torch.Tensor, in_vars: Sequence[str],
+                out_vars: Sequence[str] | None = None, region=None, mask: Mask | None = None) -> torch.Tensor:
+        if mask is None:
+            return self.encoder(x, lead_times, in_vars, out_vars, region=region)
+        return reconstruct(self.encoder, x, lead_times, in_vars, out_vars, mask)
 
 
 @dataclass(frozen=True)
@@ -171,9 +204,12 @@ class MaskedObjective:
 
     def __call__(self, model: nn.Module, x: torch.Tensor, in_vars: Sequence[str], out_vars: Sequence[str],
                  generator: torch.Generator | None = None, return_mask: bool = False):
-        from climax.training import unwrap
-
         net = unwrap(model)  # call the (DDP) wrapper, read the shapes from the model
+        if isinstance(net, ClimaX):
+            if net is not model:
+                raise ValueError("wrap the ClimaX in climax.masking.MaskedAutoencoder before DDP / torch.compile")
+            model = net = MaskedAutoencoder(net)
+        net = net.encoder
         recon = [v for v in in_vars if v in set(out_vars)]
         if not recon:
             raise ValueError(f"masked pretraining reconstructs the time-varying inputs, but none of {list(in_vars)} "
@@ -193,8 +229,6 @@ def validate_masked(model: nn.Module, batches: Iterable, lat: np.ndarray, object
                     device: torch.device, bf16: bool = True, seed: int = 0) -> dict:
     """Reconstruction loss on ``batches`` with masks fixed by (seed, batch number): comparable across
     epochs. Sums are all-reduced when a process group is initialised."""
-    from climax.training import autocast
-
     model.eval()
     lat_t = torch.as_tensor(np.asarray(lat), dtype=torch.float32, device=device)
     sums = torch.zeros(2, dtype=torch.float64, device=device)

@@ -84,6 +84,11 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int) -> np.ndar
 class ClimaX(nn.Module):
     """ClimaX: a vision transformer over a variable set, forecasting at a given lead time.
 
+    The model declares its own parameter groups, as timm models do: ``no_weight_decay()`` (the
+    embedding tables AdamW must not shrink; ``climax.optim``), ``backbone_names()`` (what
+    ``freeze_backbone`` freezes; ``climax.training``) and ``DECODER`` (the attribute and
+    state-dict prefix of a masked-pretraining decoder; ``climax.masking``, ``climax.checkpoint``).
+
     Args:
         default_vars: names of every variable the model knows, in embedding order. Inputs may be
             any subset in any order; outputs are selected by name.
@@ -98,6 +103,15 @@ class ClimaX(nn.Module):
         drop_rate: dropout after the embeddings and inside the blocks (projection and MLP).
         fast_var_agg: use the exact factorised variable aggregation (see module docstring).
     """
+
+    #: Top-level parameters without weight decay (ClimaX applies none to its embedding tables).
+    NO_WEIGHT_DECAY = ("var_embed", "var_query", "pos_embed", "lead_time_embed")
+    #: The backbone frozen by ``freeze_backbone``: the variable aggregation, position and lead-time
+    #: embeddings and the transformer. Patch and variable embeddings (new variables must learn
+    #: theirs) and the head stay trainable.
+    BACKBONE = ("var_query", "var_agg", "pos_embed", "lead_time_embed", "blocks", "norm")
+    #: Attribute (and state-dict prefix) of a masked-pretraining decoder (``climax.masking``).
+    DECODER = "mae_decoder"
 
     def __init__(
         self,
@@ -188,6 +202,15 @@ class ClimaX(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ parameter groups
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters AdamW must not decay (timm's hook): the embedding tables."""
+        return {n for n, _ in self.named_parameters() if n.split(".")[0] in self.NO_WEIGHT_DECAY}
+
+    def backbone_names(self) -> set[str]:
+        """Names of the backbone's parameters (frozen when finetuning with ``freeze_backbone``)."""
+        return {n for n, _ in self.named_parameters() if n.split(".")[0] in self.BACKBONE}
 
     # ------------------------------------------------------------------ helpers
     def var_ids(self, variables: Sequence[str]) -> list[int]:
@@ -334,20 +357,19 @@ class ClimaX(nn.Module):
         in_vars: Sequence[str],
         out_vars: Sequence[str] | None = None,
         region: Region | None = None,
-        mask=None,
+        mask: object = None,
     ) -> torch.Tensor:
         """Predict ``out_vars`` (default: all default variables) at ``lead_times`` hours ahead.
 
         x: (B, len(in_vars), H, W) normalised fields, or the crop of a ``region`` (then H, W are
         the region's and only its patches and position embeddings are used); lead_times: (B,) in
         hours. Returns (B, len(out_vars), H, W).
-        ``mask`` (a ``climax.masking.Mask``): masked-field reconstruction through the attached
-        ``mae_decoder`` instead of the forecast head (``climax/masking.py``).
+        ``mask``: refused; masked-field reconstruction is ``climax.masking.MaskedAutoencoder``
+        (this encoder plus a decoder from ``attach_decoder``), not a mode of the forecaster.
         """
         if mask is not None:
-            from climax.masking import reconstruct
-
-            return reconstruct(self, x, lead_times, in_vars, out_vars, mask)
+            raise ValueError("ClimaX forecasts and takes no mask: reconstruct with climax.masking.MaskedAutoencoder"
+                             "(model), after climax.masking.attach_decoder(model)")
         out_ids = self.var_ids(out_vars) if out_vars is not None else None
         tokens = self.forward_encoder(x, lead_times, in_vars, region)
         preds = self.unpatchify(self.head(tokens), None if region is None else region.patch_grid)

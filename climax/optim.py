@@ -9,18 +9,18 @@ from torch import nn
 
 __all__ = ["param_groups", "build_optimizer", "warmup_cosine"]
 
-# Embedding tables that must not shrink towards zero (ClimaX applies no decay to them).
-NO_DECAY_NAMES = ("var_embed", "var_query", "pos_embed", "lead_time_embed")
-
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decay for weight matrices; none for embeddings, biases and norms."""
+    """Two AdamW groups: decay for weight matrices; none for biases, norms and what the model's
+    ``no_weight_decay()`` names (timm's convention; ``ClimaX``: its embedding tables)."""
+    bare_model = getattr(model, "module", model)  # a DDP wrapper's names carry "module."
+    skip = set(bare_model.no_weight_decay()) if hasattr(bare_model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         bare = name.removeprefix("module.")
-        if p.ndim <= 1 or bare.split(".")[0] in NO_DECAY_NAMES:
+        if p.ndim <= 1 or bare in skip:
             no_decay.append(p)
         else:
             decay.append(p)

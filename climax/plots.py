@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_metric_vs_lead", "plot_maps", "plot_downscaling_maps", "plot_spectra"]
+__all__ = ["plot_metric_vs_lead", "plot_maps", "plot_downscaling_maps", "plot_projection_maps", "plot_spectra",
+           "figure", "save_figure"]
 
 _STYLE = {
     "direct": dict(color="tab:blue", marker="o"),
@@ -24,7 +25,7 @@ _STYLE = {
 }
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -33,7 +34,7 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -51,7 +52,7 @@ def plot_metric_vs_lead(df: pd.DataFrame, metric: str, path: str | os.PathLike, 
         raise ValueError("no rows to plot")
     ncol = min(3, len(variables))
     nrow = math.ceil(len(variables) / ncol)
-    fig = _figure(4.2 * ncol, 3.2 * nrow)
+    fig = figure(4.2 * ncol, 3.2 * nrow)
     axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False)).ravel()
     for ax, var in zip(axes, variables):
         sub = df[df["variable"] == var]
@@ -68,7 +69,7 @@ def plot_metric_vs_lead(df: pd.DataFrame, metric: str, path: str | os.PathLike, 
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_maps(forecast: np.ndarray, truth: np.ndarray, lat: Sequence[float], lon: Sequence[float],
@@ -84,7 +85,7 @@ def plot_maps(forecast: np.ndarray, truth: np.ndarray, lat: Sequence[float], lon
     error = forecast - truth
     lo, hi = np.nanmin([forecast.min(), truth.min()]), np.nanmax([forecast.max(), truth.max()])
     emax = float(np.nanmax(np.abs(error))) or 1.0
-    fig = _figure(14, 3.6)
+    fig = figure(14, 3.6)
     axes = fig.subplots(1, 3)
     panels = [("forecast", forecast, "viridis", lo, hi), ("truth", truth, "viridis", lo, hi),
               ("error (forecast - truth)", error, "RdBu_r", -emax, emax)]
@@ -96,7 +97,7 @@ def plot_maps(forecast: np.ndarray, truth: np.ndarray, lat: Sequence[float], lon
         ax.set_aspect("equal")
         fig.colorbar(mesh, ax=ax, shrink=0.8, label=units)
     fig.suptitle(title or variable)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_downscaling_maps(coarse: np.ndarray | None, coarse_lat: Sequence[float], coarse_lon: Sequence[float],
@@ -112,7 +113,7 @@ def plot_downscaling_maps(coarse: np.ndarray | None, coarse_lat: Sequence[float]
     fields = [downscaled, truth] + ([np.asarray(coarse, dtype=np.float64)] if coarse is not None else [])
     lo, hi = min(float(np.nanmin(f)) for f in fields), max(float(np.nanmax(f)) for f in fields)
     emax = float(np.nanmax(np.abs(error))) or 1.0
-    fig = _figure(18, 3.6)
+    fig = figure(18, 3.6)
     axes = fig.subplots(1, 4)
     panels = [("coarse input", coarse, coarse_lat, coarse_lon, "viridis", lo, hi),
               ("downscaled", downscaled, lat, lon, "viridis", lo, hi),
@@ -132,7 +133,30 @@ def plot_downscaling_maps(coarse: np.ndarray | None, coarse_lat: Sequence[float]
         ax.set_aspect("equal")
         fig.colorbar(mesh, ax=ax, shrink=0.8, label=units)
     fig.suptitle(title or variable)
-    return _save(fig, path)
+    return save_figure(fig, path)
+
+
+def plot_projection_maps(pred, base, truth, lat, lon, path, variable, units, span):
+    """Projection (ClimateBench): the truth's mean and the model's and the linear baseline's mean
+    error over the test years ``span`` (one PNG)."""
+    order = np.argsort(lat)
+    lat = np.asarray(lat)[order]
+    pred, base, truth = pred[order], base[order], truth[order]
+    fig = figure(14, 3.6)
+    axes = fig.subplots(1, 3)
+    emax = float(max(np.abs(pred - truth).max(), np.abs(base - truth).max())) or 1.0
+    panels = [(f"truth, mean {span}", truth, "viridis", truth.min(), truth.max()),
+              ("ClimaX mean error", pred - truth, "RdBu_r", -emax, emax),
+              ("linear baseline mean error", base - truth, "RdBu_r", -emax, emax)]
+    for ax, (name, field, cmap, vmin, vmax) in zip(axes, panels):
+        mesh = ax.pcolormesh(lon, lat, field, cmap=cmap, vmin=vmin, vmax=vmax, shading="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("longitude (deg E)")
+        ax.set_ylabel("latitude (deg N)")
+        ax.set_aspect("equal")
+        fig.colorbar(mesh, ax=ax, shrink=0.8, label=units)
+    fig.suptitle(f"{variable}: ssp245 {span}")
+    return save_figure(fig, path)
 
 
 def plot_spectra(df: pd.DataFrame, path: str | os.PathLike, variable: str, title: str | None = None) -> Path:
@@ -141,7 +165,7 @@ def plot_spectra(df: pd.DataFrame, path: str | os.PathLike, variable: str, title
     sub = df[(df["variable"] == variable) & (df["wavenumber"] > 0)]
     if sub.empty:
         raise ValueError(f"no spectra rows for {variable!r}")
-    fig = _figure(5.5, 4.0)
+    fig = figure(5.5, 4.0)
     ax = fig.subplots()
     leads = sorted(dict.fromkeys(sub["lead_hours"]))
     colours = [f"C{i % 10}" for i in range(len(leads))]
@@ -154,4 +178,4 @@ def plot_spectra(df: pd.DataFrame, path: str | os.PathLike, variable: str, title
     ax.set_title(title or f"{variable}: zonal energy spectra")
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,6 +1,6 @@
 """Climate projection (ClimateBench): the model wrapper, the yearly data, the metrics, the baseline.
 
-Plain PyTorch and numpy, no Ray (``jobs/tasks/projection.py`` runs it on Ray Train).
+Plain PyTorch and numpy, no Ray (``climax/tasks/projection.py`` is the task that trains it).
 
 Model (as ClimaX's ``ClimaXClimateBench``, Nguyen et al. 2023, section 4.3): the pretrained
 backbone encodes each of the last ``history`` years of forcing on its own, at lead time 0, with a

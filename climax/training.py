@@ -1,11 +1,12 @@
 """The training step, validation and training state: plain PyTorch, no Ray.
 
-``jobs/train.py`` wraps these in a Ray Train ``TorchTrainer``; the same functions run in a notebook
+``climax/loop.py`` runs these for every task (``jobs/train.py`` inside Ray Train); they run in a notebook
 on one process. Distributed runs only need ``torch.distributed`` to be initialised (validation
 sums are all-reduced when it is).
 
-- ``train_step``: latitude-weighted MSE on normalised fields, backward, gradient clipping, AdamW,
-  warmup-cosine scheduler step; bf16 autocast on CUDA.
+- ``train_step``: ``forecast_loss`` (latitude-weighted MSE on normalised fields; bf16 autocast on
+  CUDA) then ``optimizer_step`` (backward, gradient clipping, AdamW, warmup-cosine scheduler step).
+  Every task's loop (``climax.loop.fit``) takes its steps through ``optimizer_step``.
 - ``validate``: the loss, and latitude-weighted RMSE per variable in physical units (predictions
   and targets de-normalised with the dataset statistics) with persistence beside it.
 - ``TrainState`` + ``save_train_state`` / ``load_train_state``: what a checkpoint holds beyond
@@ -19,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterable, Sequence
+import pickle
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,19 +32,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from climax.checkpoint import save_checkpoint
+from climax.checkpoint import load_checkpoint, save_checkpoint
 from climax.metrics import lat_weighted_mse, lat_weights
 from climax.model import ClimaX
 
-__all__ = ["TrainState", "autocast", "train_step", "validate", "save_train_state", "load_train_state",
+__all__ = ["TrainState", "autocast", "forecast_loss", "optimizer_step", "batch_where", "train_step", "validate", "save_train_state", "load_train_state",
            "read_train_state", "UnsafeCheckpointError", "freeze_backbone", "unwrap", "BACKBONE"]
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
-#: Parameters frozen by ``freeze_backbone``: the variable aggregation, position and lead-time
-#: embeddings and the transformer. Patch and variable embeddings (new variables must learn
-#: theirs) and the head stay trainable.
-BACKBONE = ("var_query", "var_agg", "pos_embed", "lead_time_embed", "blocks", "norm")
+#: The top-level modules ``freeze_backbone`` freezes (declared by the model: ``ClimaX.BACKBONE``).
+BACKBONE = ClimaX.BACKBONE
 
 
 @dataclass
@@ -54,8 +55,8 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def unwrap(model: nn.Module) -> ClimaX:
-    """The ClimaX inside ``torch.compile`` and DDP / FSDP wrappers (checkpoints hold bare keys)."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` and DDP / FSDP wrappers (checkpoints hold bare keys)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule
     return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
 
@@ -68,10 +69,11 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def freeze_backbone(model: ClimaX) -> list[str]:
-    """Freeze the backbone (see ``BACKBONE``); returns the frozen parameter names."""
+    """Freeze the backbone (what ``model.backbone_names()`` names); returns the frozen parameter names."""
+    backbone = model.backbone_names()
     frozen = []
     for name, p in model.named_parameters():
-        if name.split(".")[0] in BACKBONE:
+        if name in backbone:
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
@@ -81,15 +83,11 @@ def _lat(lat: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(lat), dtype=torch.float32, device=device)
 
 
-def train_step(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler | None, lat: np.ndarray,
-               device: torch.device, grad_clip: float | None = 1.0, bf16: bool = True,
-               region: Any = None, masked: Any = None, generator: torch.Generator | None = None) -> float:
-    """One optimiser step on a batch (``climax.data.Batch``); returns the loss.
-
-    ``masked`` (a ``climax.masking.MaskedObjective``, masks drawn from ``generator``): reconstruct the
-    masked input at lead time 0 instead of forecasting; the loss counts the masked points only.
-    """
+def forecast_loss(model: nn.Module, batch: Any, lat: np.ndarray, device: torch.device, bf16: bool = True,
+                  region: Any = None, masked: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The training loss of a batch (``climax.data.Batch``): latitude-weighted MSE of the forecast,
+    or with ``masked`` (a ``climax.masking.MaskedObjective``, masks drawn from ``generator``) of the
+    reconstruction of the masked input at lead time 0, counting the masked points only."""
     model.train()
     x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
     lead = batch.lead_hours.to(device, non_blocking=True)
@@ -98,10 +96,21 @@ def train_step(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
             pred, target, points = model(x, lead, batch.in_vars, batch.out_vars, region=region), y, None
         else:
             pred, target, points = masked(model, x, batch.in_vars, batch.out_vars, generator)
-    loss = lat_weighted_mse(pred.float(), target, _lat(lat, device), points)
+    return lat_weighted_mse(pred.float(), target, _lat(lat, device), points)
+
+
+def batch_where(batch: Any) -> str:
+    """Which batch, for an error message."""
+    return f"on a batch of {batch.dataset!r} with inputs at {batch.input_time[:3]}..."
+
+
+def optimizer_step(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer, scheduler: Any,
+                   grad_clip: float | None, where: Callable[[], str]) -> float:
+    """Backward, clipping, optimiser and schedule step on ``loss``; returns its value. A loss that is
+    not finite stops the run with ``where()`` (which batch, which step) in the message."""
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"the training loss is {loss.item()} on a batch of {batch.dataset!r} with inputs "
-                                 f"at {batch.input_time[:3]}...; lower the learning rate or check the data")
+        raise FloatingPointError(f"the training loss is {loss.item()} {where()}; lower the learning rate or "
+                                 "check the data")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -110,6 +119,15 @@ def train_step(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
     if scheduler is not None:
         scheduler.step()
     return float(loss.detach())
+
+
+def train_step(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None, lat: np.ndarray,
+               device: torch.device, grad_clip: float | None = 1.0, bf16: bool = True,
+               region: Any = None, masked: Any = None, generator: torch.Generator | None = None) -> float:
+    """One optimiser step on a batch (``forecast_loss`` then ``optimizer_step``); returns the loss."""
+    loss = forecast_loss(model, batch, lat, device, bf16, region, masked, generator)
+    return optimizer_step(model, loss, optimizer, scheduler, grad_clip, lambda: batch_where(batch))
 
 
 @torch.no_grad()
@@ -177,8 +195,6 @@ def save_train_state(directory: str | os.PathLike, model: nn.Module, optimizer: 
 def load_train_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                      scheduler: Any = None) -> TrainState:
     """Restore weights (strictly: a resumed run has the same model), optimiser, scheduler, counters."""
-    from climax.checkpoint import load_checkpoint
-
     directory = Path(directory)
     report = load_checkpoint(unwrap(model), directory / MODEL_FILE, strict=True)
     del report
@@ -218,9 +234,6 @@ def read_train_state(directory: str | os.PathLike) -> dict:
     every worker at the next restart, so nothing but tensors and plain containers is unpickled; a
     file with anything else is refused with a message saying so.
     """
-    import pickle
-    import re
-
     path = Path(directory) / STATE_FILE
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)

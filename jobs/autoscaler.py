@@ -32,6 +32,10 @@ SPOT_SUFFIX = "-spot"
 def spot_first_scorer(node_resources: dict, resources: list[dict], node_type: str, *,
                       node_availability_summary: Any) -> tuple | None:
     """A ``RAY_AUTOSCALER_UTILIZATION_SCORER``: higher tuples are launched first; None: cannot fit."""
+    # Private on purpose: the scorer hook (RAY_AUTOSCALER_UTILIZATION_SCORER) is Ray's only way to rank
+    # node types, and Ray publishes no API for its default score, which this keeps and refines. Imported
+    # here, not at the top, so the module stays importable where that path moved. If Ray renames it,
+    # tests/test_cluster.py::test_spot_first_then_on_demand_when_spot_fails fails.
     from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer
 
     score = _default_utilization_scorer(node_resources, resources, node_type,

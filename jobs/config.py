@@ -58,17 +58,17 @@ def _allowed(model: type[BaseModel], loc: tuple) -> list[str]:
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
             return []
-        current = _inner_model(current.model_fields[part].annotation)
+        current = inner_model(current.model_fields[part].annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return []
 
 
-def _inner_model(annotation: Any) -> Any:
+def inner_model(annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _inner_model(arg)
+        found = inner_model(arg)
         if found is not None:
             return found
     return None
@@ -102,7 +102,7 @@ def describe_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     out = []
     for name, f in model.model_fields.items():
         key = f"{prefix}{name}"
-        inner = _inner_model(f.annotation)
+        inner = inner_model(f.annotation)
         if inner is not None and typing.get_origin(f.annotation) not in (list, dict):
             out.append(f"  {key}:")
             out += describe_keys(inner, key + ".")

@@ -29,7 +29,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from climax.atomic import write_atomic
+from climax.evaluation import evaluate_model
 from climax.redact import redact
+from climax.tasks import checkpoint_task, get_task
 from jobs.common import error_line, setup_logging
 from jobs.config import fail, parse_args
 
@@ -363,21 +365,16 @@ def main(argv: list[str] | None = None):
 
 
 def _evaluate(cfg: EvaluateConfig):
-    from jobs.tasks.projection import evaluate_run, is_projection_checkpoint
-
-    if is_projection_checkpoint(cfg.checkpoint):  # ClimateBench: NRMSE table and maps (jobs/tasks/projection.py)
+    task = checkpoint_task(cfg.checkpoint)  # recorded by the run that wrote it
+    if task != "forecast":  # projection: ClimateBench NRMSE; downscaling: vs bilinear (climax/tasks/)
         try:
-            return evaluate_run(cfg.checkpoint, cfg.data, cfg.output, cfg.storage_options or None)
-        except Exception as e:
+            return get_task(task).evaluate(cfg)
+        except Exception as e:  # one clear line, non-zero exit
             fail(error_line(e), code=1)
     try:
-        from climax.evaluation import evaluate_model
-
         model, meta = load_checkpoint_model(cfg.checkpoint)
-        if meta.get("task") == "downscaling":  # coarse -> fine: RMSE, bias, Pearson vs bilinear; maps
-            return _downscaling(cfg, model, meta)
         dataset = open_dataset(cfg.data, cfg.storage_options, meta, cfg.statistics, f"checkpoint {cfg.checkpoint}",
-                           verify=cfg.verify)
+                               verify=cfg.verify)
         check_grid(model, dataset, cfg.checkpoint, cfg.data)
         in_vars, out_vars = resolve_variables(model, meta, dataset, cfg.in_vars, cfg.out_vars, cfg.data)
         region = build_region(cfg.region, dataset, model.patch_size)
@@ -398,19 +395,6 @@ def _evaluate(cfg: EvaluateConfig):
     spectra = [f"spectra_{v}.png" for v in out_vars if (out / f"spectra_{v}.png").is_file()]
     print(f"\nwritten to {out}/: metrics.csv, metrics.json, rmse_vs_lead.png, acc_vs_lead.png, "
           + ", ".join([f"maps_{v}.png" for v in out_vars] + (["spectra.csv", *spectra] if spectra else [])))
-    return df
-
-
-def _downscaling(cfg: EvaluateConfig, model, meta: dict):
-    from jobs.tasks import downscaling
-
-    try:
-        df, out = downscaling.evaluate(cfg, model, meta)
-    except Exception as e:  # one clear line, non-zero exit
-        fail(error_line(e), code=1)
-    print(f"\n{cfg.split}: {int(df['samples'].max())} time steps, downscaled vs bilinear interpolation")
-    print(downscaling.results_table(df))
-    print(f"\nwritten to {out}/: metrics.csv, metrics.json, " + ", ".join(df.attrs["maps"]))
     return df
 
 

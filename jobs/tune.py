@@ -39,12 +39,12 @@ from jobs.tuning.campaign import (DEFAULT_BASE, RESERVED, Campaign, CampaignConf
                                   SchedulerSpec, base_config, check_key, planned_epochs, planned_trials, resolve,
                                   set_key, short_config, trial_config)
 from jobs.tuning.report import collect, export_checkpoint, plot_history, print_summary, write_report
-from jobs.tuning.runtime import (ACTIVE, DRIVER_MEMORY, FAIL_ONCE_ENV, REAP_EVERY_S, CampaignASHA,
+from jobs.tuning.runtime import (ACTIVE, DRIVER_MEMORY, REAP_EVERY_S, CampaignASHA,
                                  CampaignLog, build_tuner, campaign_fs, error_text, max_concurrent, param_space,
                                  reap_stopped_runs, run_trial)
 
 __all__ = [
-    "ACTIVE", "DEFAULT_BASE", "DRIVER_MEMORY", "FAIL_ONCE_ENV", "REAP_EVERY_S", "RESERVED", "Campaign",
+    "ACTIVE", "DEFAULT_BASE", "DRIVER_MEMORY", "REAP_EVERY_S", "RESERVED", "Campaign",
     "CampaignASHA", "CampaignConfig", "CampaignLog", "Distribution", "SchedulerSpec", "base_config",
     "build_tuner", "campaign_fs", "check_key", "collect", "error_text", "exit_status", "export_checkpoint",
     "main", "max_concurrent", "param_space", "planned_epochs", "planned_trials", "plot_history",

@@ -340,7 +340,8 @@ def test_finetuning_statistics_precedence(gappy_shards, tmp_path):
     """Finetuning: the checkpoint's recorded statistics, else the release files given by
     ckpt_statistics; statistics=dataset keeps the dataset's."""
     from climax.data import ShardDataset
-    from jobs.train import TrainConfig, init_statistics
+    from climax.tasks.forecast import init_statistics
+    from jobs.train import TrainConfig
 
     ds_stats = ShardDataset(str(gappy_shards)).manifest.mean_std(["2m_temperature"])
     np.savez(tmp_path / "normalize_mean.npz", **{"2m_temperature": np.array([111.0]), "orography": np.array([7.0])})

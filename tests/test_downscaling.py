@@ -207,13 +207,13 @@ def test_downscaling_finetunes_beats_bilinear_and_freezes(pair, tmp_path, ray_lo
     from climax.downscaling import DownscalingLoader, make_downscaler
     from climax.optim import build_optimizer
     from climax.training import freeze_backbone, train_step
-    from jobs.tasks.downscaling import _net
+    from climax.tasks.downscaling import build_net
     from jobs.train import TrainConfig
 
     cfg = TrainConfig.model_validate({**yaml.safe_load((ROOT / "configs/finetune/downscaling.yaml").read_text()),
                                       "init_checkpoint": str(ckpt), "freeze_backbone": True})
     c, f = ShardDataset(str(coarse)), ShardDataset(str(fine))
-    net = _net(cfg, f, OUT, ["land_sea_mask", "orography"], OUT, log=lambda *a: None)
+    net = build_net(cfg, f, OUT, ["land_sea_mask", "orography"], OUT, log=lambda *a: None)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     frozen = set(freeze_backbone(net))
     model = make_downscaler(net, c, f, OUT, ["land_sea_mask", "orography"], OUT)

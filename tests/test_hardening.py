@@ -205,7 +205,7 @@ def test_secrets_appear_nowhere_after_a_full_run(tmp_path, raw, moto_s3, ray_loc
                  "checkpoint.num_to_keep": 1, "observability.tensorboard": False},
         "search_space": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}}
     e["CLIMAX_TUNE_TEST_FAIL_ONCE"] = str(tmp_path / "fail-once")  # the first trial fails, for good
-    out = run("jobs.tune", campaign, expect=1)
+    out = run("tests.tune_fail_once", campaign, expect=1)  # jobs.tune, its first trial failing
     del e["CLIMAX_TUNE_TEST_FAIL_ONCE"]
     assert "1 of 2 trials errored" in out, out
     summary = json.loads((work / "report" / "summary.json").read_text())
@@ -281,7 +281,7 @@ def test_projection_state_loads_with_weights_only(tmp_path):
     import torch
 
     from climax.training import UnsafeCheckpointError
-    from jobs.tasks.projection import load_state
+    from climax.tasks.projection import load_state
     from tests.helpers import tiny_model
 
     model = tiny_model(["2m_temperature"])

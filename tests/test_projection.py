@@ -141,7 +141,7 @@ def test_projection_trains_and_beats_the_linear_baseline(climatebench, tmp_path,
     cfg.train.epochs = 3  # a relaunch with the same name resumes: step counter, schedule, weights
     result = fit(cfg)
     assert result.error is None and result.metrics["step"] == 240 and result.metrics["restarts"] == 1
-    from jobs.tasks.projection import after_fit, load_projection
+    from climax.tasks.projection import after_fit, load_projection
 
     table = after_fit(cfg, result)
     # the frozen block weights are bit-identical to the pretrained ones; their norms trained

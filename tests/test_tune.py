@@ -1,9 +1,10 @@
 """Hyperparameter campaigns on Ray Tune (``jobs.tune``) against generated data.
 
 One campaign of 6 Optuna trials (ASHA, 2 at a time on the tests' 2-CPU local Ray) runs as a user
-runs it (``python -m jobs.tune CONFIG``, in a subprocess); it is interrupted with SIGINT once two trials
-have finished and relaunched with the same command. The first trial to start fails once (test
-hook ``CLIMAX_TUNE_TEST_FAIL_ONCE``, an environment variable naming a marker file) and is retried.
+runs it (``jobs.tune`` through ``python -m tests.tune_fail_once CONFIG``, in a subprocess); it is
+interrupted with SIGINT once two trials have finished and relaunched with the same command. The first
+trial to start fails once (``tests/tune_fail_once.py``: ``CLIMAX_TUNE_TEST_FAIL_ONCE`` names a marker
+file) and is retried.
 The tests then read the table, the summary, the exported checkpoint and ``jobs.evaluate``'s
 metrics. Configuration errors are checked in-process, without Ray.
 """
@@ -95,7 +96,7 @@ def campaign(tmp_path_factory, ray_local, dataset):
     path = tmp / "tune.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     env = _env(ray_local, CLIMAX_TUNE_TEST_FAIL_ONCE=str(tmp / "fail-once"))
-    cmd = [sys.executable, "-m", "jobs.tune", str(path)]
+    cmd = [sys.executable, "-m", "tests.tune_fail_once", str(path)]  # jobs.tune, its first trial failing once
 
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

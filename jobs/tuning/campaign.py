@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from jobs.config import ConfigError, _inner_model, validate
+from jobs.config import ConfigError, inner_model, validate
 from jobs.train import ROOT, TrainConfig
 
 DEFAULT_BASE = "configs/finetune/global.yaml"
@@ -200,7 +200,7 @@ def check_key(key: str) -> None:
                 raise ConfigError(f"unknown search_space key {key!r}; allowed keys at {where}: "
                                   f"{', '.join(current.model_fields)}")
             annotation = current.model_fields[part].annotation
-            inner = _inner_model(annotation)
+            inner = inner_model(annotation)
             if inner is None:
                 origin = getattr(annotation, "__origin__", None)
                 if origin is dict or "dict[" in str(annotation):
@@ -276,7 +276,7 @@ def _absolute_paths(cfg: dict) -> dict:
 
 
 def _model_base(base: TrainConfig) -> dict:
-    from jobs.train import _model_config
+    from climax.tasks import model_config
 
     if isinstance(base.model, dict):
         return dict(base.model)
@@ -286,7 +286,7 @@ def _model_base(base: TrainConfig) -> dict:
         _, meta, _ = read_checkpoint(base.init_checkpoint)
         if meta.get("model_config"):
             return {}  # the checkpoint's configuration, these keys on top
-    return _model_config(base)
+    return model_config(base)
 
 
 def resolve(cfg: CampaignConfig) -> Campaign:

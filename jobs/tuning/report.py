@@ -75,9 +75,9 @@ def collect(campaign: Campaign):
 
 
 def plot_history(histories: dict, best_id: str | None, metric: str, path: Path) -> Path:
-    from climax.plots import _figure, _save
+    from climax.plots import figure, save_figure
 
-    fig = _figure(7.5, 4.5)
+    fig = figure(7.5, 4.5)
     ax = fig.add_subplot()
     for tid, df in histories.items():
         if df is None or not len(df) or tid == best_id:
@@ -94,7 +94,7 @@ def plot_history(histories: dict, best_id: str | None, metric: str, path: Path) 
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} against epoch, every trial (grey), the best highlighted")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def export_checkpoint(campaign: Campaign, history, out: Path) -> tuple[str, dict]:

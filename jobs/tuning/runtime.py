@@ -20,9 +20,6 @@ from jobs.tuning.campaign import Campaign, planned_epochs, short_config, trial_c
 DRIVER_MEMORY = 256 * 2**20
 #: how often the driver frees what stopped trials' Ray Train runs hold (see reap_stopped_runs)
 REAP_EVERY_S = 3.0
-#: test hook only (tests/test_tune.py), read on the driver: the first trial to start creates this
-#: file and fails (trials must see the same filesystem: a local cluster)
-FAIL_ONCE_ENV = "CLIMAX_TUNE_TEST_FAIL_ONCE"
 
 
 def param_space(campaign: Campaign) -> dict:
@@ -58,14 +55,6 @@ def run_trial(config: dict, campaign: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(campaign["base"], config, campaign["model_base"], campaign["encoded"])
     cfg.update(name=trial_id, storage_path=campaign["runs_path"], storage_options=campaign["storage_options"])
-    marker = campaign.get("fail_once")
-    if marker:  # test hook (FAIL_ONCE_ENV on the driver): the first trial to get here fails once
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            pass
-        else:
-            raise RuntimeError(f"injected failure of trial {trial_id} ({FAIL_ONCE_ENV})")
     build_trainer(TrainConfig.model_validate(cfg), callbacks=[TuneReportCallback()]).fit()
 
 
@@ -293,8 +282,7 @@ def build_tuner(campaign: Campaign):
     cfg = campaign.cfg
     trainable = ray.tune.with_parameters(run_trial, campaign={
         "base": campaign.base, "model_base": campaign.model_base, "encoded": campaign.encoded,
-        "runs_path": campaign.runs_path, "storage_options": cfg.storage_options,
-        "fail_once": os.environ.get(FAIL_ONCE_ENV)})
+        "runs_path": campaign.runs_path, "storage_options": cfg.storage_options})
     # the trial's function only drives its TorchTrainer: no CPU (the workers get them all), some memory
     trainable = ray.tune.with_resources(trainable, {"cpu": 0, "memory": DRIVER_MEMORY})
     fs, exp = campaign_fs(campaign)

@@ -1,16 +1,16 @@
-"""Climate projection (ClimateBench) finetuning on Ray Train, and its evaluation.
+"""Climate projection (ClimateBench): the task, its data windows, and its evaluation.
 
     python -m jobs.finetune configs/finetune/projection.yaml [init_checkpoint=PATH] [key=value ...]
     python -m jobs.evaluate configs/evaluate.yaml checkpoint=RUN/checkpoint_... data=SHARDS/ssp245 output=DIR
 
-``jobs.finetune`` with ``task: projection`` runs :func:`projection_loop` in every Ray Train worker
-(dispatched from ``jobs.train.train_loop_per_worker``): each ClimateBench scenario (a dataset that
-``jobs.preprocess`` built with ``configs/recipes/climatebench.yaml``, one row per year) is read
-whole into memory; a sample is the window of ``projection.history`` years of forcing ending at a
-target year. A seeded ``projection.val_fraction`` of the training windows is held out for
-validation. The loss is the latitude-weighted MSE of the normalised targets; every epoch reports
-``val_rmse/<var>`` in physical units (with the linear baseline's beside it) and a checkpoint
-(``model.pt`` + ``train_state.pt``, as the forecast task), so restarts and relaunches resume.
+Training (``climax.loop`` with this task's hooks; on Ray Train through ``jobs.finetune``): each
+ClimateBench scenario (a dataset that ``jobs.preprocess`` built with
+``configs/recipes/climatebench.yaml``, one row per year) is read whole into memory; a sample is the
+window of ``projection.history`` years of forcing ending at a target year. A seeded
+``projection.val_fraction`` of the training windows is held out for validation. The loss is the
+latitude-weighted MSE of the normalised targets; every epoch reports ``val_rmse/<var>`` in physical
+units (with the linear baseline's beside it) and a checkpoint (``model.pt`` + ``train_state.pt``, as
+the forecast task), so restarts and relaunches resume.
 
 When the run ends, the driver evaluates the best checkpoint on ``projection.test`` (ssp245) over
 ``projection.test_years`` (2080-2100): ClimateBench's NRMSE (spatial, global, total) and the
@@ -21,16 +21,31 @@ grid point on the global-mean forcings) in ``metrics.csv``, and ``maps_<var>.png
 
 from __future__ import annotations
 
-import tempfile
-import time
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from climax.atomic import write_atomic
-from climax.redact import redact, without_redacted
+from climax.checkpoint import load_checkpoint, read_checkpoint
+from climax.data import ShardDataset
+from climax.loop import Loaders
+from climax.metrics import lat_weighted_mse
+from climax.model import ClimaX
+from climax.plots import plot_projection_maps
+from climax.projection import (LinearBaseline, ProjectionModel, climatebench_nrmse, freeze_projection, load_scenario,
+                               window_targets, windows)
+from climax.redact import without_redacted
+from climax.tasks import Task, model_config
+from climax.training import MODEL_FILE, TrainState, autocast, freeze_backbone, read_train_state, unwrap
+
+__all__ = ["ProjectionSpec", "ProjectionTask", "TASK", "Normalizer", "WindowLoader", "variables", "training_samples",
+           "build_model", "predict", "load_state", "load_projection", "evaluate", "evaluate_run", "after_fit"]
 
 DEFAULT_IN_VARS = ["CO2", "CH4", "SO2", "BC"]
 DEFAULT_OUT_VARS = ["tas", "diurnal_temperature_range", "pr", "pr90"]
@@ -54,7 +69,7 @@ class ProjectionSpec(BaseModel):
     output: str | None = Field(None, description="evaluation folder (local); default <storage_path>/<name>/evaluation")
 
 
-# ----------------------------------------------------------------------------- shared helpers
+# ----------------------------------------------------------------------------- data and model
 def variables(cfg, dataset) -> tuple[list[str], list[str]]:
     """(forcings, targets) of a projection run: ``data.in_vars`` / ``data.out_vars`` or the
     ClimateBench defaults the dataset has."""
@@ -72,8 +87,6 @@ def variables(cfg, dataset) -> tuple[list[str], list[str]]:
 def training_samples(scenarios: list, history: int, historical_end: int | None) -> list[tuple[int, int]]:
     """(scenario index, target index) of every training window; a historical target year is taken only
     from the scenarios that end by ``historical_end`` (no duplicates from the ssp datasets)."""
-    from climax.projection import window_targets
-
     out = []
     for k, s in enumerate(scenarios):
         first = None
@@ -87,13 +100,6 @@ def build_model(cfg, in_vars: list[str], out_vars: list[str], grid: tuple[int, i
     """The projection model: a backbone from the model config or ``init_checkpoint`` (a forecast
     checkpoint: blocks and norms loaded, token/variable embeddings fresh; or a projection checkpoint:
     everything loaded)."""
-    import torch
-
-    from climax import ClimaX
-    from climax.checkpoint import load_checkpoint, read_checkpoint
-    from climax.projection import ProjectionModel
-    from jobs.train import TrainConfig, _model_config
-
     spec = cfg.projection or ProjectionSpec()
     meta: dict = {}
     state = None
@@ -110,9 +116,9 @@ def build_model(cfg, in_vars: list[str], out_vars: list[str], grid: tuple[int, i
         model.load_state_dict(state, strict=True)
         log(f"loaded the projection checkpoint {cfg.init_checkpoint}")
         return model
-    user = _model_config(cfg) if not (cfg.init_checkpoint and cfg.model == TrainConfig.model_fields["model"].default) \
+    user = model_config(cfg) if not (cfg.init_checkpoint and cfg.model == type(cfg).model_fields["model"].default) \
         else {}
-    mcfg = {**mc, **{k: v for k, v in user.items() if k != "default_vars"}} if mc else dict(user or _model_config(cfg))
+    mcfg = {**mc, **{k: v for k, v in user.items() if k != "default_vars"}} if mc else dict(user or model_config(cfg))
     mcfg.update(default_vars=list(in_vars), img_size=list(grid))
     backbone = ClimaX(**mcfg)
     if cfg.init_checkpoint:
@@ -158,10 +164,6 @@ class Normalizer:
 def predict(model, x_windows: np.ndarray, in_vars: list[str], xnorm: Normalizer, ynorm: Normalizer,
             device=None, batch_size: int = 16) -> np.ndarray:
     """Physical-unit predictions (N, V_out, H, W) for raw forcing windows (N, T, V_in, H, W)."""
-    import torch
-
-    from climax.training import unwrap
-
     m = unwrap(model)
     device = device or next(m.parameters()).device
     was = m.training
@@ -175,163 +177,9 @@ def predict(model, x_windows: np.ndarray, in_vars: list[str], xnorm: Normalizer,
     return ynorm.inverse(np.concatenate(out)) if out else np.empty((0,), np.float32)
 
 
-# ----------------------------------------------------------------------------- worker side
-def projection_loop(cfg) -> None:
-    """The per-worker training function of ``task: projection`` (see the module docstring)."""
-    import ray.train
-    import ray.train.torch
-    import torch
-
-    from climax.data import ShardDataset
-    from climax.metrics import lat_weighted_mse
-    from climax.projection import LinearBaseline, freeze_projection, load_scenario
-    from climax.training import autocast, save_train_state, unwrap
-    from jobs.train import _hms, start_or_resume
-
-    spec = cfg.projection or ProjectionSpec()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    log = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(cfg.train.seed)
-
-    datasets = [ShardDataset(d.root, d.storage_options, name=d.name, verify=d.verify) for d in cfg.data.datasets]
-    in_vars, out_vars = variables(cfg, datasets[0])
-    scenarios = [load_scenario(ds, in_vars, out_vars) for ds in datasets]
-    grid = datasets[0].shape
-    for ds in datasets[1:]:
-        if ds.shape != grid:
-            raise ValueError(f"dataset {ds.name} is on a {ds.shape} grid, {datasets[0].name} on {grid}; "
-                             "preprocess every scenario with the same grid")
-    lat = datasets[0].lat
-    samples = training_samples(scenarios, spec.history, spec.historical_end)
-    rng = np.random.default_rng(cfg.train.seed)
-    order = rng.permutation(len(samples))
-    n_val = int(round(spec.val_fraction * len(samples))) if spec.val_fraction > 0 else 0
-    val_samples = [samples[i] for i in sorted(order[:n_val])]
-    train_samples = [samples[i] for i in order[n_val:]]
-    per_worker = len(train_samples) // world
-    steps_per_pass = per_worker // cfg.data.batch_size
-    if steps_per_pass <= 0:
-        raise ValueError(f"{len(train_samples)} training windows of {spec.history} years give no batch of "
-                         f"{cfg.data.batch_size} per worker with {world} workers; lower data.batch_size")
-    steps_per_epoch = cfg.train.steps_per_epoch or steps_per_pass
-    total_steps = cfg.train.epochs * steps_per_epoch
-    xnorm = Normalizer([s.x for s in scenarios])
-    ynorm = Normalizer([s.y for s in scenarios])
-
-    def batch_of(pairs):
-        x = np.stack([scenarios[k].x[t - spec.history + 1:t + 1] for k, t in pairs])
-        y = np.stack([scenarios[k].y[t] for k, t in pairs])
-        return x, y
-
-    model = build_model(cfg, in_vars, out_vars, grid, log=log)
-    frozen = freeze_projection(model, spec.freeze_blocks, spec.train_block_norms)
-    if cfg.freeze_backbone:
-        from climax.training import freeze_backbone
-
-        frozen += [f"backbone.{n}" for n in freeze_backbone(model.backbone)]
-    model.to(device)
-    optimizer, scheduler, state = start_or_resume(cfg, model, total_steps, log, load=load_state)
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False,
-                                              parallel_strategy_kwargs={"find_unused_parameters": bool(frozen)})
-    if getattr(cfg.train, "compile", False) and device.type == "cuda":
-        ddp_model = torch.compile(ddp_model)  # checkpoints keep bare keys (climax.training.unwrap)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"projection: {in_vars} -> {out_vars} on {list(grid)}, {spec.history}-year windows; "
-        f"{len(train_samples)} training / {len(val_samples)} validation windows from "
-        f"{', '.join(s.name for s in scenarios)}; {n_params / 1e6:.2f} M parameters ({n_train / 1e6:.2f} M trained, "
-        f"{len(frozen)} tensors frozen); {world} worker(s) on {device}; {steps_per_epoch} steps per epoch x "
-        f"{cfg.train.epochs} epochs, batch {cfg.data.batch_size} per worker")
-
-    # the baseline on the same windows, for the per-epoch line (cheap: a least-squares fit)
-    xs_tr, ys_tr = batch_of(train_samples)
-    baseline = LinearBaseline(lat).fit(xs_tr[:, -1], ys_tr)
-    del xs_tr, ys_tr
-    val_x, val_y = batch_of(val_samples) if val_samples else (None, None)
-    lat_t = torch.as_tensor(np.asarray(lat), dtype=torch.float32, device=device)
-
-    if state.epoch >= cfg.train.epochs:
-        log(f"run {cfg.name!r} already finished {state.epoch} epochs ({state.step} steps); raise train.epochs "
-            "to train further, or use another name for a new run")
-    start, first_epoch = time.time(), state.epoch
-    for epoch in range(state.epoch, cfg.train.epochs):
-        t0, losses = time.time(), []
-        m = 0
-        while len(losses) < steps_per_epoch:  # data passes epoch*k.. so a resumed epoch reads the same batches
-            perm = np.random.default_rng([cfg.train.seed, epoch, m]).permutation(len(train_samples))
-            mine = perm[rank * per_worker:(rank + 1) * per_worker]
-            for b in range(steps_per_pass):
-                if len(losses) == steps_per_epoch:
-                    break
-                x, y = batch_of([train_samples[i] for i in mine[b * cfg.data.batch_size:(b + 1) * cfg.data.batch_size]])
-                xb, yb = torch.from_numpy(xnorm(x)).to(device), torch.from_numpy(ynorm(y)).to(device)
-                ddp_model.train()
-                with autocast(device, cfg.train.bf16):
-                    pred = ddp_model(xb, in_vars)
-                loss = lat_weighted_mse(pred.float(), yb, lat_t)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the training loss is {loss.item()} at step {state.step}; lower the "
-                                             "learning rate or check the data")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                   cfg.optim.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                losses.append(float(loss.detach()))
-                state.step += 1
-                if cfg.train.log_every and state.step % cfg.train.log_every == 0:
-                    log(f"  step {state.step}/{total_steps} loss {losses[-1]:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
-            m += 1
-        train_time = time.time() - t0
-        samples_seen = len(losses) * cfg.data.batch_size * world
-        state.samples += samples_seen
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "step": state.step, "train_loss": float(np.mean(losses)),
-                                   "lr": scheduler.get_last_lr()[0], "samples_per_s": samples_seen / max(train_time, 1e-9),
-                                   "restarts": state.restarts}
-        if val_x is not None:  # every rank scores the same small validation set
-            from climax.projection import climatebench_nrmse
-
-            pv = predict(ddp_model, val_x, in_vars, xnorm, ynorm, device)
-            pb = baseline.predict(val_x[:, -1])
-            metrics["val_loss"] = float(lat_weighted_mse(torch.from_numpy(ynorm(pv)), torch.from_numpy(ynorm(val_y)),
-                                                         torch.as_tensor(np.array(lat))))
-            for j, v in enumerate(out_vars):
-                metrics[f"val_rmse/{v}"] = climatebench_nrmse(pv[:, j], val_y[:, j], lat)["rmse"]
-                metrics[f"val_baseline_rmse/{v}"] = climatebench_nrmse(pb[:, j], val_y[:, j], lat)["rmse"]
-            metrics["val_rmse"] = float(np.mean([metrics[f"val_rmse/{v}"] / s for v, s in zip(out_vars, ynorm.std)]))
-        else:
-            metrics["val_loss"] = metrics["train_loss"]
-        state.epoch = epoch + 1
-        state.best_val_loss = min(state.best_val_loss, metrics["val_loss"])
-        state.history.append({k: metrics[k] for k in ("epoch", "step", "train_loss", "val_loss")})
-        eta = (time.time() - start) / (epoch + 1 - first_epoch) * (cfg.train.epochs - epoch - 1)
-        rm = ", ".join(f"{v} {metrics[f'val_rmse/{v}']:.3g} (baseline {metrics[f'val_baseline_rmse/{v}']:.3g})"
-                       for v in out_vars[:4]) if val_x is not None else ""
-        log(f"epoch {epoch + 1}/{cfg.train.epochs} step {state.step}/{total_steps} loss {metrics['train_loss']:.4f} "
-            f"val {metrics['val_loss']:.4f} rmse [{rm}] {metrics['samples_per_s']:.1f} samples/s ETA {_hms(eta)}",
-            flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_train_state(tmp, unwrap(ddp_model), optimizer, None, state, run_config=redact(cfg),
-                                 in_vars=in_vars, out_vars=out_vars, metrics=metrics,
-                                 projection={"x_norm": xnorm.to_dict(), "y_norm": ynorm.to_dict(),
-                                             "lat": [float(v) for v in lat],
-                                             "lon": [float(v) for v in datasets[0].lon]})
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-
 
 def load_state(directory, model, optimizer=None):
     """Restore a projection run's weights (strictly), optimiser and counters from a checkpoint folder."""
-    import torch
-
-    from climax.training import MODEL_FILE, TrainState, read_train_state, unwrap
-
     payload = torch.load(Path(directory) / MODEL_FILE, map_location="cpu", weights_only=True)
     unwrap(model).load_state_dict(payload["state_dict"], strict=True)
     state = read_train_state(directory)  # weights_only=True: a planted pickle is refused
@@ -342,10 +190,6 @@ def load_state(directory, model, optimizer=None):
 
 def load_projection(checkpoint: str | Path):
     """(model, in_vars, out_vars, x Normalizer, y Normalizer) from a run checkpoint folder or its model.pt."""
-    import torch
-
-    from climax.projection import ProjectionModel
-
     path = Path(checkpoint)
     path = path / "model.pt" if path.is_dir() else path
     if not path.is_file():
@@ -363,7 +207,154 @@ def load_projection(checkpoint: str | Path):
         Normalizer.from_dict(p["y_norm"])
 
 
-# ----------------------------------------------------------------------------- evaluation
+
+# ----------------------------------------------------------------------------- task
+class WindowLoader:
+    """Training batches of forcing windows for one worker: ``len()`` batches per pass; pass ``k`` of
+    training epoch ``e`` (``set_epoch(e * m + k)``, m passes per epoch as ``climax.loop.stream``
+    counts them) reads this rank's share of a permutation seeded by (seed, e, k)."""
+
+    def __init__(self, task: ProjectionTask, samples: list, batch_size: int, steps_per_epoch: int):
+        w = task.worker
+        self.task, self.samples, self.batch_size = task, samples, batch_size
+        self.rank, self.per_worker = w.rank, len(samples) // w.world
+        self.steps_per_pass = self.per_worker // batch_size
+        self.passes = math.ceil(steps_per_epoch / max(self.steps_per_pass, 1))
+        self.epoch, self.k = 0, 0
+
+    def __len__(self) -> int:
+        return self.steps_per_pass
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.k = divmod(epoch, self.passes)
+
+    def __iter__(self):
+        t, bs = self.task, self.batch_size
+        perm = np.random.default_rng([t.cfg.train.seed, self.epoch, self.k]).permutation(len(self.samples))
+        mine = perm[self.rank * self.per_worker:(self.rank + 1) * self.per_worker]
+        for b in range(self.steps_per_pass):
+            x, y = t.batch_of([self.samples[i] for i in mine[b * bs:(b + 1) * bs]])
+            yield torch.from_numpy(t.xnorm(x)), torch.from_numpy(t.ynorm(y))
+
+
+class ProjectionTask(Task):
+    name = "projection"
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        if not cfg.data.datasets:
+            raise ValueError(f"data.datasets needs at least one dataset (task {cfg.task})")
+
+    @classmethod
+    def after_fit(cls, cfg: Any, result: Any, log=print) -> Any:
+        return after_fit(cfg, result, log)
+
+    @classmethod
+    def evaluate(cls, cfg: Any, log=print) -> Any:
+        """``jobs.evaluate`` on a projection checkpoint: the ClimateBench table and maps."""
+        return evaluate_run(cfg.checkpoint, cfg.data, cfg.output, cfg.storage_options or None, log=log)
+
+    # ------------------------------------------------------------------ model and data
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        self.spec = spec = cfg.projection or ProjectionSpec()
+        self.datasets = datasets = [ShardDataset(d.root, d.storage_options, name=d.name, verify=d.verify)
+                                      for d in cfg.data.datasets]
+        self.in_vars, self.out_vars = variables(cfg, datasets[0])
+        self.grid = grid = datasets[0].shape
+        for ds in datasets[1:]:
+            if ds.shape != grid:
+                raise ValueError(f"dataset {ds.name} is on a {ds.shape} grid, {datasets[0].name} on {grid}; "
+                                 "preprocess every scenario with the same grid")
+        model = build_model(cfg, self.in_vars, self.out_vars, grid, log=self.log)
+        self.frozen = freeze_projection(model, spec.freeze_blocks, spec.train_block_norms)
+        if cfg.freeze_backbone:
+            self.frozen += [f"backbone.{n}" for n in freeze_backbone(model.backbone)]
+        return model
+
+    def make_loaders(self, model: nn.Module) -> Loaders:
+        cfg, spec, w = self.cfg, self.spec, self.worker
+        self.scenarios = scenarios = [load_scenario(ds, self.in_vars, self.out_vars) for ds in self.datasets]
+        self.lat = lat = self.datasets[0].lat
+        samples = training_samples(scenarios, spec.history, spec.historical_end)
+        order = np.random.default_rng(cfg.train.seed).permutation(len(samples))
+        n_val = int(round(spec.val_fraction * len(samples))) if spec.val_fraction > 0 else 0
+        self.val_samples = [samples[i] for i in sorted(order[:n_val])]
+        self.train_samples = train_samples = [samples[i] for i in order[n_val:]]
+        steps_per_pass = len(train_samples) // w.world // cfg.data.batch_size
+        if steps_per_pass <= 0:
+            raise ValueError(f"{len(train_samples)} training windows of {spec.history} years give no batch of "
+                             f"{cfg.data.batch_size} per worker with {w.world} workers; lower data.batch_size")
+        steps_per_epoch = cfg.train.steps_per_epoch or steps_per_pass
+        self.xnorm = Normalizer([s.x for s in scenarios])
+        self.ynorm = Normalizer([s.y for s in scenarios])
+        # the baseline on the same windows, for the per-epoch line (cheap: a least-squares fit)
+        xs_tr, ys_tr = self.batch_of(train_samples)
+        self.baseline = LinearBaseline(lat).fit(xs_tr[:, -1], ys_tr)
+        del xs_tr, ys_tr
+        val = self.batch_of(self.val_samples) if self.val_samples else None
+        self.lat_t = torch.as_tensor(np.asarray(lat), dtype=torch.float32, device=w.device)
+        return Loaders(WindowLoader(self, train_samples, cfg.data.batch_size, steps_per_epoch), val, steps_per_epoch)
+
+    def batch_of(self, pairs: list) -> tuple[np.ndarray, np.ndarray]:
+        h, sc = self.spec.history, self.scenarios
+        return np.stack([sc[k].x[t - h + 1:t + 1] for k, t in pairs]), np.stack([sc[k].y[t] for k, t in pairs])
+
+    def find_unused_parameters(self, model: nn.Module) -> bool:
+        return bool(self.frozen)
+
+    def describe(self, model: nn.Module, loaders: Loaders) -> str:
+        cfg, w, spec = self.cfg, self.worker, self.spec
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return (f"projection: {self.in_vars} -> {self.out_vars} on {list(self.grid)}, {spec.history}-year windows; "
+                f"{len(self.train_samples)} training / {len(self.val_samples)} validation windows from "
+                f"{', '.join(s.name for s in self.scenarios)}; {n_params / 1e6:.2f} M parameters ({n_train / 1e6:.2f} M "
+                f"trained, {len(self.frozen)} tensors frozen); {w.world} worker(s) on {w.device}; "
+                f"{loaders.steps_per_epoch} steps per epoch x {cfg.train.epochs} epochs, batch {cfg.data.batch_size} "
+                "per worker")
+
+    # ------------------------------------------------------------------ steps
+    def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, str | None]:
+        device = self.worker.device
+        xb, yb = batch[0].to(device), batch[1].to(device)
+        model.train()
+        with autocast(device, self.cfg.train.bf16):
+            pred = model(xb, self.in_vars)
+        return lat_weighted_mse(pred.float(), yb, self.lat_t), None
+
+    def validate(self, model: nn.Module, val: Any, train_metrics: dict) -> dict[str, float]:
+        if val is None:
+            return {"val_loss": train_metrics["train_loss"]}
+        val_x, val_y = val  # every rank scores the same small validation set
+        lat, out_vars, ynorm = self.lat, self.out_vars, self.ynorm
+        pv = predict(model, val_x, self.in_vars, self.xnorm, ynorm, self.worker.device)
+        pb = self.baseline.predict(val_x[:, -1])
+        metrics = {"val_loss": float(lat_weighted_mse(torch.from_numpy(ynorm(pv)), torch.from_numpy(ynorm(val_y)),
+                                                      torch.as_tensor(np.array(lat))))}
+        for j, v in enumerate(out_vars):
+            metrics[f"val_rmse/{v}"] = climatebench_nrmse(pv[:, j], val_y[:, j], lat)["rmse"]
+            metrics[f"val_baseline_rmse/{v}"] = climatebench_nrmse(pb[:, j], val_y[:, j], lat)["rmse"]
+        metrics["val_rmse"] = float(np.mean([metrics[f"val_rmse/{v}"] / s for v, s in zip(out_vars, ynorm.std)]))
+        return metrics
+
+    def summary(self, metrics: dict) -> str:
+        rm = ", ".join(f"{v} {metrics[f'val_rmse/{v}']:.3g} (baseline {metrics[f'val_baseline_rmse/{v}']:.3g})"
+                       for v in self.out_vars[:4]) if self.val_samples else ""
+        return f" rmse [{rm}]"
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {**super().checkpoint_extras(), "in_vars": self.in_vars, "out_vars": self.out_vars,
+                "projection": {"x_norm": self.xnorm.to_dict(), "y_norm": self.ynorm.to_dict(),
+                               "lat": [float(v) for v in self.lat],
+                               "lon": [float(v) for v in self.datasets[0].lon]}}
+
+    def load_state(self, directory: str, module: nn.Module, optimizer: torch.optim.Optimizer) -> TrainState:
+        return load_state(directory, module, optimizer)
+
+
+# ----------------------------------------------------------------------------- evaluation (driver side)
 def evaluate(checkpoint: str | Path, test_root: str, train_roots: list[str], output: str | Path,
              test_years: tuple[int, int] = (2080, 2100), storage_options: dict | None = None,
              train_storage_options: list[dict] | None = None, historical_end: int | None = 2014, log=print):
@@ -373,11 +364,6 @@ def evaluate(checkpoint: str | Path, test_root: str, train_roots: list[str], out
     model and the linear baseline (fitted on ``train_roots``' windows, the same samples the model
     trained on), ``predictions.npz`` and ``maps_<variable>.png``.
     """
-    import pandas as pd
-
-    from climax.data import ShardDataset
-    from climax.projection import LinearBaseline, climatebench_nrmse, load_scenario, window_targets, windows
-
     model, in_vars, out_vars, xnorm, ynorm = load_projection(checkpoint)
     history = model.history
     test_ds = ShardDataset(test_root, storage_options)
@@ -410,35 +396,11 @@ def evaluate(checkpoint: str | Path, test_root: str, train_roots: list[str], out
              lat=test.lat, lon=test.lon, variables=np.array(out_vars))
     span = f"{int(test.years[targets[0]])}-{int(test.years[targets[-1]])}"
     for j, v in enumerate(out_vars):
-        _maps(pred[:, j].mean(0), base[:, j].mean(0), truth[:, j].mean(0), test.lat, test.lon,
+        plot_projection_maps(pred[:, j].mean(0), base[:, j].mean(0), truth[:, j].mean(0), test.lat, test.lon,
               out / f"maps_{v}.png", v, units[v], span)
     log(f"projection on {test_ds.name} {span} ({len(targets)} years), written to {out}:")
     log(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     return df
-
-
-def _maps(pred, base, truth, lat, lon, path, variable, units, span):
-    """Truth's mean, the model's and the baseline's mean error over the test years (one PNG)."""
-    from climax.plots import _figure, _save
-
-    order = np.argsort(lat)
-    lat = np.asarray(lat)[order]
-    pred, base, truth = pred[order], base[order], truth[order]
-    fig = _figure(14, 3.6)
-    axes = fig.subplots(1, 3)
-    emax = float(max(np.abs(pred - truth).max(), np.abs(base - truth).max())) or 1.0
-    panels = [(f"truth, mean {span}", truth, "viridis", truth.min(), truth.max()),
-              ("ClimaX mean error", pred - truth, "RdBu_r", -emax, emax),
-              ("linear baseline mean error", base - truth, "RdBu_r", -emax, emax)]
-    for ax, (name, field, cmap, vmin, vmax) in zip(axes, panels):
-        mesh = ax.pcolormesh(lon, lat, field, cmap=cmap, vmin=vmin, vmax=vmax, shading="nearest")
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("longitude (deg E)")
-        ax.set_ylabel("latitude (deg N)")
-        ax.set_aspect("equal")
-        fig.colorbar(mesh, ax=ax, shrink=0.8, label=units)
-    fig.suptitle(f"{variable}: ssp245 {span}")
-    return _save(fig, path)
 
 
 def after_fit(cfg, result, log=print):
@@ -462,27 +424,10 @@ def after_fit(cfg, result, log=print):
                         spec.historical_end, log=log)
 
 
-def is_projection_checkpoint(checkpoint: str | Path) -> bool:
-    """Whether ``checkpoint`` (a folder holding model.pt, or the file) is a projection run's."""
-    import torch
-
-    path = Path(checkpoint)
-    path = path / "model.pt" if path.is_dir() else path
-    if not path.is_file():
-        return False
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not ours: let the caller's loader explain
-        return False
-    return isinstance(payload, dict) and (payload.get("model_config") or {}).get("task") == "projection"
-
-
 def evaluate_run(checkpoint: str | Path, test_root: str, output: str | Path, storage_options: dict | None = None,
                  log=print):
     """``jobs.evaluate`` on a projection checkpoint: the test scenario ``test_root`` (``data=``), the
     test years and the training scenarios (for the baseline) from the run's recorded configuration."""
-    import torch
-
     path = Path(checkpoint)
     payload = torch.load(path / "model.pt" if path.is_dir() else path, map_location="cpu", weights_only=True)
     run = payload.get("run_config") or {}
@@ -494,3 +439,6 @@ def evaluate_run(checkpoint: str | Path, test_root: str, output: str | Path, sto
                     # stored redacted: the keys left (endpoint, ...) plus the environment's credentials
                     [without_redacted(d.get("storage_options") or {}) for d in datasets], spec.historical_end,
                     log=log)
+
+
+TASK = ProjectionTask
