@@ -367,7 +367,7 @@ def _experiment_filesystem_class():
                 self._kwargs = kwargs
 
             def __reduce__(self):
-                return _rebuild_experiment_fs, ({k: v for k, v in self._kwargs.items() if k not in _SECRET_KW},)
+                return rebuild_experiment_fs, ({k: v for k, v in self._kwargs.items() if k not in _SECRET_KW},)
 
         ExperimentS3.__module__ = __name__
         ExperimentS3.__qualname__ = "_ExperimentS3"
@@ -379,7 +379,7 @@ _ExperimentS3 = None
 _SECRET_KW = ("access_key", "secret_key", "session_token")
 
 
-def _rebuild_experiment_fs(kwargs: dict):
+def rebuild_experiment_fs(kwargs: dict):
     return _experiment_filesystem_class()(**kwargs)
 
 
