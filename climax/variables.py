@@ -20,7 +20,7 @@ ORIGINAL_DEFAULT_VARS: tuple[str, ...] = (
 NAME_ALIASES: dict[str, str] = {"lattitude": "latitude"}
 
 #: Pressure-level bases (a variable is named ``<base>_<hPa>``) and their canonical units. These
-#: bases are also WeatherBench 2's / ERA5's long names; ``pipelines.variables`` takes them from here.
+#: bases are also WeatherBench 2's / ERA5's long names; ``pipelines.names`` takes them from here.
 PRESSURE_LEVEL_UNITS: dict[str, str] = {
     "geopotential": "m**2 s**-2",
     "temperature": "K",

@@ -241,7 +241,7 @@ def initial_conditions(cfg: ForecastConfig, model, meta: dict):
     from climax.forecast_io import FieldDataset
     from pipelines.regrid import Grid, RegridError, get_regridder
     from pipelines.sources import open_source
-    from pipelines.variables import parse_variable
+    from pipelines.names import parse_variable
 
     src = cfg.init_file
     in_vars = list(cfg.in_vars or meta.get("in_vars") or model.default_vars)
