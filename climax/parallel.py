@@ -200,6 +200,11 @@ def load_sharded_train_state(directory: str | os.PathLike, model: nn.Module,
     osd = payload["optimizer"] if optimizer is not None else None
     if osd is not None and payload.get("optimizer_keys") != "names":
         osd = _names_from_indices(model, optimizer, osd)
+    if osd is not None:  # keys a scheduler added (initial_lr) must exist before the groups are matched
+        for group, saved in zip(optimizer.param_groups, osd["param_groups"]):
+            for k, v in saved.items():
+                if k != "params":
+                    group.setdefault(k, v)
     load_full_state(model, sd, optimizer, osd)
     if scheduler is not None and payload.get("scheduler") is not None:
         scheduler.load_state_dict(payload["scheduler"])

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_train import dataset  # noqa: F401  (the generated, preprocessed data fixture)
+
 VARS = ["2m_temperature", "geopotential_500", "temperature_850", "u_component_of_wind_850"]
 # climax-tiny.yaml's layout on a small grid (fast on 2 cores)
 TINY = dict(img_size=[16, 32], patch_size=4, embed_dim=192, depth=2, decoder_depth=1, num_heads=4,
@@ -34,13 +36,6 @@ def _batch(rank: int, step: int):
                            dataset="synthetic", input_time=[])
 
 
-def _setup(model):
-    from climax.optim import build_optimizer, warmup_cosine
-
-    opt = build_optimizer(model, 1e-3, 1e-2)
-    return opt, warmup_cosine(opt, 2, STEPS)
-
-
 def _run(strategy: str, rank: int, steps: range, ac: bool = False, resume: str | None = None,
          save_at: int | None = None, save_dir: str | None = None):
     from climax.parallel import load_sharded_train_state, save_sharded_train_state, shard_model
@@ -49,10 +44,13 @@ def _run(strategy: str, rank: int, steps: range, ac: bool = False, resume: str |
     model = shard_model(_model(), strategy, activation_checkpointing=ac)
     if strategy == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
-    opt, sched = _setup(model)  # after sharding: the optimiser holds the sharded parameters
+    from climax.optim import build_optimizer, warmup_cosine
+
+    opt = build_optimizer(model, 1e-3, 1e-2)  # after sharding: the optimiser holds the sharded parameters
     state = TrainState()
-    if resume:
-        state = load_sharded_train_state(resume, model, opt, sched)
+    if resume:  # as jobs/train.py's start_or_resume: weights and optimiser first, then the schedule
+        state = load_sharded_train_state(resume, model, opt)
+    sched = warmup_cosine(opt, 2, STEPS, start_step=state.step)
     losses = []
     for step in steps:
         losses.append(train_step(model, _batch(rank, step), opt, sched, LAT, torch.device("cpu"), 1.0, False))
@@ -169,3 +167,24 @@ def test_unknown_strategy_names_the_choices():
 
     with pytest.raises(ValueError, match="ddp.*fsdp"):
         shard_model(_model(), "zero3")
+
+
+@pytest.mark.slow
+def test_training_job_with_fsdp_resumes_and_loads(dataset, tmp_path):
+    """The job's own path: 2 Ray Train workers (gloo), scaling.strategy=fsdp with activation
+    checkpointing, a relaunch that resumes from the FSDP checkpoint, and the checkpoint loads with
+    ``climax.load_model`` (our format)."""
+    from climax.checkpoint import load_model
+    from jobs.train import TrainConfig, fit
+    from tests.test_train import config
+
+    cfg = config(dataset, tmp_path / "runs", **{"name": "fsdp", "train.epochs": 1, "train.steps_per_epoch": 3,
+                                             "scaling.num_workers": 2, "scaling.strategy": "fsdp",
+                                             "train.activation_checkpointing": True})
+    first = fit(TrainConfig.model_validate(cfg))
+    assert first.metrics["step"] == 3 and np.isfinite(first.metrics["val_loss"])
+    cfg["train"]["epochs"] = 2
+    second = fit(TrainConfig.model_validate(cfg))
+    assert second.metrics["step"] == 6 and second.metrics["restarts"] == 1
+    model, report = load_model(second.checkpoint.path)
+    assert sum(p.numel() for p in model.parameters()) > 0 and not report.initialised and not report.ignored
