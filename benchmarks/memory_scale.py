@@ -25,10 +25,11 @@ CONFIGS = {"110M": "configs/model/climax-1.40625.yaml", "300M": "configs/model/c
 
 
 def count(path: str) -> tuple[int, dict]:
+    """Exact count with the model class: built with one block (cheap), plus the other depth - 1."""
     cfg = yaml.safe_load(open(path))
-    with torch.device("meta"):
-        m = ClimaX(**cfg)
-    return sum(p.numel() for p in m.parameters()), cfg
+    m = ClimaX(**{**cfg, "depth": 1})
+    block = sum(p.numel() for p in m.blocks[0].parameters())
+    return sum(p.numel() for p in m.parameters()) + (cfg["depth"] - 1) * block, cfg
 
 
 def state_bytes(n: int, gpus: int, strategy: str) -> dict:
