@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from climax.optim import build_optimizer, warmup_cosine
+from climax.parallel import is_sharded, load_sharded_train_state, save_sharded_train_state, shard_model
 from climax.training import TrainState, optimizer_step, save_train_state, unwrap
 
 __all__ = ["Worker", "Loaders", "Reporter", "stream", "hms", "start_or_resume", "fit", "train"]
@@ -88,14 +89,17 @@ def hms(seconds: float) -> str:
 
 
 def start_or_resume(task: Any, module: nn.Module, total_steps: int,
-                    restore: Callable[[Callable[[str], TrainState]], TrainState | None] | None = None):
+                    restore: Callable[[Callable[[str], TrainState]], TrainState | None] | None = None, *,
+                    sharded: bool = False):
     """``(optimizer, scheduler, state)`` of a run: fresh, or restored through ``restore(load)``
     (which calls ``load(directory)`` on the checkpoint to resume from and returns its result, or
     returns None when there is none): weights, optimiser, counters; the schedule restarts at the
-    restored step."""
+    restored step. ``sharded``: ``module`` is FSDP-sharded (every rank reads the full checkpoint)."""
     o = task.cfg.optim
     optimizer = build_optimizer(module, o.lr, o.weight_decay, tuple(o.betas))
-    state = restore(lambda d: task.load_state(d, module, optimizer)) if restore is not None else None
+    load = (lambda d: load_sharded_train_state(d, module, optimizer)) if sharded else \
+        (lambda d: task.load_state(d, module, optimizer))
+    state = restore(load) if restore is not None else None
     if state is None:
         state = TrainState()
     else:
@@ -147,9 +151,13 @@ def fit(task: Any, model: nn.Module, loaders: Loaders, optim: tuple[torch.optim.
               f"ETA {hms(eta)}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             directory = None
-            if w.rank == 0:
-                save_train_state(tmp, task.checkpoint_module(unwrap(model)), optimizer, None, state,
-                                 metrics=metrics, **task.checkpoint_extras())
+            module = task.checkpoint_module(unwrap(model))
+            if is_sharded(module):  # collective: every rank gathers the full state, rank 0 writes our format
+                save_sharded_train_state(tmp, module, optimizer, None, state, metrics=metrics,
+                                         **task.checkpoint_extras())
+                directory = tmp if w.rank == 0 else None
+            elif w.rank == 0:
+                save_train_state(tmp, module, optimizer, None, state, metrics=metrics, **task.checkpoint_extras())
                 directory = tmp
             reporter.report(metrics, directory)
     return state
@@ -164,9 +172,24 @@ def train(task: Any, reporter: Reporter, restore: Callable | None = None,
     model = task.build_model()
     loaders = task.make_loaders(model)
     model.to(w.device)
-    optimizer, scheduler, state = start_or_resume(task, task.checkpoint_module(model),
-                                                  cfg.train.epochs * loaders.steps_per_epoch, restore)
-    trained = wrap(model, task.find_unused_parameters(model)) if wrap is not None else model
+    module = task.checkpoint_module(model)
+    # scaling.strategy / train.activation_checkpointing (climax/parallel.py): FSDP2 shards the
+    # plain forecast model per block before the optimiser is built; checkpointing wraps each block
+    strategy = getattr(cfg.scaling, "strategy", "ddp")
+    checkpointing = getattr(cfg.train, "activation_checkpointing", False)
+    if (strategy == "fsdp" and module is not model) or ((strategy == "fsdp" or checkpointing)
+                                                        and not hasattr(module, "blocks")):
+        raise ValueError(f"scaling.strategy={strategy} with train.activation_checkpointing={checkpointing} is "
+                         f"not supported for task {cfg.task!r} with this objective; use scaling.strategy=ddp "
+                         "and train.activation_checkpointing=false")
+    shard_model(module, strategy, activation_checkpointing=checkpointing)  # in place
+    sharded = strategy == "fsdp"
+    optimizer, scheduler, state = start_or_resume(task, module, cfg.train.epochs * loaders.steps_per_epoch, restore,
+                                                  sharded=sharded)
+    if sharded or wrap is None:
+        trained = model
+    else:
+        trained = wrap(model, task.find_unused_parameters(model))
     if cfg.train.compile and w.device.type == "cuda":
         trained = torch.compile(trained)  # checkpoints still hold bare keys (climax.training.unwrap)
     w.log(task.describe(model, loaders))

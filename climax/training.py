@@ -185,7 +185,7 @@ def save_train_state(directory: str | os.PathLike, model: nn.Module, optimizer: 
     payload = {"optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict() if scheduler is not None else None,
                "state": asdict(state)}
-    _check_plain(payload, STATE_FILE)  # what read_train_state's weights_only=True load accepts
+    check_plain(payload, STATE_FILE)  # what read_train_state's weights_only=True load accepts
     tmp = directory / f".{STATE_FILE}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, directory / STATE_FILE)
@@ -213,15 +213,15 @@ class UnsafeCheckpointError(RuntimeError):
 _PLAIN = (str, int, float, bool, type(None), torch.Tensor)
 
 
-def _check_plain(obj: Any, what: str, where: str = "") -> None:
+def check_plain(obj: Any, what: str, where: str = "") -> None:
     """Raise TypeError unless ``obj`` is tensors, numbers, strings, None, lists, tuples and dicts."""
     if isinstance(obj, dict):
         for k, v in obj.items():
-            _check_plain(k, what, where)
-            _check_plain(v, what, f"{where}.{k}" if where else str(k))
+            check_plain(k, what, where)
+            check_plain(v, what, f"{where}.{k}" if where else str(k))
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            _check_plain(v, what, f"{where}[{i}]")
+            check_plain(v, what, f"{where}[{i}]")
     elif not isinstance(obj, _PLAIN):
         raise TypeError(f"{what}: {where or 'the payload'} is a {type(obj).__name__}; a training state holds only "
                         "tensors, numbers, strings and lists/dicts of them (it is loaded with weights_only=True)")

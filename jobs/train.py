@@ -111,6 +111,8 @@ class LoopConfig(_Strict):
     compile: bool = Field(False, description="torch.compile the model on GPU (1.2-1.3x samples/s on an H100, "
                                              "about a minute of compilation per input shape; ignored on CPU)")
     log_every: int = Field(0, description="also print the loss every N steps (0: only per epoch)")
+    activation_checkpointing: bool = Field(False, description="recompute each transformer block in backward "
+                                                              "(less activation memory, ~1/3 more compute)")
 
 
 class ScalingSpec(_Strict):
@@ -119,6 +121,9 @@ class ScalingSpec(_Strict):
     accelerator_type: str | None = Field(None, description="GPU kind per worker on a mixed cluster: A10G, A100, "
                                                            "H100, ... (Ray's accelerator_type resource)")
     resources_per_worker: dict[str, float] | None = None
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp (replicated model) or fsdp (FSDP2: parameters, "
+                                                                "gradients and AdamW state sharded per block; "
+                                                                "forecast task; climax/parallel.py)")
 
 
 class CheckpointSpec(_Strict):
