@@ -565,7 +565,7 @@ class ForecastLoader:
     """
 
     def __init__(self, dataset: ShardDataset, split: str, in_vars: Sequence[str], out_vars: Sequence[str],
-                 leads: Sequence[float], random_lead: bool, batch_size: int, seed: int = 0, rank: int = 0,
+                 leads: Sequence[float], *, random_lead: bool, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, drop_last: bool = True, region: Region | None = None,
                  prefetch: int = 2, max_batches: int | None = None, cache_mb: float = 1024.0,
                  superbatch_mb: float = 256.0, pin_memory: bool = False, shuffle_mode: str = "auto",

@@ -269,8 +269,8 @@ def test_mixed_loader_draws_by_weight_the_same_on_every_rank(ds, root):
     other = ShardDataset(str(root), name="other")
     def mixed(rank):
         a = loader(ds, rank=rank, world_size=2, batch_size=8, max_batches=30)
-        b = ForecastLoader(other, "val", ["2m_temperature"], ["2m_temperature"], [12], False, 8, rank=rank,
-                           world_size=2, max_batches=4)
+        b = ForecastLoader(other, "val", ["2m_temperature"], ["2m_temperature"], [12], random_lead=False, batch_size=8,
+                           rank=rank, world_size=2, max_batches=4)
         return MixedLoader([a, b], weights=[3, 1], seed=5)
     m0, m1 = mixed(0), mixed(1)
     assert len(m0) == 34
