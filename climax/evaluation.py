@@ -8,8 +8,8 @@ job's validation:
   the iterative rollout (the model applied again and again at a step lead, its outputs fed back as
   inputs) and the persistence and climatology baselines, in one table.
 * :func:`forecast_fields` runs a model from given initial times to given lead times and returns
-  physical fields; :func:`forecast_dataset` wraps them as a CF-1.8 ``xarray.Dataset`` and
-  :func:`write_netcdf` writes one atomically.
+  physical fields; ``climax.forecast_io`` writes them (CF-1.8 NetCDF: ``forecast_dataset``,
+  ``write_netcdf``, re-exported here; WeatherBench 2's Zarr layout).
 
 The dataset is duck-typed (``climax.data.ShardDataset`` is the real one): it needs ``lat``,
 ``lon``, ``variables`` (time-varying), ``constants``, ``step_hours``, ``manifest``,
@@ -41,19 +41,16 @@ Conventions, chosen once:
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from climax.forecast_io import cf_units, forecast_dataset, history_line, write_netcdf  # the forecast files' home
 from climax.metrics import lat_weights
 from climax.regions import Region
 from climax.wb2 import WB2_REGIONS, ScoreSums, accumulate, area_weights, region_mask, region_weight_matrix
@@ -582,99 +579,3 @@ def forecast_fields(
                 out[start:start + len(rows), lead_pos[lead]] = (pred.float() * out_std + out_mean).cpu().numpy()
             start += len(rows)
     return out
-
-
-def cf_units(units: str) -> str:
-    """ECMWF-style units as UDUNITS strings (``m s**-1`` -> ``m s-1``, ``(0 - 1)`` -> ``1``)."""
-    u = (units or "").strip()
-    if u in ("(0 - 1)", "(0-1)", "", "~", "-", "dimensionless"):
-        return "1"
-    return u.replace("**", "")
-
-
-def forecast_dataset(
-    fields: np.ndarray,
-    init_times: Sequence | np.ndarray,
-    leads: Sequence[float],
-    variables: Sequence[str],
-    lat: np.ndarray,
-    lon: np.ndarray,
-    units: dict[str, str] | None = None,
-    attrs: dict[str, str] | None = None,
-):
-    """A CF-1.8 ``xarray.Dataset`` of forecasts (n_init, n_lead, V, lat, lon).
-
-    Dimensions ``init_time`` (forecast_reference_time), ``lead_time`` (forecast_period, timedelta
-    written in hours), ``lat`` and ``lon``; a ``valid_time`` (standard_name time) coordinate on
-    (init_time, lead_time); one float32 data variable per ClimaX variable with its units.
-    """
-    import xarray as xr
-
-    fields = np.asarray(fields, dtype=np.float32)
-    init = np.asarray(init_times, dtype="datetime64[ns]")
-    lead = (np.asarray(leads, dtype=np.float64) * _HOUR_NS).round().astype("timedelta64[ns]")
-    lat, lon = np.asarray(lat, dtype=np.float64), np.asarray(lon, dtype=np.float64)
-    expect = (len(init), len(lead), len(variables), len(lat), len(lon))
-    if fields.shape != expect:
-        raise ValueError(f"fields have shape {fields.shape}; (init, lead, variable, lat, lon) = {expect} expected")
-    units = units or {}
-    dims = ("init_time", "lead_time", "lat", "lon")
-    data_vars = {
-        v: xr.Variable(dims, fields[:, :, j], {
-            "long_name": v.replace("_", " "), "units": cf_units(units.get(v, ""))})
-        for j, v in enumerate(variables)
-    }
-    coords = {
-        "init_time": ("init_time", init, {"standard_name": "forecast_reference_time",
-                                          "long_name": "forecast initial time", "axis": "T"}),
-        "lead_time": ("lead_time", lead, {"standard_name": "forecast_period", "long_name": "forecast lead time"}),
-        "lat": ("lat", lat, {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north",
-                             "axis": "Y"}),
-        "lon": ("lon", lon, {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east",
-                             "axis": "X"}),
-        "valid_time": (("init_time", "lead_time"), init[:, None] + lead[None, :],
-                       {"standard_name": "time", "long_name": "valid time"}),
-    }
-    ds = xr.Dataset(data_vars, coords=coords)
-    ds.attrs = {"Conventions": "CF-1.8", "title": "ClimaX forecasts", **(attrs or {})}
-    ds["lead_time"].encoding.update(units="hours", dtype="float64")
-    for name in ("init_time", "valid_time"):
-        ds[name].encoding.update(units="hours since 1970-01-01 00:00:00", calendar="proleptic_gregorian",
-                                 dtype="float64")
-    for name in ("lat", "lon", "lead_time", "init_time", "valid_time"):
-        ds[name].encoding["_FillValue"] = None
-    for v in variables:
-        ds[v].encoding.update(zlib=True, complevel=4, dtype="float32", _FillValue=np.float32(np.nan))
-    return ds
-
-
-def write_netcdf(ds, path: str | os.PathLike, storage_options: dict | None = None, engine: str = "netcdf4") -> str:
-    """Write ``ds`` atomically: to a temporary file beside ``path``, then rename (or one S3 PUT)."""
-    path = str(path)
-    if "://" in path:  # remote: write locally, then a single upload (atomic on S3)
-        import fsspec
-
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp) / Path(path).name
-            ds.to_netcdf(local, engine=engine)
-            fs, remote = fsspec.core.url_to_fs(path, **(storage_options or {}))
-            fs.put_file(str(local), remote)
-        return path
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        ds.to_netcdf(tmp, engine=engine)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return str(target)
-
-
-def history_line(argv: Sequence[str]) -> str:
-    """A CF ``history`` entry: UTC time stamp and the command, credentials redacted (``climax.redact``)."""
-    from climax.redact import redact_argv
-
-    return f"{datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}: {' '.join(redact_argv(argv))}"
