@@ -605,12 +605,12 @@ def profile_one_shard(root: str, years: list[int], workdir: str, shard_bytes: in
     recipe = make_recipe(root, years[:1], os.path.join(workdir, "profile_out"), shard_bytes, level, step_hours)
     files = [B.scan_file(it, recipe.variables) for it in B.expand_sources(recipe)]
     plan = B.plan_chunks(recipe, files)
-    ctx = {"recipe_fp": recipe.fingerprint(), "files": files, "output": recipe.output, "storage_options": None,
-           "lat": plan.dst.lat.tolist(), "lon": plan.dst.lon.tolist(), "method": recipe.grid.method,
-           "regrid_cache": recipe.regrid_cache, "time_vars": plan.time_vars, "overwrite": True,
-           "compression_level": recipe.compression_level, "block_bytes": recipe.max_task_mb * 2**19}
-    unit = max((u for u in plan.units if u["kind"] == "window"), key=lambda u: len(u["slots"]))
-    unit = {**unit, "chunk_list": [plan.chunks[i] for i in unit["chunks"]]}
+    ctx = B.BuildContext(recipe_fp=recipe.fingerprint(), files=tuple(files), output=recipe.output,
+                         storage_options=None, lat=tuple(plan.dst.lat.tolist()), lon=tuple(plan.dst.lon.tolist()),
+                         method=recipe.grid.method, regrid_cache=recipe.regrid_cache,
+                         time_vars=tuple(plan.time_vars), overwrite=True,
+                         compression_level=recipe.compression_level, block_bytes=recipe.max_task_mb * 2**19)
+    unit = max((u for u in plan.units if u.kind == "window"), key=lambda u: len(u.slots))
     B.run_unit(unit, ctx)  # warm-up: regridder weights, imports, open files
     prof = cProfile.Profile()
     t = time.perf_counter()
@@ -623,18 +623,18 @@ def profile_one_shard(root: str, years: list[int], workdir: str, shard_bytes: in
     for (file, _, fn), (_, _, _, ct, _) in st.stats.items():
         key = (os.path.basename(file), fn)
         cum[key] = max(cum.get(key, 0.0), ct)
-    read, rg = cum.get(("build.py", "_read_into"), 0.0), cum.get(("regrid.py", "__call__"), 0.0)
+    read, rg = cum.get(("shard_task.py", "_read_into"), 0.0), cum.get(("regrid.py", "__call__"), 0.0)
     parts = {
         "decode + NaN check + regrid (_read_into)": read,
         "  of which regrid": rg,
         "statistics (Moments.of, of_diffs)": cum.get(("stats.py", "of"), 0.0) + cum.get(("stats.py", "of_diffs"), 0.0),
         "Arrow table build": cum.get(("shards.py", "table_from_arrays"), 0.0),
-        "Parquet encode (table_bytes)": cum.get(("build.py", "table_bytes"), 0.0),
-        "write_atomic (write, fsync, rename)": cum.get(("build.py", "write_atomic"), 0.0),
-        "sha256": cum.get(("build.py", "_write_table"), 0.0) - cum.get(("build.py", "table_bytes"), 0.0)
-        - cum.get(("build.py", "write_atomic"), 0.0),
+        "Parquet encode (table_bytes)": cum.get(("output.py", "table_bytes"), 0.0),
+        "write_atomic (write, fsync, rename)": cum.get(("output.py", "write_atomic"), 0.0),
+        "sha256": cum.get(("shard_task.py", "_write_table"), 0.0) - cum.get(("output.py", "table_bytes"), 0.0)
+        - cum.get(("output.py", "write_atomic"), 0.0),
     }
-    steps = sum(len(c["times"]) for c in unit["chunk_list"])
+    steps = sum(len(c.times) for c in unit.chunks)
     nbytes = steps * len(plan.time_vars) * plan.dst.shape[0] * plan.dst.shape[1] * 4
     print(f"\nprofile of one window task in-process ({steps} steps x {len(plan.time_vars)} variables, "
           f"{nbytes / MB:.0f} MB float32, zstd level {recipe.compression_level}): {total:.2f} s, "

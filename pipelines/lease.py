@@ -136,7 +136,7 @@ class Lease:
         finally:
             os.close(fd)  # releases the lock
 
-    def _write_local(self, exclusive: bool) -> None:
+    def _write_local(self, *, exclusive: bool) -> None:
         data = json.dumps(self.record()).encode()
         if exclusive:
             fd = os.open(self._p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

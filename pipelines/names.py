@@ -346,6 +346,9 @@ def netcdf_base(name: str, has_level: bool) -> str | None:
     ``2m_temperature``, ``geopotential_at_surface``, ...).
 
     ERA5's ``z`` without a level axis is surface geopotential, i.e. orography (divided by g).
+
+    ``has_level`` stays positional: this is the ``base_for(name, has_level)`` callback that
+    ``pipelines.sources.netcdf.candidates`` calls (and readers override with lambdas).
     """
     if has_level:
         return NETCDF_PRESSURE.get(name) or (name if name in PRESSURE_LEVEL else None)

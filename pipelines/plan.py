@@ -4,7 +4,9 @@
 duplicates, one grid per variable, a grid the regridder accepts, the calendar's steps) and cuts the
 time axis into shards that never cross a gap. Training years are cut by windows of day-of-year x
 hour slots so that one task sees every training step of its slots (one-pass climatology); the
-result is a :class:`Plan` of chunks and Ray task units that ``pipelines.build`` runs.
+result is a :class:`Plan` of typed, frozen parts that ``pipelines.build`` runs: a :class:`Chunk` per
+output file (one shard, or the constants) with the :class:`Read` of each source file it needs, and a
+:class:`Unit` per Ray task (a climatology window, one shard, or the constants).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pipelines.sources import SourceError
 
 log = logging.getLogger("pipelines.build")
 
-__all__ = ["Plan", "plan_chunks", "BuildError", "calendar_times", "climatology_hours", "slot_keys", "SYNOPTIC_HOURS"]
+__all__ = ["Plan", "Chunk", "Read", "Unit", "plan_chunks", "BuildError", "calendar_times", "climatology_hours",
+           "slot_keys", "SYNOPTIC_HOURS"]
 
 COMPUTED = {"latitude"}  # constants derived from the grid, not read
 
@@ -43,18 +46,57 @@ def iso(ns_: int) -> str:
     return str(np.datetime64(int(ns_), "ns").astype("datetime64[s]"))
 
 
+@dataclass(frozen=True)
+class Read:
+    """One read of one source file: ``variables`` at ``times`` (int ns; None for constants)."""
+
+    file: int  # index into the build's scanned files (``Plan.files``, ``BuildContext.files``)
+    variables: tuple[str, ...]
+    times: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Chunk:
+    """One output file: a shard (``kind="shard"``: its ``times``, the step before them ``prev`` for
+    differences across its edge, its ``split`` and ``year``) or the constants (``kind="constants"``:
+    its ``variables``). ``path`` is relative to the output; ``reads`` say where its fields come from."""
+
+    kind: str
+    index: int
+    path: str
+    reads: tuple[Read, ...]
+    split: str | None = None
+    year: int | None = None
+    times: tuple[int, ...] = ()
+    prev: int | None = None
+    variables: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unit:
+    """One Ray task. ``kind="window"``: the training shards of one window of climatology slots for
+    every training year plus that window's climatology part (``path``; ``slots``: those it stores);
+    ``"shard"``: one validation/test shard; ``"constants"``: the constants. Each unit carries its
+    own chunks, so the context every task shares stays small."""
+
+    kind: str
+    chunks: tuple[Chunk, ...]
+    window: int | None = None
+    slots: tuple[int, ...] = ()
+    path: str | None = None
+
+
 @dataclass
 class Plan:
-    """What the build writes. ``units`` are the Ray tasks: a "window" unit writes the training
-    shards of one window of climatology slots for every training year plus that window's
-    climatology part; a "shard" unit writes one validation/test shard; "constants" the constants."""
+    """What the build writes: ``chunks`` in index order and ``units``, the Ray tasks that write them
+    (windows first, the longest tasks)."""
 
-    chunks: list[dict]
+    chunks: list[Chunk]
     files: list[dict]
     dst: regrid.Grid
     time_vars: list[str]
     const_vars: list[str]
-    units: list[dict] = field(default_factory=list)
+    units: list[Unit] = field(default_factory=list)
     calendar: str = "standard"  # the sources' calendar ("mixed" when they differ)
     gaps: list = None  # [first missing step (ISO), number of steps] left out under time.missing: allow
     clim_hours: list[int] = field(default_factory=list)  # hours of day the climatology stores
@@ -169,7 +211,7 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
     const_file: dict[str, int] = {}
     grids: dict[str, tuple[str, int]] = {}
     for i, f in enumerate(files):
-        for v, spec in f["variables"].items():
+        for v in f["variables"]:
             g = regrid.Grid(np.asarray(f["lat"]), np.asarray(f["lon"])).fingerprint()
             if v in grids and grids[v][0] != g:
                 other = files[grids[v][1]]["path"]
@@ -256,9 +298,9 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
             int(np.datetime64(prev, "ns").astype("datetime64[Y]").astype(int) + 1970)) == "train"
         return prev if ok else None
 
-    chunks: list[dict] = []
-    units: list[dict] = []
-    windows: dict[int, list[int]] = defaultdict(list)
+    chunks: list[Chunk] = []
+    units: list[Unit] = []
+    windows: dict[int, list[Chunk]] = defaultdict(list)
     for year in sorted(set(years.tolist())):
         split = splits_of_year[int(year)]
         sel = years == year
@@ -273,7 +315,8 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
             # runs of regular steps: a shard never spans a gap
             cuts = np.flatnonzero(np.diff(run_) != step) + 1
             for piece in np.split(run_, cuts):
-                parts += [(win, piece)] if win is not None else [(None, piece[k:k + rows]) for k in range(0, len(piece), rows)]
+                parts += [(win, piece)] if win is not None else [(None, piece[k:k + rows])
+                                                                 for k in range(0, len(piece), rows)]
         for win, part_arr in parts:
             part = part_arr.tolist()
             prev = prev_of(part[0], split)
@@ -284,29 +327,28 @@ def plan_chunks(recipe: Recipe, files: list[dict]) -> Plan:
                     r["variables"].add(v)
                     r["times"].add(t)
             start = np.datetime64(part[0], "ns").astype("datetime64[m]").item()
-            chunk = {
-                "kind": "shard", "index": len(chunks), "split": split, "year": year,
-                "path": f"{split}/{year}/{start:%Y-%m-%dT%H%M}.parquet",
-                "times": part, "prev": prev,
-                "reads": [{"file": i, "variables": sorted(r["variables"]), "times": sorted(r["times"])}
-                          for i, r in sorted(reads.items())],
-            }
+            chunk = Chunk(
+                kind="shard", index=len(chunks), split=split, year=year,
+                path=f"{split}/{year}/{start:%Y-%m-%dT%H%M}.parquet", times=tuple(part), prev=prev,
+                reads=tuple(Read(i, tuple(sorted(r["variables"])), tuple(sorted(r["times"])))
+                            for i, r in sorted(reads.items())),
+            )
             chunks.append(chunk)
             if win is None:
-                units.append({"kind": "shard", "chunks": [chunk["index"]]})
+                units.append(Unit(kind="shard", chunks=(chunk,)))
             else:
-                windows[win].append(chunk["index"])
+                windows[win].append(chunk)
     for win in sorted(windows):
         slots = train_slots[win * rows:(win + 1) * rows]
-        units.append({"kind": "window", "window": win, "chunks": windows[win],
-                      "slots": [int(s) for s in slots if s % 24 in clim_hours],  # the slots it stores
-                      "path": f"{S.CLIMATOLOGY_DIR}/{win:05d}.parquet"})
+        units.append(Unit(kind="window", window=win, chunks=tuple(windows[win]),
+                          slots=tuple(int(s) for s in slots if s % 24 in clim_hours),  # the slots it stores
+                          path=f"{S.CLIMATOLOGY_DIR}/{win:05d}.parquet"))
     consts = list(const_vars)
     if consts:
-        chunks.append({"kind": "constants", "index": len(chunks), "path": S.CONSTANTS, "variables": consts,
-                       "reads": [{"file": const_file[v], "variables": [v]} for v in consts if v not in COMPUTED]})
-        units.append({"kind": "constants", "chunks": [chunks[-1]["index"]]})
+        chunks.append(Chunk(kind="constants", index=len(chunks), path=S.CONSTANTS, variables=tuple(consts),
+                            reads=tuple(Read(const_file[v], (v,)) for v in consts if v not in COMPUTED)))
+        units.append(Unit(kind="constants", chunks=(chunks[-1],)))
     # windows first (the longest tasks), then the single shards
-    units.sort(key=lambda u: {"window": 0, "shard": 1, "constants": 2}[u["kind"]])
+    units.sort(key=lambda u: {"window": 0, "shard": 1, "constants": 2}[u.kind])
     return Plan(chunks, files, dst, time_vars, const_vars, units=units, calendar=calendar, gaps=gaps,
                 clim_hours=clim_hours)

@@ -313,7 +313,7 @@ def _wrap_into(x: np.ndarray, lon: _Axis) -> np.ndarray:
 # 1-D weights. Rows are the target axis' own indices, columns the source axis' own indices.
 
 
-def _linear_1d(src: _Axis, x: np.ndarray, n_dst: int, wrap: bool) -> sp.csr_matrix:
+def _linear_1d(src: _Axis, x: np.ndarray, n_dst: int, *, wrap: bool) -> sp.csr_matrix:
     """Linear interpolation from the sorted source points to positions x (target order).
 
     Beyond the first or last source point the weight is clipped to that point (constant
@@ -354,7 +354,7 @@ def _overlap_1d(src_lo, src_hi, dst_lo, dst_hi, measure):
     return i[ok], j[ok], seg[ok]
 
 
-def _conservative_1d(src: _Axis, dst: _Axis, measure, periodic_lon: bool) -> sp.csr_matrix:
+def _conservative_1d(src: _Axis, dst: _Axis, measure, *, periodic_lon: bool) -> sp.csr_matrix:
     """Fraction of each target cell covered by each source cell, along one axis."""
     s_lo, s_hi, s_idx = src.lo, src.hi, src.order
     d_lo, d_hi = dst.lo, dst.hi

@@ -138,7 +138,7 @@ class RangeView:
                 return seg[a - s:b - s]
         return None
 
-    def _store(self, start: int, data: bytes, speculative: bool) -> None:
+    def _store(self, start: int, data: bytes, *, speculative: bool) -> None:
         old = self._segs.pop(start, None)
         if old is not None:
             self._held -= len(old)

@@ -418,10 +418,10 @@ def test_plan_knows_a_calendars_days_from_a_real_gap(tmp_path, calendar):
     np.testing.assert_array_equal(calendar_times(recipe.time, calendar), times)
     plan = plan_chunks(recipe, [_fake(times, calendar)])
     assert plan.calendar == calendar and plan.gaps == []
-    planned = np.array([t for c in plan.chunks for t in c["times"]])
+    planned = np.array([t for c in plan.chunks for t in c.times])
     np.testing.assert_array_equal(planned, times.astype(np.int64))
     for c in plan.chunks:  # regular shards
-        assert set(np.diff(c["times"]).tolist()) <= {6 * 3600 * 10**9}
+        assert set(np.diff(c.times).tolist()) <= {6 * 3600 * 10**9}
     lost = times[(times < np.datetime64("2016-05-03")) | (times >= np.datetime64("2016-05-04"))]
     with pytest.raises(BuildError, match="missing at 4 of .* first at 2016-05-03T00:00:00"):
         plan_chunks(recipe, [_fake(lost, calendar)])

@@ -555,7 +555,7 @@ def test_stale_leases_are_taken_over_live_ones_are_not(tmp_path):
 
 
 def test_remove_stale_keeps_a_live_writers_temporaries(raw, tmp_path):
-    from pipelines.build import _remove_stale
+    from pipelines.build import remove_stale
     from pipelines.lease import acquire
     from pipelines.recipe import Recipe
 
@@ -570,7 +570,7 @@ def test_remove_stale_keeps_a_live_writers_temporaries(raw, tmp_path):
              "kept": "2014-000.parquet", "stale": "2014-999.parquet"}
     for name in names.values():
         (folder / name).write_bytes(b"x")
-    _remove_stale(Recipe.model_validate(recipe(raw, str(out))), {"train/2014/2014-000.parquet"}, lease)
+    remove_stale(Recipe.model_validate(recipe(raw, str(out))), {"train/2014/2014-000.parquet"}, lease)
     lease.release()
     assert sorted(p.name for p in folder.iterdir()) == sorted([names["live"], names["kept"]])
 
@@ -622,9 +622,9 @@ def test_killed_worker_mid_shard_task_is_retried_with_identical_output(raw, loca
         import os as _os
         import time as _time
 
-        import pipelines.build as wb
+        import pipelines.shard_task as wb  # where run_window looks up run_chunk
 
-        if unit["kind"] == "window":
+        if unit.kind == "window":
             try:  # the first window task to claim the marker pauses in its middle, once
                 fd = _os.open(marker + ".claim", _os.O_CREAT | _os.O_EXCL | _os.O_WRONLY)
                 _os.close(fd)

@@ -331,7 +331,7 @@ def test_calendars_without_leap_days_plan_without_29_february(tmp_path, calendar
         "time": {"start": "2016-02-20", "end": "2016-03-09", "step": "1D"},
         "splits": {"train": [2016, 2016]}, "output": str(tmp_path)})
     plan = plan_chunks(recipe, [_fake_file("tas_noleap.nc", days, calendar)])
-    planned = [t for c in plan.chunks for t in c["times"]]
+    planned = [t for c in plan.chunks for t in c.times]
     assert len(planned) == len(days) and np.datetime64("2016-02-29", "ns").astype(np.int64) not in planned
     # the standard calendar does not excuse a missing day
     with pytest.raises(BuildError, match="missing at 1 of 19 time steps, first at 2016-02-29"):

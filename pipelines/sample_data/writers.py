@@ -95,7 +95,7 @@ class _GribWriter:
         ec.codes_set_values(h, np.ascontiguousarray(values[::-1], dtype=np.float64).ravel())
         ec.codes_write(h, self._f)
 
-    def close(self, commit: bool = True):
+    def close(self, *, commit: bool = True):
         for h in self._templates.values():
             self._ec.codes_release(h)
         self._templates.clear()
@@ -183,7 +183,7 @@ def _write_weatherbench_year(wb_dir: Path, year: int, times, lat, lon, data: dic
         to_netcdf(ds, wb_dir / base / f"{base}_{year}_{tag}.nc")
 
 
-def _wb2_dataset(times, lat, lon, data: dict, parsed: dict, model, seed: int, constants: bool):
+def _wb2_dataset(times, lat, lon, data: dict, parsed: dict, model, seed: int, *, constants: bool):
     """One year in the WeatherBench 2 layout: long names, ``level`` in hPa, latitude north to south,
     ``geopotential_at_surface`` (m2 s-2) for orography, constants without a time dim."""
     import xarray as xr
@@ -214,7 +214,7 @@ def _wb2_dataset(times, lat, lon, data: dict, parsed: dict, model, seed: int, co
     return xr.Dataset(out, coords=coords, attrs=_global_attrs(seed))
 
 
-def _write_zarr_year(tmp: Path, ds, first: bool, time_chunk: int) -> None:
+def _write_zarr_year(tmp: Path, ds, *, first: bool, time_chunk: int) -> None:
     """Append one year to the store (created by the first year). xarray writes without dask when
     the chunks are given as encoding; Zarr v2 with consolidated metadata, as WeatherBench 2's."""
     encoding = {}
@@ -336,7 +336,7 @@ def generate(
                 _write_weatherbench_year(wb_dir, year, times, lat, lon, year_data, parsed, tag, seed)
             if year_data is not None and "zarr" in formats:
                 ds = _wb2_dataset(times, lat, lon, year_data, zarr_parsed, model, seed, constants=year == years[0])
-                _write_zarr_year(zarr_tmp, ds, year == years[0], zarr_time_chunk)
+                _write_zarr_year(zarr_tmp, ds, first=year == years[0], time_chunk=zarr_time_chunk)
             del year_data
     finally:
         bar.close()

@@ -169,13 +169,13 @@ def _candidates(path: str, idx: GI.GribIndex, wanted: set[str] | None,
                 da = xr.DataArray(np.zeros(1), dims=("values",), attrs=attrs)
             cands.append(Candidate(base, da, source_name, error))
             continue
-        da = _field_array(idx, entries, pl, levels, grid, attrs, storage_options)
+        da = _field_array(idx, entries, levels, grid, attrs, storage_options, pl=pl)
         cands.append(Candidate(base, da, source_name))
     return cands
 
 
-def _field_array(idx: GI.GribIndex, entries: np.ndarray, pl: bool, levels: np.ndarray,
-                 grid: dict, attrs: dict, storage_options: dict | None = None) -> xr.DataArray:
+def _field_array(idx: GI.GribIndex, entries: np.ndarray, levels: np.ndarray, grid: dict, attrs: dict,
+                 storage_options: dict | None = None, *, pl: bool) -> xr.DataArray:
     kinds = idx.kinds
     kind_of = idx.kind[entries]
     uk = np.unique(kind_of)

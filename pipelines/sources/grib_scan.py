@@ -80,7 +80,7 @@ class Scanner:
         self.slow_times = 0
 
     # -- signatures ----------------------------------------------------------------------
-    def _signature_info(self, sig: tuple, buf_fn, raw_ref: tuple | None, cacheable: bool):
+    def _signature_info(self, sig: tuple, buf_fn, raw_ref: tuple | None, *, cacheable: bool):
         hit = self._sigs.get(sig)
         if hit is not None:
             return hit
@@ -122,9 +122,9 @@ class Scanner:
         return ns, ymdhm
 
     def _add(self, o: int, length: int, part: int, sig: tuple, buf_fn, raw_ref_bytes: bytes,
-             parse_ref, cacheable: bool):
+             parse_ref, *, cacheable: bool):
         ref_ns, ymdhm = self._ref_ns(raw_ref_bytes, parse_ref)
-        kid, step_ns = self._signature_info(sig, buf_fn, ymdhm, cacheable)
+        kid, step_ns = self._signature_info(sig, buf_fn, ymdhm, cacheable=cacheable)
         if step_ns is None:  # ambiguous units or disagreement: ask ecCodes for this message
             import eccodes
 
@@ -168,7 +168,7 @@ class Scanner:
         sig = (1, s1[:12], s1[17:24], s1[25:], gds)
         cacheable = s1[17] in _G1_FIXED_UNITS
         raw_ref = bytes(s1[12:17]) + bytes(s1[24:25])
-        self._add(o, length, -1, sig, lambda: mm[o:o + length], raw_ref, _parse_g1_ref, cacheable)
+        self._add(o, length, -1, sig, lambda: mm[o:o + length], raw_ref, _parse_g1_ref, cacheable=cacheable)
 
     def grib2(self, o: int, length: int):
         mm = self.mm
@@ -224,7 +224,7 @@ class Scanner:
                 part = len(self.parts)
                 self.parts.append(ranges)
                 buf_fn = (lambda ranges=ranges: assemble_parts(_MMFile(mm), ranges))
-            self._add(o, length, part, sig, buf_fn, raw_ref, _parse_g2_ref, cacheable)
+            self._add(o, length, part, sig, buf_fn, raw_ref, _parse_g2_ref, cacheable=cacheable)
 
 
 class _MMFile:
