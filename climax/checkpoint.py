@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from climax.config import resolve_model_config
 from climax.model import ClimaX
 from climax.variables import NAME_ALIASES, ORIGINAL_DEFAULT_VARS
 
@@ -338,5 +339,5 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> tuple[ClimaX, LoadR
     if not cfg:
         raise CheckpointError(f"{source} records no model config; build ClimaX(...) yourself and call load_checkpoint")
     cfg.update(overrides)
-    model = ClimaX(**cfg)
+    model = ClimaX.from_config(resolve_model_config(cfg))
     return model, load_checkpoint(model, {"format": FORMAT, "state_dict": state, **meta})

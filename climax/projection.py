@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from climax.config import resolve_model_config
 from climax.metrics import lat_weights
 from climax.model import ClimaX, get_1d_sincos_embed
 
@@ -81,7 +82,8 @@ class ProjectionModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> ProjectionModel:
-        return cls(ClimaX(**config["backbone"]), config["out_vars"], config["history"])
+        return cls(ClimaX.from_config(resolve_model_config(config["backbone"])), config["out_vars"],
+                   config["history"])
 
     def reset_embeddings(self) -> None:
         """Fresh token and variable embeddings (the forcings are new variables for a pretrained

@@ -58,27 +58,20 @@ def build_model(cfg: Any, datasets: list, log=print) -> ClimaX:
         for v in sum(variables(cfg, ds), []):
             if v not in data_vars:
                 data_vars.append(v)
-    default_model = type(cfg).model_fields["model"].default
-    mcfg = model_config(cfg) if cfg.init_checkpoint is None or not isinstance(cfg.model, str) or \
-        cfg.model != default_model else {}
-    state_meta = None
+    meta: dict = {}
     if cfg.init_checkpoint:
         _, meta, _ = read_checkpoint(cfg.init_checkpoint)
-        state_meta = meta
-        if meta.get("model_config"):
-            mcfg = {**meta["model_config"], **{k: v for k, v in mcfg.items() if k != "default_vars"}}
-        elif not mcfg:
-            mcfg = model_config(cfg)
-    base_vars = list(mcfg.get("default_vars") or (state_meta or {}).get("model_config", {}).get("default_vars") or [])
-    mcfg["default_vars"] = base_vars + [v for v in data_vars if v not in base_vars]
-    mcfg["img_size"] = [len(datasets[0].lat), len(datasets[0].lon)]
-    model = ClimaX(**mcfg)
+    mcfg = model_config(cfg, meta.get("model_config"))
+    base_vars = list(mcfg.default_vars or [])
+    model = ClimaX.from_config(mcfg.model_copy(update={
+        "default_vars": base_vars + [v for v in data_vars if v not in base_vars],
+        "img_size": (len(datasets[0].lat), len(datasets[0].lon))}))
     if cfg.objective.uses_masking:  # before loading: a masked checkpoint's decoder continues
         attach_decoder(model, **cfg.objective.decoder.model_dump())
     if cfg.init_checkpoint:
         report = load_checkpoint(model, cfg.init_checkpoint, ckpt_vars=cfg.ckpt_vars)
         log(f"loaded {cfg.init_checkpoint}:\n{report}")
-        init_statistics(cfg, datasets, state_meta or {}, log)
+        init_statistics(cfg, datasets, meta, log)
     return model
 
 

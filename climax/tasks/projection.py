@@ -116,11 +116,8 @@ def build_model(cfg, in_vars: list[str], out_vars: list[str], grid: tuple[int, i
         model.load_state_dict(state, strict=True)
         log(f"loaded the projection checkpoint {cfg.init_checkpoint}")
         return model
-    user = model_config(cfg) if not (cfg.init_checkpoint and cfg.model == type(cfg).model_fields["model"].default) \
-        else {}
-    mcfg = {**mc, **{k: v for k, v in user.items() if k != "default_vars"}} if mc else dict(user or model_config(cfg))
-    mcfg.update(default_vars=list(in_vars), img_size=list(grid))
-    backbone = ClimaX(**mcfg)
+    mcfg = model_config(cfg, mc).model_copy(update={"default_vars": list(in_vars), "img_size": tuple(grid)})
+    backbone = ClimaX.from_config(mcfg)
     if cfg.init_checkpoint:
         report = load_checkpoint(backbone, cfg.init_checkpoint, ckpt_vars=cfg.ckpt_vars)
         log(f"loaded {cfg.init_checkpoint} into the backbone:\n{report}")

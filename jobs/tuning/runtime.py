@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from jobs.train import TrainConfig
+from jobs.train_config import TrainConfig
 from jobs.tuning.campaign import Campaign, planned_epochs, short_config, trial_config
 
 #: what a trial's driver function reserves (it runs no training itself)
