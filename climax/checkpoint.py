@@ -227,8 +227,8 @@ def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid
 def load_checkpoint(
     model: ClimaX,
     path_or_state: str | os.PathLike | Mapping[str, Any],
-    strict: bool = False,
     *,
+    strict: bool = False,
     ckpt_vars: Sequence[str] | None = None,
     ckpt_grid: Sequence[int] | None = None,
 ) -> LoadReport:

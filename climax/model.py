@@ -126,6 +126,7 @@ class ClimaX(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.1,
         drop_rate: float = 0.1,
+        *,
         fast_var_agg: bool = True,
     ):
         super().__init__()

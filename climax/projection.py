@@ -109,7 +109,7 @@ class ProjectionModel(nn.Module):
         return self.head(pooled[:, 0]).reshape(B, len(self.out_vars), h, w)
 
 
-def freeze_projection(model: ProjectionModel, blocks: bool = True, block_norms_trainable: bool = True) -> list[str]:
+def freeze_projection(model: ProjectionModel, *, blocks: bool = True, block_norms_trainable: bool = True) -> list[str]:
     """Freeze the backbone's transformer blocks (except their LayerNorms when
     ``block_norms_trainable``, as the original, after arXiv 2103.05247); returns the frozen names."""
     frozen = []

@@ -31,7 +31,7 @@ from ray.train.torch import TorchTrainer
 from climax.data import ShardReadError
 from climax.loop import Worker, train
 from climax.tasks import get_task
-from jobs.common import error_line, init_ray, setup_logging
+from jobs.common import error_line, final_error, init_ray, setup_logging
 from jobs.config import fail
 from jobs.observability import callbacks as observability_callbacks
 from jobs.train_config import ROOT, DatasetSpec, TrainConfig, parse
@@ -71,7 +71,7 @@ def _restore(load):
         return load(d)
 
 
-def _prepare(model, find_unused_parameters: bool):
+def _prepare(model, *, find_unused_parameters: bool):
     return ray.train.torch.prepare_model(model, move_to_device=False,
                                          parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters})
 
@@ -119,28 +119,12 @@ def _stop_on_data_error_callback() -> UserCallback:
     # controller needs no importable jobs.train of the same version (a cluster started elsewhere).
     class StopOnDataError(UserCallback):
         def after_exception(self, run_context, worker_exceptions: dict) -> None:
-            for rank, exc in sorted(worker_exceptions.items()):
-                final = _final_error(exc)
+            for _rank, exc in sorted(worker_exceptions.items()):
+                final = final_error(exc, ShardReadError)
                 if final is not None:
                     raise final
 
     return StopOnDataError()
-
-
-def _final_error(exc: BaseException) -> BaseException | None:
-    """The non-retryable error (an exception with ``retryable = False``) inside Ray's wrappers, or None."""
-    name = f"{ShardReadError.__module__}.{ShardReadError.__name__}: "
-    seen = set()
-    while isinstance(exc, BaseException) and id(exc) not in seen:
-        seen.add(id(exc))
-        if getattr(exc, "retryable", True) is False:
-            return exc
-        # a wrapper that kept only the worker's traceback text: its last line names the error
-        lines = str(exc).strip().splitlines()
-        if lines and lines[-1].startswith(name):
-            return ShardReadError(lines[-1][len(name):])
-        exc = getattr(exc, "_base_exc", None) or getattr(exc, "cause", None) or exc.__cause__
-    return None
 
 
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None):

@@ -1,12 +1,12 @@
 """Training tasks, one module each, found by name: ``climax/tasks/<name>.py`` defines ``TASK``, a
 ``Task`` subclass. Adding a task means adding one file (and, when it has one, its config section
-in ``jobs/train.py``'s ``TrainConfig``).
+in ``jobs/train_config.py``'s ``TrainConfig``).
 
 A task supplies the hooks ``climax.loop`` calls: ``build_model``, ``make_loaders``, ``loss``,
 ``validate`` (+ ``summary`` for the epoch line), ``checkpoint_module`` / ``checkpoint_extras`` /
 ``load_state``; driver side: ``check_config`` (config validation), ``after_fit`` (after training)
 and ``evaluate`` (``jobs.evaluate`` on one of its checkpoints). ``cfg`` is the validated
-``jobs.train.TrainConfig`` (read by attribute; climax does not import jobs).
+``jobs.train_config.TrainConfig`` (read by attribute; climax does not import jobs).
 """
 
 from __future__ import annotations

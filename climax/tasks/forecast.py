@@ -182,7 +182,7 @@ class ForecastTask(Task):
         lat = self.lat if batch.dataset == self.val_ds.name or region is not None else \
             next(ds.lat for ds in self.datasets if ds.name == batch.dataset)
         is_masked = self.masked is not None and cfg.objective.masked_at(step, cfg.train.seed)
-        loss = forecast_loss(model, batch, lat, self.worker.device, cfg.train.bf16, region=region,
+        loss = forecast_loss(model, batch, lat, self.worker.device, bf16=cfg.train.bf16, region=region,
                              masked=self.masked if is_masked else None,
                              generator=step_generator(cfg.train.seed, step, self.worker.rank) if is_masked else None)
         return loss, "train_mask_loss" if is_masked else None
@@ -196,7 +196,7 @@ class ForecastTask(Task):
         metrics: dict[str, float] = {}
         val_losses = []
         for hours, vl in val.items():
-            res = validate(model, vl, self.lat, mean, std, self.val_out, device, cfg.train.bf16, region=self.region)
+            res = validate(model, vl, self.lat, mean, std, self.val_out, device, bf16=cfg.train.bf16, region=self.region)
             val_losses.append(res["val_loss"])
             for k, v in res.items():
                 if k.startswith("val_rmse/") or k.startswith("val_persistence_rmse/"):
@@ -204,7 +204,7 @@ class ForecastTask(Task):
         metrics["val_loss"] = float(np.mean(val_losses))
         if self.masked is not None:  # reconstruction loss; the run's val_loss when it only reconstructs
             metrics.update(validate_masked(model, val[self.val_leads[0]], self.lat, self.masked, device,
-                                           cfg.train.bf16, cfg.train.seed))
+                                           bf16=cfg.train.bf16, seed=cfg.train.seed))
             if cfg.objective.kind == "masked":
                 metrics["val_loss"] = metrics["val_mask_loss"]
         # one number for schedulers (ASHA) and for comparing runs: the latitude-weighted RMSE in

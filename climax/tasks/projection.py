@@ -264,7 +264,7 @@ class ProjectionTask(Task):
                 raise ValueError(f"dataset {ds.name} is on a {ds.shape} grid, {datasets[0].name} on {grid}; "
                                  "preprocess every scenario with the same grid")
         model = build_model(cfg, self.in_vars, self.out_vars, grid, log=self.log)
-        self.frozen = freeze_projection(model, spec.freeze_blocks, spec.train_block_norms)
+        self.frozen = freeze_projection(model, blocks=spec.freeze_blocks, block_norms_trainable=spec.train_block_norms)
         if cfg.freeze_backbone:
             self.frozen += [f"backbone.{n}" for n in freeze_backbone(model.backbone)]
         return model
@@ -316,7 +316,7 @@ class ProjectionTask(Task):
         device = self.worker.device
         xb, yb = batch[0].to(device), batch[1].to(device)
         model.train()
-        with autocast(device, self.cfg.train.bf16):
+        with autocast(device, bf16=self.cfg.train.bf16):
             pred = model(xb, self.in_vars)
         return lat_weighted_mse(pred.float(), yb, self.lat_t), None
 

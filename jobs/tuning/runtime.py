@@ -118,7 +118,7 @@ class CampaignLog(_ray_callback_base()):
         self.total = info.get("total_num_samples") or info.get("num_samples")
         self.last_reap = 0.0
 
-    def _reap(self, force: bool = False):
+    def _reap(self, *, force: bool = False):
         if force or time.time() - self.last_reap > REAP_EVERY_S:
             self.last_reap = time.time()
             try:
