@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from climax.config import resolve_model_config
 from climax.model import ClimaX
 from climax.variables import NAME_ALIASES, ORIGINAL_DEFAULT_VARS
 
@@ -226,8 +227,8 @@ def interpolate_pos_embed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid
 def load_checkpoint(
     model: ClimaX,
     path_or_state: str | os.PathLike | Mapping[str, Any],
-    strict: bool = False,
     *,
+    strict: bool = False,
     ckpt_vars: Sequence[str] | None = None,
     ckpt_grid: Sequence[int] | None = None,
 ) -> LoadReport:
@@ -338,5 +339,5 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> tuple[ClimaX, LoadR
     if not cfg:
         raise CheckpointError(f"{source} records no model config; build ClimaX(...) yourself and call load_checkpoint")
     cfg.update(overrides)
-    model = ClimaX(**cfg)
+    model = ClimaX.from_config(resolve_model_config(cfg))
     return model, load_checkpoint(model, {"format": FORMAT, "state_dict": state, **meta})

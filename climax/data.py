@@ -68,7 +68,7 @@ class Batch:
     def target_time(self) -> np.ndarray:
         return self.input_time + (self.lead_hours.numpy().astype(np.float64) * 3.6e12).astype("timedelta64[ns]")
 
-    def to(self, device, non_blocking: bool = True) -> Batch:
+    def to(self, device, *, non_blocking: bool = True) -> Batch:
         return Batch(self.x.to(device, non_blocking=non_blocking), self.y.to(device, non_blocking=non_blocking),
                      self.lead_hours.to(device, non_blocking=non_blocking), self.in_vars, self.out_vars,
                      self.input_time, self.dataset)
@@ -197,7 +197,7 @@ class ForecastLoader:
         self.shuffle, self.drop_last, self.region = shuffle, drop_last, region
         self.prefetch, self.max_batches, self.pin_memory = int(prefetch), max_batches, pin_memory
         self.axis = dataset.axis(split)
-        self.sampler = ForecastSampler(self.axis, leads, random_lead, seed)
+        self.sampler = ForecastSampler(self.axis, leads, random_lead=random_lead, seed=seed)
         #: (input, lead) pairs of the split that a gap removes (their input or target step is missing)
         self.skipped = self.sampler.skipped
         self.epoch = 0
@@ -347,7 +347,7 @@ class ForecastLoader:
                 # reads of at most ~64 MiB: a window of large rows is not decoded into one Arrow table
                 step = max(1, int(64 * 2**20 // (len(self._cols[int(code[lo])]) * full)))
                 lo_hi += [(a, min(a + step, hi)) for a in range(lo, hi, step)]
-            def read(lo: int, hi: int, use_threads: bool) -> None:
+            def read(lo: int, hi: int, *, use_threads: bool) -> None:
                 sel = todo[lo:hi]
                 cols = self._cols[int(code[lo])]
                 table = self.dataset._read_table(self.split, int(shard[lo]), self.axis.row[uniq[sel]], cols,
@@ -381,11 +381,11 @@ class ForecastLoader:
                 # column parallelism costs ~20 % more CPU per row (measured on 2 cores) for small
                 # column chunks; a lone read still uses it
                 with ThreadPoolExecutor(min(self.decode_threads, len(lo_hi)), "climax-decode") as pool:
-                    for f in [pool.submit(read, lo, hi, False) for lo, hi in lo_hi]:
+                    for f in [pool.submit(read, lo, hi, use_threads=False) for lo, hi in lo_hi]:
                         f.result()
             else:
                 for lo, hi in lo_hi:
-                    read(lo, hi, True)
+                    read(lo, hi, use_threads=True)
             pos[todo] = np.arange(len(todo))
         if resident:
             return _Super(buf, inp, tgt, triples, pieces)

@@ -126,7 +126,7 @@ class ShardDataset:
     """
 
     def __init__(self, root: str, storage_options: dict | None = None, name: str | None = None,
-                 max_open_files: int = 64, verify: bool = False):
+                 max_open_files: int = 64, *, verify: bool = False):
         self.root = str(root).rstrip("/")
         self.storage_options = dict(storage_options or {})
         self.name = name or self.root.rsplit("/", 1)[-1]
@@ -225,12 +225,12 @@ class ShardDataset:
         """How many shards are open now (the LRU's size)."""
         return len(self._files)
 
-    def _read_table(self, split: str, shard: int, rows: np.ndarray, columns: Sequence[str],
+    def _read_table(self, split: str, shard: int, rows: np.ndarray, columns: Sequence[str], *,
                     use_threads: bool = True) -> pa.Table:
         """Rows (sorted, unique, within the shard) of some columns of one shard, in one read; a shard
         that does not decode raises ShardReadError naming it (not retried: see ShardReadError)."""
         try:
-            return self._read_rows(split, shard, rows, columns, use_threads)
+            return self._read_rows(split, shard, rows, columns, use_threads=use_threads)
         except (pa.ArrowInvalid, OSError) as exc:
             if not is_corruption(exc):
                 raise
@@ -240,7 +240,7 @@ class ShardDataset:
                 f"{str(exc).strip().splitlines()[0][:200]}); rebuild it: re-run jobs.preprocess with the dataset's "
                 "recipe (it rewrites shards that do not read back), or copy the dataset again") from None
 
-    def _read_rows(self, split: str, shard: int, rows: np.ndarray, columns: Sequence[str],
+    def _read_rows(self, split: str, shard: int, rows: np.ndarray, columns: Sequence[str], *,
                    use_threads: bool = True) -> pa.Table:
         rel = self.manifest.shards(split)[shard]["path"]
         pf, lock = self._open(rel)

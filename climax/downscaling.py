@@ -84,7 +84,7 @@ def resolve_variables(coarse, fine, in_vars: Sequence[str] | None = None, consta
 
 
 def make_downscaler(net: ClimaX, coarse, fine, in_vars: Sequence[str], constants: Sequence[str],
-                    out_vars: Sequence[str], residual: bool = True) -> Downscaler:
+                    out_vars: Sequence[str], *, residual: bool = True) -> Downscaler:
     """A ``Downscaler`` around ``net`` with the grids, statistics and constants of the two datasets."""
     cmean, cstd = coarse.normalizer(in_vars)
     fmean, fstd = fine.normalizer(out_vars)
@@ -93,7 +93,7 @@ def make_downscaler(net: ClimaX, coarse, fine, in_vars: Sequence[str], constants
         m, s = fine.normalizer(constants)
         fields = np.stack([(fine.constant_fields()[c] - m[k]) / s[k] for k, c in enumerate(constants)])
     return Downscaler(net, coarse.lat, coarse.lon, fine.lat, fine.lon, in_vars, cmean, cstd, out_vars, fmean, fstd,
-                      constants, fields, residual)
+                      constants, fields, residual=residual)
 
 
 # ----------------------------------------------------------------------------- pairing
@@ -128,7 +128,7 @@ class DownscalingLoader:
     """
 
     def __init__(self, coarse, fine, split: str, in_vars: Sequence[str], out_vars: Sequence[str], batch_size: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True, drop_last: bool = True,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, *, shuffle: bool = True, drop_last: bool = True,
                  prefetch: int = 2, max_batches: int | None = None):
         self.coarse, self.fine, self.split = coarse, fine, split
         self.dataset = fine  # for names in logs (and MixedLoader)
@@ -201,7 +201,7 @@ class DownscalingLoader:
 
 
 # ----------------------------------------------------------------------------- upsampling
-def _linear_weights(src: np.ndarray, dst: np.ndarray, periodic: bool) -> np.ndarray:
+def _linear_weights(src: np.ndarray, dst: np.ndarray, *, periodic: bool) -> np.ndarray:
     """(len(dst), len(src)) weights of linear interpolation between ascending points ``src``.
 
     Periodic (longitude, degrees): one wrapped point at each end, so 0/360 is crossed smoothly.
@@ -253,7 +253,7 @@ class Downscaler(nn.Module):
 
     def __init__(self, net: ClimaX, coarse_lat, coarse_lon, fine_lat, fine_lon, in_vars: Sequence[str],
                  coarse_mean, coarse_std, out_vars: Sequence[str], fine_mean, fine_std,
-                 constants: Sequence[str] = (), constant_fields: np.ndarray | None = None, residual: bool = True):
+                 constants: Sequence[str] = (), constant_fields: np.ndarray | None = None, *, residual: bool = True):
         super().__init__()
         self.net = net
         self.in_vars, self.out_vars, self.constants = list(in_vars), list(out_vars), list(constants)
@@ -406,7 +406,7 @@ class DownscalingScores:
 
 
 @torch.no_grad()
-def evaluate_downscaling(model: Downscaler, batches, lat, device: torch.device, bf16: bool = True,
+def evaluate_downscaling(model: Downscaler, batches, lat, device: torch.device, *, bf16: bool = True,
                          scores: DownscalingScores | None = None) -> DownscalingScores:
     """Score ``model`` (a ``Downscaler``, or a DDP wrapper of one) on ``batches``; returns the
     running scores (all-reduced over the process group when one is initialised)."""
@@ -416,7 +416,7 @@ def evaluate_downscaling(model: Downscaler, batches, lat, device: torch.device, 
     lat_t = torch.as_tensor(np.asarray(lat), dtype=torch.float32, device=device)
     for batch in batches:
         x, y = batch.x.to(device), batch.y.to(device)
-        with autocast(device, bf16):
+        with autocast(device, bf16=bf16):
             pred = model(x, batch.lead_hours.to(device), batch.in_vars, batch.out_vars)
         pred = pred.float()
         loss = float(lat_weighted_mse(pred, y, lat_t))

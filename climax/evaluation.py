@@ -274,7 +274,7 @@ def _prefetched(loader: Callable[[np.ndarray], Any], batches: list[np.ndarray]) 
             yield rows, data
 
 
-def _tqdm(iterable, total: int, desc: str, progress: bool):
+def _tqdm(iterable, total: int, desc: str, *, progress: bool):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not progress, leave=False)
@@ -440,7 +440,7 @@ def evaluate_model(
     steps = int(round(max(roll_leads) / rollout_step)) if roll_leads else 0
     with _Eval(model), torch.inference_mode():
         for rows, (inputs, valid, truth, clim, targets) in _tqdm(
-                _prefetched(load, batches), len(batches), f"evaluate {split}", progress):
+                _prefetched(load, batches), len(batches), f"evaluate {split}", progress=progress):
             f = torch.from_numpy(inputs).to(device)
             y = torch.from_numpy(truth).to(device, torch.float64)
             c = torch.from_numpy(clim).to(device, torch.float64)
@@ -561,7 +561,7 @@ def forecast_fields(
     batches = [init_index[i:i + batch_size] for i in range(0, len(init_index), batch_size)]
     start = 0
     with _Eval(model), torch.inference_mode():
-        for rows, fields in _tqdm(_prefetched(load, batches), len(batches), "forecast", progress):
+        for rows, fields in _tqdm(_prefetched(load, batches), len(batches), "forecast", progress=progress):
             x = (torch.from_numpy(fields).to(device) - in_mean) / in_std
             preds: dict[float, torch.Tensor] = {}
             if rollout_step is None:

@@ -164,9 +164,9 @@ def fit(task: Any, model: nn.Module, loaders: Loaders, optim: tuple[torch.optim.
 
 
 def train(task: Any, reporter: Reporter, restore: Callable | None = None,
-          wrap: Callable[[nn.Module, bool], nn.Module] | None = None) -> TrainState:
+          wrap: Callable[..., nn.Module] | None = None) -> TrainState:
     """One worker's run of ``task``: build the model and the loaders, start or resume
-    (``start_or_resume``), ``wrap(model, find_unused_parameters)`` (DDP; default: none), optionally
+    (``start_or_resume``), ``wrap(model, find_unused_parameters=...)`` (DDP; default: none), optionally
     ``torch.compile`` on GPU, then ``fit``. Seed the torch RNG before building the task."""
     cfg, w = task.cfg, task.worker
     model = task.build_model()
@@ -189,7 +189,7 @@ def train(task: Any, reporter: Reporter, restore: Callable | None = None,
     if sharded or wrap is None:
         trained = model
     else:
-        trained = wrap(model, task.find_unused_parameters(model))
+        trained = wrap(model, find_unused_parameters=task.find_unused_parameters(model))
     if cfg.train.compile and w.device.type == "cuda":
         trained = torch.compile(trained)  # checkpoints still hold bare keys (climax.training.unwrap)
     w.log(task.describe(model, loaders))

@@ -203,7 +203,7 @@ class MaskedObjective:
     var_drop: float = 0.25
 
     def __call__(self, model: nn.Module, x: torch.Tensor, in_vars: Sequence[str], out_vars: Sequence[str],
-                 generator: torch.Generator | None = None, return_mask: bool = False):
+                 generator: torch.Generator | None = None, *, return_mask: bool = False):
         net = unwrap(model)  # call the (DDP) wrapper, read the shapes from the model
         if isinstance(net, ClimaX):
             if net is not model:
@@ -226,7 +226,7 @@ class MaskedObjective:
 
 @torch.no_grad()
 def validate_masked(model: nn.Module, batches: Iterable, lat: np.ndarray, objective: MaskedObjective,
-                    device: torch.device, bf16: bool = True, seed: int = 0) -> dict:
+                    device: torch.device, *, bf16: bool = True, seed: int = 0) -> dict:
     """Reconstruction loss on ``batches`` with masks fixed by (seed, batch number): comparable across
     epochs. Sums are all-reduced when a process group is initialised."""
     model.eval()
@@ -234,7 +234,7 @@ def validate_masked(model: nn.Module, batches: Iterable, lat: np.ndarray, object
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for k, batch in enumerate(batches):
         x = batch.x.to(device)
-        with autocast(device, bf16):
+        with autocast(device, bf16=bf16):
             pred, target, points = objective(model, x, batch.in_vars, batch.out_vars, step_generator(seed, k, stream=1))
         sums[0] += float(lat_weighted_mse(pred.float(), target, lat_t, points)) * x.shape[0]
         sums[1] += x.shape[0]

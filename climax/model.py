@@ -53,6 +53,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch import nn
 
+from climax.config import ModelConfig
 from climax.regions import Region
 
 __all__ = ["ClimaX", "get_1d_sincos_embed", "get_2d_sincos_pos_embed"]
@@ -125,6 +126,7 @@ class ClimaX(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.1,
         drop_rate: float = 0.1,
+        *,
         fast_var_agg: bool = True,
     ):
         super().__init__()
@@ -176,6 +178,14 @@ class ClimaX(nn.Module):
         head.append(nn.Linear(embed_dim, V * patch_size**2))
         self.head = nn.Sequential(*head)
         self.initialize_weights()
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> ClimaX:
+        """The model of a validated ``climax.config.ModelConfig`` (``default_vars`` given)."""
+        if config.default_vars is None:
+            raise ValueError("the model configuration names no default_vars; set them (the training job takes "
+                             "the data's)")
+        return cls(**config.model_dump())
 
     # ------------------------------------------------------------------ initialisation
     def initialize_weights(self) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from climax.config import resolve_model_config
 from climax.metrics import lat_weights
 from climax.model import ClimaX, get_1d_sincos_embed
 
@@ -81,7 +82,8 @@ class ProjectionModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> ProjectionModel:
-        return cls(ClimaX(**config["backbone"]), config["out_vars"], config["history"])
+        return cls(ClimaX.from_config(resolve_model_config(config["backbone"])), config["out_vars"],
+                   config["history"])
 
     def reset_embeddings(self) -> None:
         """Fresh token and variable embeddings (the forcings are new variables for a pretrained
@@ -107,7 +109,7 @@ class ProjectionModel(nn.Module):
         return self.head(pooled[:, 0]).reshape(B, len(self.out_vars), h, w)
 
 
-def freeze_projection(model: ProjectionModel, blocks: bool = True, block_norms_trainable: bool = True) -> list[str]:
+def freeze_projection(model: ProjectionModel, *, blocks: bool = True, block_norms_trainable: bool = True) -> list[str]:
     """Freeze the backbone's transformer blocks (except their LayerNorms when
     ``block_norms_trainable``, as the original, after arXiv 2103.05247); returns the frozen names."""
     frozen = []

@@ -123,7 +123,7 @@ class ForecastSampler:
         seed: the same seed gives the same epochs.
     """
 
-    def __init__(self, axis: TimeAxis, leads: Sequence[float], random_lead: bool = True, seed: int = 0):
+    def __init__(self, axis: TimeAxis, leads: Sequence[float], *, random_lead: bool = True, seed: int = 0):
         self.axis, self.random_lead, self.seed = axis, random_lead, seed
         self.leads = np.asarray(leads, dtype=np.float64)
         t = axis.times.astype(np.int64)

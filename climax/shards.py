@@ -212,7 +212,7 @@ def read_shard(path: str, columns: Sequence[str] | None = None, rows: Sequence[i
     return arrays_from_table(table.take(pa.array(offset[np.searchsorted(groups, group)] + rows - starts[group])))
 
 
-def read_climatology(root: str, variable: str, filesystem: Any = None, verify: bool = False) -> pa.Table:
+def read_climatology(root: str, variable: str, filesystem: Any = None, *, verify: bool = False) -> pa.Table:
     """Rows (dayofyear, hour, count, ``variable``) of a dataset's training climatology, from its
     parts (one per window of slots, every variable a column) as the manifest lists them. Each
     part's row count is checked against the manifest; ``verify`` also checks its sha256."""

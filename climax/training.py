@@ -61,7 +61,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
 
 
-def autocast(device: torch.device, bf16: bool):
+def autocast(device: torch.device, *, bf16: bool):
     """bf16 autocast on CUDA when asked; fp32 elsewhere (CPU bf16 is slower than fp32 here)."""
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -83,7 +83,7 @@ def _lat(lat: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(lat), dtype=torch.float32, device=device)
 
 
-def forecast_loss(model: nn.Module, batch: Any, lat: np.ndarray, device: torch.device, bf16: bool = True,
+def forecast_loss(model: nn.Module, batch: Any, lat: np.ndarray, device: torch.device, *, bf16: bool = True,
                   region: Any = None, masked: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """The training loss of a batch (``climax.data.Batch``): latitude-weighted MSE of the forecast,
     or with ``masked`` (a ``climax.masking.MaskedObjective``, masks drawn from ``generator``) of the
@@ -91,7 +91,7 @@ def forecast_loss(model: nn.Module, batch: Any, lat: np.ndarray, device: torch.d
     model.train()
     x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
     lead = batch.lead_hours.to(device, non_blocking=True)
-    with autocast(device, bf16):
+    with autocast(device, bf16=bf16):
         if masked is None:
             pred, target, points = model(x, lead, batch.in_vars, batch.out_vars, region=region), y, None
         else:
@@ -123,16 +123,16 @@ def optimizer_step(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.
 
 def train_step(model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler | None, lat: np.ndarray,
-               device: torch.device, grad_clip: float | None = 1.0, bf16: bool = True,
+               device: torch.device, grad_clip: float | None = 1.0, *, bf16: bool = True,
                region: Any = None, masked: Any = None, generator: torch.Generator | None = None) -> float:
     """One optimiser step on a batch (``forecast_loss`` then ``optimizer_step``); returns the loss."""
-    loss = forecast_loss(model, batch, lat, device, bf16, region, masked, generator)
+    loss = forecast_loss(model, batch, lat, device, bf16=bf16, region=region, masked=masked, generator=generator)
     return optimizer_step(model, loss, optimizer, scheduler, grad_clip, lambda: batch_where(batch))
 
 
 @torch.no_grad()
 def validate(model: nn.Module, batches: Iterable[Any], lat: np.ndarray, mean: np.ndarray, std: np.ndarray,
-             out_vars: Sequence[str], device: torch.device, bf16: bool = True, region: Any = None) -> dict:
+             out_vars: Sequence[str], device: torch.device, *, bf16: bool = True, region: Any = None) -> dict:
     """Validation over ``batches``: loss and latitude-weighted RMSE per variable, physical units.
 
     ``mean``/``std``: the statistics of ``out_vars`` (de-normalisation). RMSE is taken per sample
@@ -150,7 +150,7 @@ def validate(model: nn.Module, batches: Iterable[Any], lat: np.ndarray, mean: np
     for batch in batches:
         x, y = batch.x.to(device), batch.y.to(device)
         lead = batch.lead_hours.to(device)
-        with autocast(device, bf16):
+        with autocast(device, bf16=bf16):
             pred = model(x, lead, batch.in_vars, batch.out_vars, region=region)
         pred = pred.float()
         n = x.shape[0]

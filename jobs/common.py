@@ -40,6 +40,23 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+def final_error(exc: BaseException, error_class: type[BaseException]) -> BaseException | None:
+    """The non-retryable error (an exception with ``retryable = False``, e.g. ``climax.data.ShardReadError``)
+    inside Ray's wrappers, or None; a wrapper that kept only the worker's traceback text gives back an
+    ``error_class`` when its last line names that class."""
+    name = f"{error_class.__module__}.{error_class.__name__}: "
+    seen = set()
+    while isinstance(exc, BaseException) and id(exc) not in seen:
+        seen.add(id(exc))
+        if getattr(exc, "retryable", True) is False:
+            return exc
+        lines = str(exc).strip().splitlines()
+        if lines and lines[-1].startswith(name):
+            return error_class(lines[-1][len(name):])
+        exc = getattr(exc, "_base_exc", None) or getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
 def error_line(exc: BaseException) -> str:
     cause = root_cause(exc)
     text = str(cause).strip()

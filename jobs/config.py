@@ -120,7 +120,7 @@ def fail(message: str, code: int = 2) -> typing.NoReturn:
 
 
 def parse_args(model: type[BaseModel], description: str, argv: list[str] | None = None,
-               flags: dict[str, str] | None = None, config_required: bool = True,
+               flags: dict[str, str] | None = None, *, config_required: bool = True,
                default_config: str | None = None) -> tuple[BaseModel, argparse.Namespace]:
     """Parse ``CONFIG.yaml [key=value ...]`` plus boolean ``flags`` {name: help}; exit 2 on error."""
     epilog = "configuration keys (set in the YAML file or as key=value):\n" + "\n".join(describe_keys(model))

@@ -127,7 +127,7 @@ def load_checkpoint_model(path: str):
 
 
 def open_dataset(root: str, storage_options: dict | None, meta: dict | None = None, statistics: str = "checkpoint",
-                 source: str = "the checkpoint", verify: bool = False):
+                 source: str = "the checkpoint", *, verify: bool = False):
     """The shard dataset, normalising with the checkpoint's statistics (``meta``) unless
     ``statistics`` is "dataset" (docs/design.md, "Checkpoint statistics")."""
     from climax.data import ShardDataset

@@ -148,7 +148,7 @@ class MLflowCallback(_SafeCallback):
 
 
 def callbacks(cfg) -> list[UserCallback]:
-    """The callbacks that ``cfg.observability`` (a ``jobs.train.TrainConfig``) asks for."""
+    """The callbacks that ``cfg.observability`` (a ``jobs.train_config.TrainConfig``) asks for."""
     obs = cfg.observability
     out: list[UserCallback] = []
     if obs.tensorboard:

@@ -1,8 +1,9 @@
-"""Training on Ray Train (Train V2): the configuration and the Ray wiring of ``climax.loop``.
+"""Training on Ray Train (Train V2): the Ray wiring of ``climax.loop``.
 
-``jobs.pretrain`` and ``jobs.finetune`` are this module with different defaults. The loop and every
-task are plain PyTorch (``climax.loop``, ``climax/tasks/``: forecast, projection, downscaling, found
-by ``task:``); Ray only adds the worker group, DDP, checkpoint storage and restarts:
+``jobs.pretrain`` and ``jobs.finetune`` are this module with different defaults; the configuration
+is ``jobs.train_config.TrainConfig``. The loop and every task are plain PyTorch (``climax.loop``,
+``climax/tasks/``: forecast, projection, downscaling, found by ``task:``); Ray only adds the worker
+group, DDP, checkpoint storage and restarts:
 
 - ``ScalingConfig(num_workers, use_gpu, resources_per_worker)`` from ``scaling``;
 - each worker runs ``climax.loop.train`` with Ray's rank and device, ``prepare_model`` (DDP) as its
@@ -15,179 +16,27 @@ by ``task:``); Ray only adds the worker group, DDP, checkpoint storage and resta
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
 from pyarrow import fs
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
 from climax.data import ShardReadError
 from climax.loop import Worker, train
-from climax.tasks import get_task, task_names
-from climax.tasks.downscaling import DownscalingSpec
-from climax.tasks.projection import ProjectionSpec
-from jobs.common import error_line, init_ray, setup_logging
-from jobs.config import fail, parse_args
-from jobs.objective import ObjectiveSpec
+from climax.tasks import get_task
+from jobs.common import error_line, final_error, init_ray, setup_logging
+from jobs.config import fail
 from jobs.observability import callbacks as observability_callbacks
+from jobs.train_config import ROOT, DatasetSpec, TrainConfig, parse
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DatasetSpec(_Strict):
-    root: str = Field(description="dataset written by jobs.preprocess (folder or s3://bucket/prefix)")
-    weight: float = Field(1.0, gt=0, description="share of training batches drawn from this dataset")
-    name: str | None = Field(None, description="label in logs (default: the folder name)")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="s3 options (endpoint_url, key, ...)")
-    verify: bool = Field(False, description="also check each shard's sha256 against the manifest's, once per shard "
-                                            "per process (one extra read); row counts are checked always")
-
-
-class LeadConfig(_Strict):
-    random: bool = Field(True, description="pretraining: one lead per sample drawn from min..max hours; "
-                                           "finetuning (false): every sample at each of `hours`")
-    min_hours: float = 6
-    max_hours: float = 168
-    hours: list[float] = Field(default_factory=lambda: [6.0], description="fixed lead times (random: false)")
-    val_hours: list[float] | None = Field(None, description="validation lead times (default: `hours`)")
-
-
-class DataConfig(_Strict):
-    datasets: list[DatasetSpec] = Field(default_factory=list, description="at least one (task downscaling reads "
-                                                                          "its own section instead)")
-    in_vars: list[str] | None = Field(None, description="input variables (default: every variable incl. constants)")
-    out_vars: list[str] | None = Field(None, description="predicted variables (default: every time-varying one)")
-    train_split: str = "train"
-    val_split: str = "val"
-    batch_size: int = Field(8, gt=0, description="per worker")
-    val_batch_size: int | None = None
-    max_val_batches: int | None = Field(None, description="cap on validation batches per lead (per worker)")
-    leads: LeadConfig = Field(default_factory=LeadConfig)
-    region: str | list[float] | None = Field(None, description="regional training: a name (Europe, NorthAmerica, ...) "
-                                                                "or [lat_min, lat_max, lon_min, lon_max]")
-    prefetch: int = 2
-    cache_mb: float = Field(1024, ge=0, description="per worker and split: keep decoded rows when the split's "
-                                                    "needed variables fit in this many MiB (0: never)")
-    shuffle: Literal["auto", "global", "block"] = Field(
-        "auto", description="training order: global (any sample beside any other; ~2 rows decoded per sample "
-                            "when rows are not kept), block (seeded blocks of contiguous time, samples shuffled "
-                            "within windows of blocks: each row decoded about once per epoch), auto: global when "
-                            "the split fits cache_mb, else block")
-    block_steps: int | None = Field(None, gt=0, description="block shuffle: block length in time steps "
-                                                            "(default: from the longest lead)")
-    window_blocks: int = Field(4, gt=0, description="block shuffle: blocks per window (more mixing, more memory)")
-    window_mb: float = Field(4096, gt=0, description="block shuffle: bound of one window's decoded rows per worker "
-                                                     "(two windows are held)")
-
-
-class OptimConfig(_Strict):
-    lr: float = 5e-4
-    weight_decay: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = Field(1000, ge=0)
-    warmup_start_factor: float = 0.0
-    min_lr_factor: float = 0.0
-    grad_clip: float | None = 1.0
-
-
-class LoopConfig(_Strict):
-    epochs: int = Field(10, gt=0)
-    steps_per_epoch: int | None = Field(None, description="optimiser steps between validations and checkpoints "
-                                                          "(default: one pass over the training data)")
-    seed: int = 0
-    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
-    compile: bool = Field(False, description="torch.compile the model on GPU (1.2-1.3x samples/s on an H100, "
-                                             "about a minute of compilation per input shape; ignored on CPU)")
-    log_every: int = Field(0, description="also print the loss every N steps (0: only per epoch)")
-    activation_checkpointing: bool = Field(False, description="recompute each transformer block in backward "
-                                                              "(less activation memory, ~1/3 more compute)")
-
-
-class ScalingSpec(_Strict):
-    num_workers: int = Field(1, gt=0)
-    use_gpu: bool = False
-    accelerator_type: str | None = Field(None, description="GPU kind per worker on a mixed cluster: A10G, A100, "
-                                                           "H100, ... (Ray's accelerator_type resource)")
-    resources_per_worker: dict[str, float] | None = None
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp (replicated model) or fsdp (FSDP2: parameters, "
-                                                                "gradients and AdamW state sharded per block; "
-                                                                "forecast task; climax/parallel.py)")
-
-
-class CheckpointSpec(_Strict):
-    num_to_keep: int | None = Field(2, description="best checkpoints kept (by `score`)")
-    score: str = Field("val_loss", description="reported metric ranking the kept checkpoints, lower is better "
-                                               "(val_loss, val_rmse, val_rmse/<var>@<lead>h)")
-
-
-class ObservabilitySpec(_Strict):
-    tensorboard: bool = Field(True, description="TensorBoard event files of every report (tensorboardX), "
-                                                "in tensorboard_dir")
-    tensorboard_dir: str | None = Field(None, description="default: <storage_path>/<name>/tensorboard (local or s3://)")
-    mlflow_tracking_uri: str | None = Field(None, description="log the run to MLflow (e.g. http://mlflow:5000 or "
-                                                              "a folder); needs pip install '.[observability]'")
-    mlflow_experiment: str = "climax"
-
-
-class TrainConfig(_Strict):
-    name: str = Field("climax-pretrain", description="run name; relaunching with the same name resumes")
-    storage_path: str = Field("~/climax_runs", description="where runs and checkpoints go (folder or s3://)")
-    storage_options: dict[str, Any] = Field(default_factory=dict,
-                                            description="s3 options for storage_path (endpoint_url, key, secret)")
-    model: str | dict[str, Any] = Field("configs/model/climax-5.625.yaml",
-                                        description="model YAML or inline mapping; default_vars default to the data's")
-    init_checkpoint: str | None = Field(None, description="finetune from ours or an original ClimaX .ckpt")
-    ckpt_vars: list[str] | None = Field(None, description="variables of an init checkpoint that records none")
-    statistics: Literal["checkpoint", "dataset"] = Field(
-        "checkpoint", description="normalisation when finetuning: the init checkpoint's statistics (a warning names "
-                                  "the variables whose dataset statistics differ by more than 1 %) or the dataset's")
-    ckpt_statistics: str | None = Field(None, description="folder holding an original ClimaX release's "
-                                                          "normalize_mean.npz and normalize_std.npz: the statistics "
-                                                          "of an init_checkpoint that records none")
-    freeze_backbone: bool = False
-    data: DataConfig = Field(default_factory=DataConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: LoopConfig = Field(default_factory=LoopConfig)
-    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
-    max_failures: int = Field(2, description="worker-group restarts from the last checkpoint before giving up")
-    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
-    task: str = Field("forecast", description="a module of climax/tasks/: forecast (global/regional), projection "
-                                              "(ClimateBench) or downscaling")
-    projection: ProjectionSpec | None = Field(None, description="task: projection (climax/tasks/projection.py)")
-    downscaling: DownscalingSpec | None = Field(None, description="task: downscaling (climax/tasks/downscaling.py)")
-    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, v: str) -> str:
-        if v not in task_names():
-            raise ValueError(f"unknown task {v!r}; one of {task_names()}")
-        return v
-
-    @model_validator(mode="after")
-    def _task_sections(self) -> TrainConfig:
-        get_task(self.task).check_config(self)
-        return self
-
-    @model_validator(mode="after")
-    def _objective_for_forecasting(self) -> TrainConfig:
-        if self.objective.uses_masking and self.task != "forecast":
-            raise ValueError(f"objective.kind={self.objective.kind} pretrains the forecast task; "
-                             f"task {self.task!r} trains with objective.kind=forecast")
-        return self
+__all__ = ["TrainConfig", "DatasetSpec", "ROOT", "train_loop_per_worker", "storage", "build_trainer", "fit", "main"]
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -222,7 +71,7 @@ def _restore(load):
         return load(d)
 
 
-def _prepare(model, find_unused_parameters: bool):
+def _prepare(model, *, find_unused_parameters: bool):
     return ray.train.torch.prepare_model(model, move_to_device=False,
                                          parallel_strategy_kwargs={"find_unused_parameters": find_unused_parameters})
 
@@ -270,28 +119,12 @@ def _stop_on_data_error_callback() -> UserCallback:
     # controller needs no importable jobs.train of the same version (a cluster started elsewhere).
     class StopOnDataError(UserCallback):
         def after_exception(self, run_context, worker_exceptions: dict) -> None:
-            for rank, exc in sorted(worker_exceptions.items()):
-                final = _final_error(exc)
+            for _rank, exc in sorted(worker_exceptions.items()):
+                final = final_error(exc, ShardReadError)
                 if final is not None:
                     raise final
 
     return StopOnDataError()
-
-
-def _final_error(exc: BaseException) -> BaseException | None:
-    """The non-retryable error (an exception with ``retryable = False``) inside Ray's wrappers, or None."""
-    name = f"{ShardReadError.__module__}.{ShardReadError.__name__}: "
-    seen = set()
-    while isinstance(exc, BaseException) and id(exc) not in seen:
-        seen.add(id(exc))
-        if getattr(exc, "retryable", True) is False:
-            return exc
-        # a wrapper that kept only the worker's traceback text: its last line names the error
-        lines = str(exc).strip().splitlines()
-        if lines and lines[-1].startswith(name):
-            return ShardReadError(lines[-1][len(name):])
-        exc = getattr(exc, "_base_exc", None) or getattr(exc, "cause", None) or exc.__cause__
-    return None
 
 
 def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
@@ -313,7 +146,8 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None):
                                                      checkpoint_score_attribute=cfg.checkpoint.score,
                                                      checkpoint_score_order="min"),
         callbacks=[*(callbacks or []), *observability_callbacks(cfg), _stop_on_data_error_callback()])
-    return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.model_dump(mode="json"),
+    # exclude_unset: the workers' TrainConfig knows which keys the user set (``model``: see climax.config)
+    return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.model_dump(mode="json", exclude_unset=True),
                         scaling_config=scaling, run_config=run)
 
 
@@ -323,11 +157,7 @@ def fit(cfg: TrainConfig):
 
 
 def main(argv: list[str] | None, doc: str, default_config: str) -> Any:
-    cfg, _ = parse_args(TrainConfig, doc, argv if argv is not None else sys.argv[1:], default_config=default_config)
-    if cfg.observability.mlflow_tracking_uri:
-        if importlib.util.find_spec("mlflow") is None:
-            fail("observability.mlflow_tracking_uri is set but MLflow is not installed: pip install '.[observability]' "
-                 "(or set observability.mlflow_tracking_uri=null)")
+    cfg = parse(argv if argv is not None else sys.argv[1:], doc, default_config)
     setup_logging()
     init_ray()
     try:

@@ -136,7 +136,7 @@ def test_every_batch_is_the_normalised_raw_pair(ds, root):
     """A whole epoch: x at t and y at t + lead equal the raw shard rows, normalised with the manifest."""
     ld = loader(ds, batch_size=64)
     triples = ld.triples(0)
-    np.testing.assert_array_equal(triples, ForecastSampler(ds.axis("train"), [12, 24, 36, 48, 72], True, 0).epoch(0))
+    np.testing.assert_array_equal(triples, ForecastSampler(ds.axis("train"), [12, 24, 36, 48, 72], random_lead=True, seed=0).epoch(0))
     seen = 0
     for b in ld:
         assert isinstance(b, Batch) and b.dataset == "era5-test"

@@ -58,7 +58,7 @@ def _run(strategy: str, rank: int, steps: range, ac: bool = False, resume: str |
     sched = warmup_cosine(opt, 2, STEPS, start_step=state.step)
     losses = []
     for step in steps:
-        losses.append(train_step(model, _batch(rank, step), opt, sched, LAT, torch.device("cpu"), 1.0, False))
+        losses.append(train_step(model, _batch(rank, step), opt, sched, LAT, torch.device("cpu"), 1.0, bf16=False))
         state.step += 1
         if save_at is not None and state.step == save_at:
             save_sharded_train_state(save_dir, model, opt, sched, state, in_vars=VARS, out_vars=VARS)

@@ -59,7 +59,7 @@ def _task(epochs, steps=4):
             return Loaders(_Batches(), _Batches(), steps)
 
         def loss(self, model, batch, step):
-            return forecast_loss(model, batch, np.linspace(-80, 80, 16), torch.device("cpu"), False), None
+            return forecast_loss(model, batch, np.linspace(-80, 80, 16), torch.device("cpu"), bf16=False), None
 
         def validate(self, model, val, train_metrics):
             return {"val_loss": train_metrics["train_loss"] / 2}

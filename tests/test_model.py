@@ -123,3 +123,36 @@ def test_fast_path_gradients_equal_reference():
     for name, g in grads[0].items():
         ref = grads[1][name]
         assert (g - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item()), name
+
+
+def test_model_config_mirrors_the_constructor_and_names_bad_keys():
+    """climax.config.ModelConfig has one field per ClimaX argument with ClimaX's defaults; every shipped
+    model YAML validates, records which keys it set, and builds the same model as ClimaX(**yaml)."""
+    import inspect
+
+    from climax.config import ModelConfig, resolve_model_config, run_model_config
+
+    params = inspect.signature(ClimaX.__init__).parameters
+    assert list(ModelConfig.model_fields) == [p for p in params if p != "self"]
+    for name, field in ModelConfig.model_fields.items():
+        if params[name].default is not inspect.Parameter.empty:
+            assert field.default == params[name].default, name
+    for path in sorted((ROOT / "configs/model").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        assert resolve_model_config(str(path)).model_fields_set == set(raw)
+    cfg = resolve_model_config("configs/model/climax-5.625.yaml")
+    torch.manual_seed(0)
+    a = ClimaX.from_config(cfg)
+    torch.manual_seed(0)
+    b = ClimaX(**yaml.safe_load((ROOT / "configs/model/climax-5.625.yaml").read_text()))
+    assert a.config == b.config
+    with pytest.raises(ValueError, match="unknown key 'embed_dimm'; allowed keys: default_vars"):
+        resolve_model_config({"embed_dimm": 8})
+    with pytest.raises(FileNotFoundError, match="model configuration nope.yaml does not exist"):
+        resolve_model_config("nope.yaml")
+    # a run from a checkpoint: the recorded configuration, the keys the user set on top (not default_vars)
+    recorded = dict(tiny_model(VARS).config)
+    merged = run_model_config({"depth": 3, "default_vars": ["x"]}, user_set=True, recorded=recorded)
+    assert merged.depth == 3 and merged.default_vars == VARS and merged.embed_dim == recorded["embed_dim"]
+    assert run_model_config("configs/model/climax-5.625.yaml", user_set=False, recorded=recorded).embed_dim == \
+        recorded["embed_dim"]

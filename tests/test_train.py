@@ -241,3 +241,25 @@ def test_checkpoints_to_s3(dataset, tmp_path, moto_s3, ray_local):
     fs.get(found[0], str(local))
     model, report = load_model(local)
     assert model.img_size == (16, 32) and report.exact
+
+
+def test_a_run_from_a_checkpoint_takes_its_model_unless_the_config_sets_one(tmp_path):
+    """"Set by the user" is pydantic's model_fields_set (also after the trip to the workers), not a
+    comparison with the default: an explicit model, even the default file, goes on top of the
+    checkpoint's recorded configuration; an unset one leaves the checkpoint's."""
+    from climax.checkpoint import save_checkpoint
+    from climax.model import ClimaX
+    from climax.tasks import model_config
+    from jobs.train import TrainConfig
+
+    net = ClimaX(["t", "u"], img_size=(8, 16), **TINY)
+    save_checkpoint(net, tmp_path / "model.pt")
+    base = {"data": {"datasets": [{"root": "unused"}]}, "init_checkpoint": str(tmp_path / "model.pt")}
+    unset = TrainConfig.model_validate(base)
+    shipped = TrainConfig.model_validate(unset.model_dump(mode="json", exclude_unset=True))  # as build_trainer
+    assert "model" not in shipped.model_fields_set
+    assert model_config(shipped, net.config).embed_dim == TINY["embed_dim"]
+    explicit = TrainConfig.model_validate({**base, "model": "configs/model/climax-5.625.yaml"})
+    mcfg = model_config(explicit, net.config)
+    assert mcfg.embed_dim == 1024 and mcfg.default_vars == ["t", "u"]  # the checkpoint's variables stay
+    assert model_config(TrainConfig.model_validate({**base, "model": {"depth": 3}}), net.config).depth == 3

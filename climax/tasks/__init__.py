@@ -1,12 +1,12 @@
 """Training tasks, one module each, found by name: ``climax/tasks/<name>.py`` defines ``TASK``, a
 ``Task`` subclass. Adding a task means adding one file (and, when it has one, its config section
-in ``jobs/train.py``'s ``TrainConfig``).
+in ``jobs/train_config.py``'s ``TrainConfig``).
 
 A task supplies the hooks ``climax.loop`` calls: ``build_model``, ``make_loaders``, ``loss``,
 ``validate`` (+ ``summary`` for the epoch line), ``checkpoint_module`` / ``checkpoint_extras`` /
 ``load_state``; driver side: ``check_config`` (config validation), ``after_fit`` (after training)
 and ``evaluate`` (``jobs.evaluate`` on one of its checkpoints). ``cfg`` is the validated
-``jobs.train.TrainConfig`` (read by attribute; climax does not import jobs).
+``jobs.train_config.TrainConfig`` (read by attribute; climax does not import jobs).
 """
 
 from __future__ import annotations
@@ -17,16 +17,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
 from torch import nn
 
+from climax.config import ROOT, ModelConfig, run_model_config
 from climax.loop import Loaders, Worker
 from climax.redact import redact
 from climax.training import TrainState, load_train_state
 
 __all__ = ["Task", "get_task", "task_names", "checkpoint_task", "model_config", "ROOT"]
-
-ROOT = Path(__file__).resolve().parents[2]  # relative model YAML paths resolve here too
 
 
 def task_names() -> list[str]:
@@ -58,18 +56,12 @@ def checkpoint_task(path: str | Path) -> str:
     return name if name in task_names() else "forecast"
 
 
-def model_config(cfg: Any) -> dict:
-    """``cfg.model`` as a mapping: the inline mapping, or the YAML file it names (relative paths
-    are tried from the working folder, then from the repository)."""
-    if isinstance(cfg.model, dict):
-        return dict(cfg.model)
-    path = Path(cfg.model)
-    if not path.is_absolute() and not path.exists():
-        path = ROOT / path
-    if not path.is_file():
-        raise FileNotFoundError(f"model configuration {cfg.model} does not exist; give a YAML file "
-                                f"(e.g. configs/model/climax-5.625.yaml) or an inline mapping")
-    return yaml.safe_load(path.read_text())
+def model_config(cfg: Any, recorded: dict | None = None) -> ModelConfig:
+    """The validated model configuration of a run (``climax.config.run_model_config``): ``cfg.model``
+    (a YAML name or a mapping), on top of ``recorded`` (an init checkpoint's ``model_config``) when the
+    run's configuration sets ``model`` (pydantic's ``model_fields_set``)."""
+    user_set = "model" in getattr(cfg, "model_fields_set", {"model"})
+    return run_model_config(cfg.model, user_set=user_set, recorded=recorded)
 
 
 class Task:

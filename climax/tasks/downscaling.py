@@ -131,7 +131,7 @@ class DownscalingTask(Task):
         net = build_net(self.cfg, fine, self.in_vars, self.constants, self.out_vars, self.log)
         if self.cfg.freeze_backbone:
             self.log(f"backbone frozen: {len(freeze_backbone(net))} tensors")
-        return make_downscaler(net, coarse, fine, self.in_vars, self.constants, self.out_vars, spec.residual)
+        return make_downscaler(net, coarse, fine, self.in_vars, self.constants, self.out_vars, residual=spec.residual)
 
     def make_loaders(self, model: nn.Module) -> Loaders:
         cfg, w, d = self.cfg, self.worker, self.cfg.data
@@ -165,13 +165,13 @@ class DownscalingTask(Task):
 
     # ------------------------------------------------------------------ steps
     def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, str | None]:
-        return forecast_loss(model, batch, self.fine.lat, self.worker.device, self.cfg.train.bf16), None
+        return forecast_loss(model, batch, self.fine.lat, self.worker.device, bf16=self.cfg.train.bf16), None
 
     def where(self, batch: Any, step: int) -> str:
         return batch_where(batch)
 
     def validate(self, model: nn.Module, val: Any, train_metrics: dict) -> dict[str, float]:
-        scores = evaluate_downscaling(model, val, self.fine.lat, self.worker.device, self.cfg.train.bf16).result()
+        scores = evaluate_downscaling(model, val, self.fine.lat, self.worker.device, bf16=self.cfg.train.bf16).result()
         metrics = {"val_loss": scores["loss"], **metrics_of(scores)}
         # one number for schedulers and comparisons: RMSE in units of each variable's std, mean over variables
         metrics["val_rmse"] = float(np.mean([metrics[f"val_rmse/{v}"] / s for v, s in zip(self.out_vars, self.fstd)]))
@@ -225,7 +225,7 @@ def load_downscaler(meta: dict, net, coarse_root: str | None, fine_root: str | N
     fine = ShardDataset(fine_root, storage_options or None)
     in_vars, constants, out_vars = resolve_variables(coarse, fine, info["coarse_vars"], info["constants"],
                                                      info["out_vars"])
-    return make_downscaler(net, coarse, fine, in_vars, constants, out_vars, info["residual"]), coarse, fine
+    return make_downscaler(net, coarse, fine, in_vars, constants, out_vars, residual=info["residual"]), coarse, fine
 
 
 def evaluate(cfg, net, meta: dict) -> Any:

@@ -58,27 +58,20 @@ def build_model(cfg: Any, datasets: list, log=print) -> ClimaX:
         for v in sum(variables(cfg, ds), []):
             if v not in data_vars:
                 data_vars.append(v)
-    default_model = type(cfg).model_fields["model"].default
-    mcfg = model_config(cfg) if cfg.init_checkpoint is None or not isinstance(cfg.model, str) or \
-        cfg.model != default_model else {}
-    state_meta = None
+    meta: dict = {}
     if cfg.init_checkpoint:
         _, meta, _ = read_checkpoint(cfg.init_checkpoint)
-        state_meta = meta
-        if meta.get("model_config"):
-            mcfg = {**meta["model_config"], **{k: v for k, v in mcfg.items() if k != "default_vars"}}
-        elif not mcfg:
-            mcfg = model_config(cfg)
-    base_vars = list(mcfg.get("default_vars") or (state_meta or {}).get("model_config", {}).get("default_vars") or [])
-    mcfg["default_vars"] = base_vars + [v for v in data_vars if v not in base_vars]
-    mcfg["img_size"] = [len(datasets[0].lat), len(datasets[0].lon)]
-    model = ClimaX(**mcfg)
+    mcfg = model_config(cfg, meta.get("model_config"))
+    base_vars = list(mcfg.default_vars or [])
+    model = ClimaX.from_config(mcfg.model_copy(update={
+        "default_vars": base_vars + [v for v in data_vars if v not in base_vars],
+        "img_size": (len(datasets[0].lat), len(datasets[0].lon))}))
     if cfg.objective.uses_masking:  # before loading: a masked checkpoint's decoder continues
         attach_decoder(model, **cfg.objective.decoder.model_dump())
     if cfg.init_checkpoint:
         report = load_checkpoint(model, cfg.init_checkpoint, ckpt_vars=cfg.ckpt_vars)
         log(f"loaded {cfg.init_checkpoint}:\n{report}")
-        init_statistics(cfg, datasets, state_meta or {}, log)
+        init_statistics(cfg, datasets, meta, log)
     return model
 
 
@@ -189,7 +182,7 @@ class ForecastTask(Task):
         lat = self.lat if batch.dataset == self.val_ds.name or region is not None else \
             next(ds.lat for ds in self.datasets if ds.name == batch.dataset)
         is_masked = self.masked is not None and cfg.objective.masked_at(step, cfg.train.seed)
-        loss = forecast_loss(model, batch, lat, self.worker.device, cfg.train.bf16, region=region,
+        loss = forecast_loss(model, batch, lat, self.worker.device, bf16=cfg.train.bf16, region=region,
                              masked=self.masked if is_masked else None,
                              generator=step_generator(cfg.train.seed, step, self.worker.rank) if is_masked else None)
         return loss, "train_mask_loss" if is_masked else None
@@ -203,7 +196,7 @@ class ForecastTask(Task):
         metrics: dict[str, float] = {}
         val_losses = []
         for hours, vl in val.items():
-            res = validate(model, vl, self.lat, mean, std, self.val_out, device, cfg.train.bf16, region=self.region)
+            res = validate(model, vl, self.lat, mean, std, self.val_out, device, bf16=cfg.train.bf16, region=self.region)
             val_losses.append(res["val_loss"])
             for k, v in res.items():
                 if k.startswith("val_rmse/") or k.startswith("val_persistence_rmse/"):
@@ -211,7 +204,7 @@ class ForecastTask(Task):
         metrics["val_loss"] = float(np.mean(val_losses))
         if self.masked is not None:  # reconstruction loss; the run's val_loss when it only reconstructs
             metrics.update(validate_masked(model, val[self.val_leads[0]], self.lat, self.masked, device,
-                                           cfg.train.bf16, cfg.train.seed))
+                                           bf16=cfg.train.bf16, seed=cfg.train.seed))
             if cfg.objective.kind == "masked":
                 metrics["val_loss"] = metrics["val_mask_loss"]
         # one number for schedulers (ASHA) and for comparing runs: the latitude-weighted RMSE in

@@ -116,11 +116,8 @@ def build_model(cfg, in_vars: list[str], out_vars: list[str], grid: tuple[int, i
         model.load_state_dict(state, strict=True)
         log(f"loaded the projection checkpoint {cfg.init_checkpoint}")
         return model
-    user = model_config(cfg) if not (cfg.init_checkpoint and cfg.model == type(cfg).model_fields["model"].default) \
-        else {}
-    mcfg = {**mc, **{k: v for k, v in user.items() if k != "default_vars"}} if mc else dict(user or model_config(cfg))
-    mcfg.update(default_vars=list(in_vars), img_size=list(grid))
-    backbone = ClimaX(**mcfg)
+    mcfg = model_config(cfg, mc).model_copy(update={"default_vars": list(in_vars), "img_size": tuple(grid)})
+    backbone = ClimaX.from_config(mcfg)
     if cfg.init_checkpoint:
         report = load_checkpoint(backbone, cfg.init_checkpoint, ckpt_vars=cfg.ckpt_vars)
         log(f"loaded {cfg.init_checkpoint} into the backbone:\n{report}")
@@ -267,7 +264,7 @@ class ProjectionTask(Task):
                 raise ValueError(f"dataset {ds.name} is on a {ds.shape} grid, {datasets[0].name} on {grid}; "
                                  "preprocess every scenario with the same grid")
         model = build_model(cfg, self.in_vars, self.out_vars, grid, log=self.log)
-        self.frozen = freeze_projection(model, spec.freeze_blocks, spec.train_block_norms)
+        self.frozen = freeze_projection(model, blocks=spec.freeze_blocks, block_norms_trainable=spec.train_block_norms)
         if cfg.freeze_backbone:
             self.frozen += [f"backbone.{n}" for n in freeze_backbone(model.backbone)]
         return model
@@ -319,7 +316,7 @@ class ProjectionTask(Task):
         device = self.worker.device
         xb, yb = batch[0].to(device), batch[1].to(device)
         model.train()
-        with autocast(device, self.cfg.train.bf16):
+        with autocast(device, bf16=self.cfg.train.bf16):
             pred = model(xb, self.in_vars)
         return lat_weighted_mse(pred.float(), yb, self.lat_t), None
 

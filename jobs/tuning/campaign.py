@@ -9,7 +9,6 @@ and the report (``jobs.tuning.report``) use. Nothing here imports Ray.
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from climax.config import ModelConfig, resolve_model_config
 from jobs.config import ConfigError, inner_model, validate
-from jobs.train import ROOT, TrainConfig
+from jobs.train_config import ROOT, TrainConfig
 
 DEFAULT_BASE = "configs/finetune/global.yaml"
 #: keys the campaign sets for every trial (run name and storage are per trial)
@@ -176,10 +176,8 @@ def base_config(base: str | dict) -> dict:
 
 
 def _model_args() -> list[str]:
-    from climax.model import ClimaX
-
-    skip = {"self", "default_vars", "img_size"}  # set from the data
-    return [p for p in inspect.signature(ClimaX.__init__).parameters if p not in skip]
+    skip = {"default_vars", "img_size"}  # set from the data
+    return [p for p in ModelConfig.model_fields if p not in skip]
 
 
 def check_key(key: str) -> None:
@@ -270,23 +268,22 @@ def _absolute_paths(cfg: dict) -> dict:
     for ds in cfg["data"]["datasets"] + [cfg["downscaling"][k] for k in ("coarse", "fine") if cfg.get("downscaling")]:
         ds["root"] = fix(ds["root"])
     cfg["init_checkpoint"] = fix(cfg.get("init_checkpoint"))
-    if isinstance(cfg.get("model"), str) and cfg["model"] != TrainConfig.model_fields["model"].default:
+    if isinstance(cfg.get("model"), str):
         cfg["model"] = fix(cfg["model"])
     return cfg
 
 
 def _model_base(base: TrainConfig) -> dict:
-    from climax.tasks import model_config
-
-    if isinstance(base.model, dict):
-        return dict(base.model)
-    if base.init_checkpoint and base.model == TrainConfig.model_fields["model"].default:
+    """The mapping a trial's ``model.*`` keys are set in: the keys of the base's model (its YAML file or
+    mapping), or none when the base names no model and its init checkpoint records one (the trial's
+    keys then go on top of the checkpoint's: ``climax.config.run_model_config``)."""
+    if "model" not in base.model_fields_set and base.init_checkpoint:
         from climax.checkpoint import read_checkpoint
 
         _, meta, _ = read_checkpoint(base.init_checkpoint)
         if meta.get("model_config"):
-            return {}  # the checkpoint's configuration, these keys on top
-    return model_config(base)
+            return {}
+    return resolve_model_config(base.model).user_keys()
 
 
 def resolve(cfg: CampaignConfig) -> Campaign:
@@ -319,7 +316,10 @@ def resolve(cfg: CampaignConfig) -> Campaign:
     except (OSError, ValueError) as e:
         raise ConfigError(f"base model configuration: {e}") from None
     encoded = [k for k, d in space.items() if d.values and not all(_is_plain(v) for v in d.values)]
-    base_dump = _absolute_paths(base.model_dump(mode="json"))
+    base_dump = base.model_dump(mode="json")
+    if "model" not in base.model_fields_set:  # trials know it unset (with init_checkpoint: the checkpoint's model)
+        del base_dump["model"]
+    base_dump = _absolute_paths(base_dump)
     for key, dist in space.items():
         for value in dist.candidates():
             trial = trial_config(base_dump, {key: value}, model_base)

@@ -125,7 +125,7 @@ def export_checkpoint(campaign: Campaign, history, out: Path) -> tuple[str, dict
     return path, metrics
 
 
-def write_report(campaign: Campaign, table, histories, interrupted: bool = False) -> dict:
+def write_report(campaign: Campaign, table, histories, *, interrupted: bool = False) -> dict:
     import io
 
     cfg = campaign.cfg

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from jobs.train import TrainConfig
+from jobs.train_config import TrainConfig
 from jobs.tuning.campaign import Campaign, planned_epochs, short_config, trial_config
 
 #: what a trial's driver function reserves (it runs no training itself)
@@ -118,7 +118,7 @@ class CampaignLog(_ray_callback_base()):
         self.total = info.get("total_num_samples") or info.get("num_samples")
         self.last_reap = 0.0
 
-    def _reap(self, force: bool = False):
+    def _reap(self, *, force: bool = False):
         if force or time.time() - self.last_reap > REAP_EVERY_S:
             self.last_reap = time.time()
             try:
