@@ -7,6 +7,8 @@ sums are all-reduced when it is).
 - ``train_step``: ``forecast_loss`` (latitude-weighted MSE on normalised fields; bf16 autocast on
   CUDA) then ``optimizer_step`` (backward, gradient clipping, AdamW, warmup-cosine scheduler step).
   Every task's loop (``climax.loop.fit``) takes its steps through ``optimizer_step``.
+- ``rollout_loss``: rollout finetuning (``train.rollout_steps`` k > 1): k steps at one lead, each
+  prediction fed back (``rollout_feed``, evaluation's convention), the mean of the step losses.
 - ``validate``: the loss, and latitude-weighted RMSE per variable in physical units (predictions
   and targets de-normalised with the dataset statistics) with persistence beside it.
 - ``TrainState`` + ``save_train_state`` / ``load_train_state``: what a checkpoint holds beyond
