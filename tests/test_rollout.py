@@ -239,8 +239,8 @@ def test_rollout_needs_every_time_varying_input_among_outputs(forecast_shards):
 
 # ------------------------------------------------------------------------------ end to end
 def test_rollout_finetune_through_the_job(forecast_shards, tmp_path):
-    """``jobs.finetune`` with ``train.rollout_steps=2`` from a checkpoint, then scored by evaluation's
-    rollout."""
+    """``jobs.finetune`` with ``train.rollout_steps=2`` from a checkpoint on two DDP workers (the chain's
+    forward passes before one backward), then scored by evaluation's rollout."""
     from climax.data import ShardDataset
     from climax.evaluation import evaluate_model
     from climax.checkpoint import load_model
@@ -254,9 +254,10 @@ def test_rollout_finetune_through_the_job(forecast_shards, tmp_path):
     cfg = config(forecast_shards, tmp_path / "runs", **{
         "name": "rollout", "init_checkpoint": str(init), "train.epochs": 1, "train.steps_per_epoch": 3,
         "train.rollout_steps": 2, "data.leads": {"random": False, "hours": [6]}, "data.max_val_batches": 2,
+        "scaling.num_workers": 2, "data.batch_size": 4,
         "observability.tensorboard": False})
     out = run_job("jobs.finetune", cfg, tmp_path)
-    assert "rollout finetuning: 2 steps at 6 h" in out, out
+    assert "rollout finetuning: 2 steps at 6 h" in out and "2 worker(s)" in out, out
     m = last_metrics(tmp_path / "runs" / "rollout")
     assert m["step"] == 3 and np.isfinite(m["train_loss"]) and np.isfinite(m["val_loss"])
     ckpt = checkpoints(tmp_path / "runs" / "rollout")[-1]
