@@ -220,6 +220,21 @@ def test_config_errors_name_the_key_and_the_fix():
         _validate(**{"train.rollout_steps": 2, "train.rollout_truncate": -1})
 
 
+def test_the_finetune_command_line_prints_one_error_line(capsys):
+    from jobs.config import parse_args
+    from jobs.train import TrainConfig
+    from tests.helpers import ROOT
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(TrainConfig, "", [str(ROOT / "configs/finetune/global.yaml"), "train.rollout_steps=3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "train.rollout_steps=3" in lines[0] and "data.leads.hours=[6.0, 24.0, 72.0, 120.0]" in lines[0]
+    assert "set data.leads.random=false and data.leads.hours to a single lead" in lines[0]
+
+
 def test_rollout_needs_every_time_varying_input_among_outputs(forecast_shards):
     from climax.loop import Worker
     from climax.tasks.forecast import ForecastTask
