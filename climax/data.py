@@ -60,6 +60,9 @@ class Batch:
     out_vars: list[str]
     input_time: np.ndarray  # (B,) datetime64[ns]
     dataset: str
+    #: rollout finetuning (``rollout_steps`` k > 1): the targets of steps 2..k, (B, k - 1, len(out_vars), H, W),
+    #: at 2 * lead, ..., k * lead (``y`` is step 1's); None otherwise
+    y_steps: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.x)
@@ -71,7 +74,8 @@ class Batch:
     def to(self, device, *, non_blocking: bool = True) -> Batch:
         return Batch(self.x.to(device, non_blocking=non_blocking), self.y.to(device, non_blocking=non_blocking),
                      self.lead_hours.to(device, non_blocking=non_blocking), self.in_vars, self.out_vars,
-                     self.input_time, self.dataset)
+                     self.input_time, self.dataset,
+                     None if self.y_steps is None else self.y_steps.to(device, non_blocking=non_blocking))
 
 
 class _Failure:
@@ -113,6 +117,7 @@ class _Super:
     tgt: np.ndarray
     triples: np.ndarray
     pieces: list[tuple[int, int, int, int]]
+    more: np.ndarray | None = None  # (n, k - 1) rows of rollout steps 2..k's targets (rollout_steps > 1)
 
 
 @dataclass
@@ -125,6 +130,8 @@ class _Pending:
     y: np.ndarray
     lead: np.ndarray
     times: np.ndarray
+    ys_t: torch.Tensor | None = None  # rollout steps 2..k's targets
+    ys: np.ndarray | None = None
 
 
 class ForecastLoader:
@@ -160,6 +167,9 @@ class ForecastLoader:
         window_mb: bound of one window's decoded rows (block shuffle); two windows are held at a
             time (one being cut into batches, the next being decoded).
         decode_threads: shards of a super-batch or window decoded side by side.
+        rollout_steps: k > 1 (rollout finetuning, one fixed lead L, ``random_lead`` false): each
+            sample also carries the targets at 2L, ..., kL (``Batch.y_steps``); only inputs whose k
+            targets all exist are samples.
     """
 
     def __init__(self, dataset: ShardDataset, split: str, in_vars: Sequence[str], out_vars: Sequence[str],
@@ -168,7 +178,7 @@ class ForecastLoader:
                  prefetch: int = 2, max_batches: int | None = None, cache_mb: float = 1024.0,
                  superbatch_mb: float = 256.0, pin_memory: bool = False, shuffle_mode: str = "auto",
                  block_steps: int | None = None, window_blocks: int = 4, window_mb: float = 4096.0,
-                 decode_threads: int | None = None):
+                 decode_threads: int | None = None, rollout_steps: int = 1):
         self.dataset, self.split = dataset, split
         self.in_vars, self.out_vars = list(in_vars), list(out_vars)
         if not self.in_vars or not self.out_vars:
@@ -192,12 +202,20 @@ class ForecastLoader:
         if region is not None and tuple(region.grid_shape) != dataset.shape:
             raise ValueError(f"region {region.name!r} is for a {region.grid_shape} grid, dataset {dataset.name!r} "
                              f"has {dataset.shape}")
+        rollout_steps = int(rollout_steps)
+        if rollout_steps < 1:
+            raise ValueError(f"rollout_steps must be >= 1, got {rollout_steps}")
+        if rollout_steps > 1 and (random_lead or len(leads) != 1):
+            raise ValueError(f"rollout_steps={rollout_steps} needs one fixed lead (random_lead false, one lead); got "
+                             f"random_lead={bool(random_lead)}, leads {leads.tolist()} h")
+        self.rollout_steps = rollout_steps
         self.leads, self.random_lead, self.seed = leads, bool(random_lead), seed
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.shuffle, self.drop_last, self.region = shuffle, drop_last, region
         self.prefetch, self.max_batches, self.pin_memory = int(prefetch), max_batches, pin_memory
         self.axis = dataset.axis(split)
-        self.sampler = ForecastSampler(self.axis, leads, random_lead=random_lead, seed=seed)
+        self.sampler = ForecastSampler(self.axis, leads, random_lead=random_lead, seed=seed,
+                                       rollout_steps=rollout_steps)
         #: (input, lead) pairs of the split that a gap removes (their input or target step is missing)
         self.skipped = self.sampler.skipped
         self.epoch = 0
@@ -307,7 +325,9 @@ class ForecastLoader:
         """Decode and normalise the unique rows a super-batch needs."""
         inp = triples[:, 0].astype(np.int64)
         tgt = triples[:, 1].astype(np.int64)
-        rows = np.concatenate([inp, tgt])
+        # rollout finetuning: the targets of steps 2..k are target rows too
+        more = self.sampler.rollout_targets(triples)[:, 1:].astype(np.int64) if self.rollout_steps > 1 else None
+        rows = np.concatenate([inp, tgt] if more is None else [inp, tgt, more.reshape(-1)])
         uniq, inv = np.unique(rows, return_inverse=True)
         need = np.zeros(len(uniq), np.uint8)
         if self._in_tv:  # inputs made of constants only need no row
@@ -388,8 +408,11 @@ class ForecastLoader:
                     read(lo, hi, use_threads=True)
             pos[todo] = np.arange(len(todo))
         if resident:
-            return _Super(buf, inp, tgt, triples, pieces)
-        return _Super(buf, pos[inv[:len(inp)]], pos[inv[len(inp):]], triples, pieces)
+            return _Super(buf, inp, tgt, triples, pieces, more)
+        at = pos[inv]
+        n = len(inp)
+        return _Super(buf, at[:n], at[n:2 * n], triples, pieces,
+                      None if more is None else at[2 * n:].reshape(more.shape))
 
     def _empty(self, n: int, v: int) -> tuple[torch.Tensor, np.ndarray]:
         shape = (n, v, *self.shape)
@@ -404,7 +427,12 @@ class ForecastLoader:
     def _pending(self, n: int) -> _Pending:
         x_t, x = self._empty(n, len(self.in_vars))
         y_t, y = self._empty(n, len(self.out_vars))
-        return _Pending(x_t, x, y_t, y, np.empty(n, _F32), np.empty(n, "datetime64[ns]"))
+        p = _Pending(x_t, x, y_t, y, np.empty(n, _F32), np.empty(n, "datetime64[ns]"))
+        if self.rollout_steps > 1:
+            ys_t, ys = self._empty(n, (self.rollout_steps - 1) * len(self.out_vars))
+            p.ys_t = ys_t.view(n, self.rollout_steps - 1, len(self.out_vars), *self.shape)
+            p.ys = ys.reshape(n, self.rollout_steps - 1, len(self.out_vars), *self.shape)
+        return p
 
     def _fill(self, sb: _Super, lo: int, hi: int, p: _Pending, off: int) -> None:
         """Samples lo:hi of a super-batch into rows off:off + hi - lo of a pending batch."""
@@ -415,12 +443,18 @@ class ForecastLoader:
             x[:, j] = self._const[v] if v in self._const else sb.buf[self._slot[v]][xi]
         for j, v in enumerate(self.out_vars):
             y[:, j] = sb.buf[self._slot[v]][yi]
+        if sb.more is not None:
+            ys = p.ys[rows]
+            for s in range(sb.more.shape[1]):
+                for j, v in enumerate(self.out_vars):
+                    ys[:, s, j] = sb.buf[self._slot[v]][sb.more[lo:hi, s]]
         tr = sb.triples[lo:hi]
         p.lead[rows] = tr[:, 2]
         p.times[rows] = self.axis.times[tr[:, 0].astype(np.int64)]
 
     def _batch(self, p: _Pending) -> Batch:
-        return Batch(p.x_t, p.y_t, torch.from_numpy(p.lead), self.in_vars, self.out_vars, p.times, self.dataset.name)
+        return Batch(p.x_t, p.y_t, torch.from_numpy(p.lead), self.in_vars, self.out_vars, p.times, self.dataset.name,
+                     p.ys_t)
 
     def _plan(self, n: int, start: int, end: int, windows: np.ndarray | None) -> list[tuple[int, int]]:
         """Super-batches as sample ranges covering start:end. Global shuffle: 1, 2, 4, ... batches
@@ -429,7 +463,7 @@ class ForecastLoader:
         if windows is not None:
             return [(max(a, start), min(b, end)) for a, b in zip(windows[:-1], windows[1:])
                     if min(b, end) > max(a, start)]
-        cap = max(1, int(self.superbatch_mb * 2**20 // (2 * B * self._row_bytes)))
+        cap = max(1, int(self.superbatch_mb * 2**20 // ((1 + self.rollout_steps) * B * self._row_bytes)))
         plan, s, k = [], start, 1
         while s < end:
             plan.append((s, min(end, s + k * B)))

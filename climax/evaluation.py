@@ -53,6 +53,7 @@ import torch
 from climax.forecast_io import cf_units, forecast_dataset, history_line, write_netcdf  # the forecast files' home
 from climax.metrics import lat_weights
 from climax.regions import Region
+from climax.training import rollout_feed
 from climax.wb2 import WB2_REGIONS, ScoreSums, accumulate, area_weights, region_mask, region_weight_matrix
 
 __all__ = [
@@ -203,7 +204,7 @@ class _Runner:
         self.model, self.in_vars, self.out_vars = model, list(in_vars), list(out_vars)
         self.region, self.device = region, device
         # input channels fed back from the outputs during a rollout
-        self.feed = [(self.in_vars.index(v), j) for j, v in enumerate(self.out_vars) if v in self.in_vars]
+        self.feed = rollout_feed(self.in_vars, self.out_vars)
 
     def direct(self, x: torch.Tensor, lead: float) -> torch.Tensor:
         lead_t = torch.full((x.shape[0],), float(lead), device=x.device, dtype=torch.float32)

@@ -121,17 +121,28 @@ class ForecastSampler:
         random_lead: True (pretraining): one lead per input time, drawn uniformly among the leads
             whose target exists; False (finetuning): every (input, lead) pair.
         seed: the same seed gives the same epochs.
+        rollout_steps: k > 1 (rollout finetuning, one fixed lead L): a pair exists only where the
+            targets at L, 2L, ..., kL all exist; ``target`` is the first (at L), ``rollout_target``
+            (inputs, leads, k) holds all k (-1 where missing).
     """
 
-    def __init__(self, axis: TimeAxis, leads: Sequence[float], *, random_lead: bool = True, seed: int = 0):
+    def __init__(self, axis: TimeAxis, leads: Sequence[float], *, random_lead: bool = True, seed: int = 0,
+                 rollout_steps: int = 1):
         self.axis, self.random_lead, self.seed = axis, random_lead, seed
         self.leads = np.asarray(leads, dtype=np.float64)
+        self.rollout_steps = k = int(rollout_steps)
+        if k < 1:
+            raise ValueError(f"rollout_steps must be >= 1, got {rollout_steps}")
         t = axis.times.astype(np.int64)
-        target_times = t[:, None] + (self.leads * 3.6e12).astype(np.int64)[None, :]
+        lead_ns = (self.leads * 3.6e12).astype(np.int64)
+        # (inputs, leads, k): the target time steps L, 2L, ..., kL after each input
+        target_times = t[:, None, None] + lead_ns[None, :, None] * np.arange(1, k + 1)[None, None, :]
         pos = np.searchsorted(t, target_times)
         pos_c = np.minimum(pos, len(t) - 1)
-        self.valid = (pos < len(t)) & (t[pos_c] == target_times)  # (inputs, leads)
-        self.target = np.where(self.valid, pos_c, -1)
+        found = (pos < len(t)) & (t[pos_c] == target_times)
+        self.valid = found.all(axis=2)  # (inputs, leads): every step's target exists
+        self.rollout_target = np.where(self.valid[..., None], pos_c, -1)
+        self.target = self.rollout_target[..., 0]
         if not self.valid.any():
             raise ValueError(f"no lead time in {self.leads.tolist()} h fits inside the split's "
                              f"{len(t)} time steps; use shorter leads or a longer split")
@@ -141,8 +152,8 @@ class ForecastSampler:
         if axis.step is not None and len(t):
             step = int(np.timedelta64(axis.step, "ns").astype(np.int64))
             span = t[-1] - t[0]
-            lead_ns = (self.leads * 3.6e12).astype(np.int64)
-            regular = np.where(lead_ns <= span, (span - lead_ns) // step + 1, 0)
+            reach = lead_ns * k  # the furthest target a pair needs
+            regular = np.where(reach <= span, (span - reach) // step + 1, 0)
             self.skipped = int(max(0, regular.sum() - self.valid.sum()))
 
     def all_pairs(self) -> np.ndarray:
@@ -150,11 +161,18 @@ class ForecastSampler:
         i, k = np.nonzero(self.valid)
         return np.stack([i, self.target[i, k], self.leads[k]], axis=1)
 
+    def rollout_targets(self, triples: np.ndarray) -> np.ndarray:
+        """(n, k) target indices of the k rollout steps of each (input, target, lead) triple."""
+        inputs = triples[:, 0].astype(np.int64)
+        k = np.argmax(np.isclose(triples[:, 2:3], self.leads[None, :]), axis=1)
+        return self.rollout_target[inputs, k]
+
     @property
     def halo_steps(self) -> int:
-        """The longest valid lead in time steps (index distance from input to target)."""
+        """The longest valid lead in time steps (index distance from input to its furthest target,
+        the last rollout step's)."""
         i, k = np.nonzero(self.valid)
-        return int((self.target[i, k] - i).max())
+        return int((self.rollout_target[i, k, -1] - i).max())
 
     def _draw(self, rng: np.random.Generator) -> np.ndarray:
         """The epoch's samples, sorted by input then lead: one random lead per input, or every pair."""

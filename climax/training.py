@@ -7,6 +7,8 @@ sums are all-reduced when it is).
 - ``train_step``: ``forecast_loss`` (latitude-weighted MSE on normalised fields; bf16 autocast on
   CUDA) then ``optimizer_step`` (backward, gradient clipping, AdamW, warmup-cosine scheduler step).
   Every task's loop (``climax.loop.fit``) takes its steps through ``optimizer_step``.
+- ``rollout_loss``: rollout finetuning (``train.rollout_steps`` k > 1): k steps at one lead, each
+  prediction fed back (``rollout_feed``, evaluation's convention), the mean of the step losses.
 - ``validate``: the loss, and latitude-weighted RMSE per variable in physical units (predictions
   and targets de-normalised with the dataset statistics) with persistence beside it.
 - ``TrainState`` + ``save_train_state`` / ``load_train_state``: what a checkpoint holds beyond
@@ -36,7 +38,7 @@ from climax.checkpoint import load_checkpoint, save_checkpoint
 from climax.metrics import lat_weighted_mse, lat_weights
 from climax.model import ClimaX
 
-__all__ = ["TrainState", "autocast", "forecast_loss", "optimizer_step", "batch_where", "train_step", "validate", "save_train_state", "load_train_state",
+__all__ = ["TrainState", "autocast", "forecast_loss", "rollout_loss", "rollout_feed", "optimizer_step", "batch_where", "train_step", "validate", "save_train_state", "load_train_state",
            "read_train_state", "UnsafeCheckpointError", "freeze_backbone", "unwrap", "BACKBONE"]
 
 MODEL_FILE = "model.pt"
@@ -97,6 +99,45 @@ def forecast_loss(model: nn.Module, batch: Any, lat: np.ndarray, device: torch.d
         else:
             pred, target, points = masked(model, x, batch.in_vars, batch.out_vars, generator)
     return lat_weighted_mse(pred.float(), target, _lat(lat, device), points)
+
+
+def rollout_feed(in_vars: Sequence[str], out_vars: Sequence[str]) -> list[tuple[int, int]]:
+    """(input channel, output channel) pairs a rollout feeds back: each output that is also an
+    input replaces that input channel for the next step; the other inputs (constants) keep their
+    initial values. The one convention of ``climax.evaluation``'s rollout and of ``rollout_loss``."""
+    return [(list(in_vars).index(v), j) for j, v in enumerate(out_vars) if v in in_vars]
+
+
+def rollout_loss(model: nn.Module, batch: Any, lat: np.ndarray, device: torch.device, *, bf16: bool = True,
+                 region: Any = None, truncate: int = 0) -> torch.Tensor:
+    """Rollout finetuning's loss (``train.rollout_steps`` k > 1): the model applied k times at the
+    batch's lead, each prediction fed back as the next input in normalised space (``rollout_feed``,
+    as ``climax.evaluation`` rolls out), scored against ``batch.y`` then ``batch.y_steps``.
+
+    The loss is the mean over the k steps of each step's latitude-weighted MSE (GraphCast averages
+    over steps: the loss stays on the scale of k = 1, so learning rates carry over). Gradients flow
+    through the whole chain; ``truncate`` N > 0 detaches the fed-back input after every N steps
+    (N = 1: no gradient through the chain, each step learns from its own forward pass only)."""
+    model.train()
+    x = batch.x.to(device, non_blocking=True)
+    lead = batch.lead_hours.to(device, non_blocking=True)
+    targets = [batch.y.to(device, non_blocking=True)]
+    if batch.y_steps is not None:
+        targets += list(batch.y_steps.to(device, non_blocking=True).unbind(1))
+    feed = rollout_feed(batch.in_vars, batch.out_vars)
+    src = torch.as_tensor([i for i, _ in feed], dtype=torch.long, device=device)
+    dst = torch.as_tensor([j for _, j in feed], dtype=torch.long, device=device)
+    lat_t = _lat(lat, device)
+    state, losses = x, []
+    for i, target in enumerate(targets):
+        with autocast(device, bf16):
+            pred = model(state, lead, batch.in_vars, batch.out_vars, region=region)
+        losses.append(lat_weighted_mse(pred.float(), target, lat_t))
+        if i + 1 < len(targets):
+            state = state.index_copy(1, src, pred.index_select(1, dst).to(state.dtype))  # out of place: differentiable
+            if truncate and (i + 1) % truncate == 0:
+                state = state.detach()
+    return torch.stack(losses).mean()
 
 
 def batch_where(batch: Any) -> str:

@@ -98,6 +98,11 @@ class LoopConfig(_Strict):
     log_every: int = Field(0, description="also print the loss every N steps (0: only per epoch)")
     activation_checkpointing: bool = Field(False, description="recompute each transformer block in backward "
                                                               "(less activation memory, ~1/3 more compute)")
+    rollout_steps: int = Field(1, ge=1, description="rollout finetuning: train on k autoregressive steps at the one "
+                                                    "fixed lead (data.leads.hours: [L]), each prediction the next "
+                                                    "input, loss averaged over the steps (1: one step)")
+    rollout_truncate: int = Field(0, ge=0, description="rollout finetuning: detach the fed-back input every N steps "
+                                                       "(0: gradients through the whole chain; 1: through none)")
 
 
 class ScalingSpec(_Strict):
@@ -176,6 +181,20 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _task_sections(self) -> TrainConfig:
         get_task(self.task).check_config(self)
+        return self
+
+    @model_validator(mode="after")
+    def _rollout_at_one_lead(self) -> TrainConfig:
+        k = self.train.rollout_steps
+        if k > 1 and self.task != "forecast":
+            raise ValueError(f"train.rollout_steps={k} rolls out the forecast task; task {self.task!r} trains on "
+                             "one step: set train.rollout_steps=1")
+        leads = self.data.leads
+        if k > 1 and (leads.random or len(leads.hours) != 1):
+            got = "random leads (data.leads.random=true)" if leads.random else f"data.leads.hours={leads.hours}"
+            raise ValueError(f"train.rollout_steps={k} trains on a rollout at one fixed lead, got {got}: set "
+                             "data.leads.random=false and data.leads.hours to a single lead (e.g. [6]), or "
+                             "train.rollout_steps=1")
         return self
 
     @model_validator(mode="after")

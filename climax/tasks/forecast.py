@@ -7,7 +7,9 @@ get fresh embeddings), the default variables extended by the data's. With ``obje
 masked / schedule / mix, a decoder is attached and ``MaskedAutoencoder`` trains: steps that
 ``objective.masked_at(step)`` picks reconstruct masked input (``climax.masking``), the others
 forecast. Validation: RMSE per variable and lead in physical units with persistence; the masked
-reconstruction loss when masking.
+reconstruction loss when masking. Rollout finetuning (``train.rollout_steps`` k > 1, one fixed lead):
+the training loader adds the targets at 2L..kL and the loss is ``climax.training.rollout_loss``
+(k steps, predictions fed back, mean over steps); validation stays one step at each lead.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from climax.normalization import apply_statistics, checkpoint_record, checkpoint
 from climax.regions import Region
 from climax.sampling import lead_hours
 from climax.tasks import Task, model_config
-from climax.training import batch_where, forecast_loss, freeze_backbone, validate
+from climax.training import batch_where, forecast_loss, freeze_backbone, rollout_loss, validate
 
 __all__ = ["ForecastTask", "TASK", "build_model", "init_statistics", "variables"]
 
@@ -128,19 +130,31 @@ class ForecastTask(Task):
             raise ValueError(f"objective.kind={cfg.objective.kind} pretrains on the whole grid; set data.region=null")
         leads, d = cfg.data.leads, cfg.data
 
-        def loader(ds, split, hours, batch_size, *, random_lead, shuffle, max_batches=None):
+        def loader(ds, split, hours, batch_size, *, random_lead, shuffle, max_batches=None, rollout_steps=1):
             in_vars, out_vars = variables(cfg, ds)
             return ForecastLoader(ds, split, in_vars, out_vars, hours, random_lead=random_lead, batch_size=batch_size,
                                   seed=cfg.train.seed, rank=w.rank, world_size=w.world, shuffle=shuffle,
                                   drop_last=shuffle, region=region, prefetch=d.prefetch, max_batches=max_batches,
                                   pin_memory=w.device.type == "cuda", cache_mb=d.cache_mb, shuffle_mode=d.shuffle,
-                                  block_steps=d.block_steps, window_blocks=d.window_blocks, window_mb=d.window_mb)
+                                  block_steps=d.block_steps, window_blocks=d.window_blocks, window_mb=d.window_mb,
+                                  **({"rollout_steps": rollout_steps} if rollout_steps > 1 else {}))
 
+        k = self.rollout_steps
+        if k > 1:  # predictions are fed back: every time-varying input must be an output (as evaluation's rollout)
+            from climax.evaluation import rollout_blockers
+
+            for ds in datasets:
+                blockers = rollout_blockers(ds, *variables(cfg, ds))
+                if blockers:
+                    raise ValueError(f"train.rollout_steps={k} feeds each prediction back as the next input, but "
+                                     f"input variable(s) {blockers} of dataset {ds.name!r} are time-varying and not "
+                                     "outputs: add them to data.out_vars, drop them from data.in_vars, or set "
+                                     "train.rollout_steps=1")
         train_loaders = []
         for ds in datasets:
             hours = lead_hours(leads.min_hours, leads.max_hours, ds.step_hours) if leads.random else leads.hours
             train_loaders.append(loader(ds, d.train_split, hours, d.batch_size, random_lead=leads.random,
-                                        shuffle=True))
+                                        shuffle=True, rollout_steps=k))
             self.log(train_loaders[-1].report())
         train_data = train_loaders[0] if len(train_loaders) == 1 else MixedLoader(
             train_loaders, [s.weight for s in d.datasets], seed=cfg.train.seed)
@@ -164,6 +178,10 @@ class ForecastTask(Task):
                                  "data.leads.val_hours or fewer workers")
         return Loaders(train_data, val, steps_per_epoch)
 
+    @property
+    def rollout_steps(self) -> int:
+        return int(getattr(self.cfg.train, "rollout_steps", 1))
+
     def find_unused_parameters(self, model: nn.Module) -> bool:
         uses_all = all(set(variables(self.cfg, ds)[0]) == set(self.net.default_vars) for ds in self.datasets)
         return not uses_all or self.cfg.freeze_backbone or self.masked is not None
@@ -174,7 +192,9 @@ class ForecastTask(Task):
         return (f"ClimaX {n_params / 1e6:.2f} M parameters, grid {net.img_size}, patch {net.patch_size}"
                 f"{f', region {region.name} {region.shape}' if region else ''}; {w.world} worker(s) on {w.device}; "
                 f"{loaders.steps_per_epoch} steps per epoch x {cfg.train.epochs} epochs, batch {cfg.data.batch_size} "
-                "per worker")
+                "per worker" + (f"; rollout finetuning: {self.rollout_steps} steps at {cfg.data.leads.hours[0]:g} h"
+                                f"{f', input detached every {cfg.train.rollout_truncate} step(s)' if cfg.train.rollout_truncate else ''}"
+                                if self.rollout_steps > 1 else ""))
 
     # ------------------------------------------------------------------ steps
     def loss(self, model: nn.Module, batch: Any, step: int) -> tuple[torch.Tensor, str | None]:
@@ -182,6 +202,9 @@ class ForecastTask(Task):
         lat = self.lat if batch.dataset == self.val_ds.name or region is not None else \
             next(ds.lat for ds in self.datasets if ds.name == batch.dataset)
         is_masked = self.masked is not None and cfg.objective.masked_at(step, cfg.train.seed)
+        if self.rollout_steps > 1 and not is_masked:  # rollout finetuning: k steps, predictions fed back
+            return rollout_loss(model, batch, lat, self.worker.device, bf16=cfg.train.bf16, region=region,
+                                truncate=int(getattr(cfg.train, "rollout_truncate", 0))), None
         loss = forecast_loss(model, batch, lat, self.worker.device, bf16=cfg.train.bf16, region=region,
                              masked=self.masked if is_masked else None,
                              generator=step_generator(cfg.train.seed, step, self.worker.rank) if is_masked else None)
