@@ -29,7 +29,6 @@ import logging
 import os
 import platform
 import re
-import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -39,6 +38,7 @@ import pyarrow.parquet as pq
 
 from climax import shards as S
 from climax.redact import redact
+from climax.storage import write_bytes
 from pipelines import lease, node_cache, regrid, storage
 from pipelines.recipe import Recipe
 from pipelines.sources import SourceError, is_zarr_path, list_files, open_source
@@ -84,25 +84,14 @@ def write_atomic(path: str, data: bytes | memoryview, storage_options: dict | No
         except Exception as exc:  # e.g. a missing bucket: name it, the endpoint and what to check
             raise storage.explain(exc, path, storage_options) from None
         return
-    os.makedirs(os.path.dirname(p), exist_ok=True)
-    tag = f"{owner}." if owner else ""
-    tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{tag}{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, p)
+        write_bytes(p, data, tag=owner or "", durable=durable)
     except OSError as exc:
         if exc.errno in _FULL:  # the disk, a quota or a file-size limit: say which file and what to do
             raise OSError(exc.errno, f"no space left writing {p} ({exc.strerror}, {len(data)} bytes); free "
                                      "space there or set output to a folder with room (a re-run resumes: "
                                      "finished shards are kept)") from None
         raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
