@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 from climax.config import resolve_model_config
 from climax.model import ClimaX
+from climax.storage import atomic_path
 from climax.variables import NAME_ALIASES, ORIGINAL_DEFAULT_VARS
 
 __all__ = [
@@ -90,17 +90,10 @@ def save_checkpoint(model: ClimaX, path: str | os.PathLike, **extra: Any) -> Pat
     from climax.redact import redact
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "model_config": dict(model.config), "state_dict": model.state_dict(),
                **{k: v if isinstance(v, torch.Tensor) else redact(v) for k, v in extra.items()}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

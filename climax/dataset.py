@@ -11,11 +11,9 @@ Imports neither Ray nor ``pipelines``.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,62 +22,11 @@ import pyarrow.parquet as pq
 
 from climax import shards as S
 from climax.sampling import TimeAxis
+from climax.storage import arrow_filesystem
 
 __all__ = ["ShardDataset", "ShardReadError", "tensor_column", "is_corruption"]
 
 _F32 = np.float32
-
-
-# ----------------------------------------------------------------------------- storage
-def _split_endpoint(url: str) -> tuple[str, str]:
-    """'http://host:port' -> ('host:port', 'http')."""
-    if "://" in url:
-        scheme, rest = url.split("://", 1)
-        return rest.rstrip("/"), scheme
-    return url.rstrip("/"), "https"
-
-
-_S3_KEYS = {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "region", "use_ssl"}
-
-
-def _s3_filesystem(opts: dict) -> pafs.FileSystem | None:
-    """pyarrow's native S3 from s3fs-style storage_options; None when an option has no mapping."""
-    ck = dict(opts.get("client_kwargs") or {})
-    if set(opts) - _S3_KEYS or set(ck) - {"endpoint_url", "region_name"}:
-        return None
-    kw: dict[str, Any] = {}
-    endpoint = opts.get("endpoint_url") or ck.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        kw["endpoint_override"], kw["scheme"] = _split_endpoint(endpoint)
-    if opts.get("anon"):
-        kw["anonymous"] = True
-    else:
-        if opts.get("key") is not None:
-            kw["access_key"], kw["secret_key"] = opts.get("key"), opts.get("secret")
-        if opts.get("token") is not None:
-            kw["session_token"] = opts["token"]
-    region = opts.get("region") or ck.get("region_name")
-    if region:
-        kw["region"] = region
-    elif endpoint:
-        kw["region"] = "us-east-1"  # a custom endpoint: no region lookup
-    return pafs.S3FileSystem(**kw)
-
-
-def _filesystem(root: str, storage_options: dict | None) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, base path) for a local folder or URL."""
-    if "://" not in root or root.startswith("file://"):
-        path = root[len("file://"):] if root.startswith("file://") else root
-        return pafs.LocalFileSystem(), os.path.abspath(path)
-    proto, rest = root.split("://", 1)
-    opts = dict(storage_options or {})
-    if proto in ("s3", "s3a"):
-        fs = _s3_filesystem(opts)
-        if fs is not None:
-            return fs, rest.rstrip("/")
-    import fsspec  # any other protocol, or s3 options pyarrow does not know: through fsspec
-
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(proto, **opts))), rest.rstrip("/")
 
 
 def tensor_column(table: pa.Table, name: str) -> np.ndarray:
@@ -132,7 +79,7 @@ class ShardDataset:
         self.name = name or self.root.rsplit("/", 1)[-1]
         self.max_open_files = max(1, int(max_open_files))
         self.verify = bool(verify)
-        self.fs, self._base = _filesystem(self.root, self.storage_options)
+        self.fs, self._base = arrow_filesystem(self.root, self.storage_options)
         self._remote = not isinstance(self.fs, pafs.LocalFileSystem)
         mpath = self._path(S.MANIFEST)
         try:
@@ -168,7 +115,7 @@ class ShardDataset:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.fs, _ = _filesystem(self.root, self.storage_options)
+        self.fs, _ = arrow_filesystem(self.root, self.storage_options)
         self._lock = threading.Lock()
         self._files, self._footers, self._axes, self._clim = OrderedDict(), {}, {}, {}
         self._const = self._time_mean = None

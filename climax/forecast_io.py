@@ -18,7 +18,7 @@ conditions held in memory.
   Zarr format 2 with consolidated metadata (what WB2's xarray-beam readers open), atomically: a
   local store is written under a temporary name beside the target and renamed; a remote one
   (``s3://``, ``gs://``) is written locally and uploaded file by file with ``.zmetadata`` last
-  (``climax.atomic.upload_folder``), so a consolidated reader sees the old store or the whole new one.
+  (``climax.storage.upload_folder``), so a consolidated reader sees the old store or the whole new one.
 * :class:`FieldDataset` holds initial conditions already on the model's grid (a raw analysis read
   and regridded by ``jobs.forecast``) behind the dataset interface ``climax.evaluation`` forecasts
   from, normalised with given statistics.
@@ -29,16 +29,14 @@ No Ray, no ``pipelines``.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-import uuid
 from datetime import UTC, datetime
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from climax.atomic import is_remote, upload_folder
+from climax.storage import atomic_path, filesystem, is_remote, local_path, upload_folder
 from climax.sampling import TimeAxis
 from climax.variables import split_level
 
@@ -121,9 +119,7 @@ def write_zarr(ds, path: str | os.PathLike, storage_options: dict | None = None)
     """Write ``ds`` as a Zarr store at ``path`` (local or remote) atomically; returns the path."""
     path = str(path)
     if is_remote(path):
-        import fsspec
-
-        fs, remote = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        fs, remote = filesystem(path, storage_options, anonymous_gcs=False)
         with tempfile.TemporaryDirectory(prefix="climax-zarr-") as tmp:
             local = Path(tmp) / "store.zarr"
             _to_store(ds, str(local))
@@ -131,22 +127,9 @@ def write_zarr(ds, path: str | os.PathLike, storage_options: dict | None = None)
                 fs.rm(remote, recursive=True)
             upload_folder(local, path, storage_options, last=(".zmetadata",))
         return path
-    target = Path(path.removeprefix("file://"))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp, old = target.with_name(f".{target.name}.{tag}.tmp"), target.with_name(f".{target.name}.{tag}.old")
-    try:
+    with atomic_path(path) as tmp:  # a folder: the old store is moved aside, then replaced
         _to_store(ds, str(tmp))
-        if target.exists():  # a directory cannot be replaced in one rename: move the old one aside first
-            os.replace(target, old)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return str(target)
+    return str(Path(local_path(path)))
 
 
 class _Manifest:
@@ -268,26 +251,16 @@ def forecast_dataset(
 def write_netcdf(ds, path: str | os.PathLike, storage_options: dict | None = None, engine: str = "netcdf4") -> str:
     """Write ``ds`` atomically: to a temporary file beside ``path``, then rename (or one S3 PUT)."""
     path = str(path)
-    if "://" in path:  # remote: write locally, then a single upload (atomic on S3)
-        import fsspec
-
+    if is_remote(path):  # remote: write locally, then a single upload (atomic on S3)
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / Path(path).name
             ds.to_netcdf(local, engine=engine)
-            fs, remote = fsspec.core.url_to_fs(path, **(storage_options or {}))
+            fs, remote = filesystem(path, storage_options, anonymous_gcs=False)
             fs.put_file(str(local), remote)
         return path
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         ds.to_netcdf(tmp, engine=engine)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return str(target)
+    return str(Path(local_path(path)))
 
 
 def history_line(argv: Sequence[str]) -> str:

@@ -32,6 +32,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from climax.storage import atomic_path
+
 __all__ = ["shard_model", "checkpoint_blocks", "full_state_dict", "full_optimizer_state_dict",
            "load_full_state", "save_sharded_train_state", "load_sharded_train_state", "is_sharded"]
 
@@ -178,9 +180,8 @@ def save_sharded_train_state(directory: str | os.PathLike, model: nn.Module, opt
     payload = {"optimizer": osd, "optimizer_keys": "names",
                "scheduler": scheduler.state_dict() if scheduler is not None else None, "state": asdict(state)}
     check_plain(payload, STATE_FILE)
-    tmp = directory / f".{STATE_FILE}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, directory / STATE_FILE)
+    with atomic_path(directory / STATE_FILE) as tmp:
+        torch.save(payload, tmp)
     return directory
 
 

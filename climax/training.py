@@ -37,6 +37,7 @@ from torch import nn
 from climax.checkpoint import load_checkpoint, save_checkpoint
 from climax.metrics import lat_weighted_mse, lat_weights
 from climax.model import ClimaX
+from climax.storage import atomic_path
 
 __all__ = ["TrainState", "autocast", "forecast_loss", "rollout_loss", "rollout_feed", "optimizer_step", "batch_where", "train_step", "validate", "save_train_state", "load_train_state",
            "read_train_state", "UnsafeCheckpointError", "freeze_backbone", "unwrap", "BACKBONE"]
@@ -227,9 +228,8 @@ def save_train_state(directory: str | os.PathLike, model: nn.Module, optimizer: 
                "scheduler": scheduler.state_dict() if scheduler is not None else None,
                "state": asdict(state)}
     check_plain(payload, STATE_FILE)  # what read_train_state's weights_only=True load accepts
-    tmp = directory / f".{STATE_FILE}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, directory / STATE_FILE)
+    with atomic_path(directory / STATE_FILE) as tmp:
+        torch.save(payload, tmp)
     return directory
 
 

@@ -28,9 +28,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from climax.atomic import write_atomic
 from climax.evaluation import evaluate_model
 from climax.redact import redact
+from climax.storage import write_atomic
 from climax.tasks import checkpoint_task, get_task
 from jobs.common import error_line, setup_logging
 from jobs.config import fail, parse_args
@@ -348,7 +348,7 @@ def write_spectra(cfg: EvaluateConfig, df, model, dataset, in_vars, out_vars, re
 
 
 def main(argv: list[str] | None = None):
-    from climax.atomic import is_remote, staged_output
+    from climax.storage import is_remote, staged_output
 
     cfg, _ = parse_args(EvaluateConfig, __doc__, argv)
     setup_logging()

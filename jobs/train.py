@@ -24,12 +24,12 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-from pyarrow import fs
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
 from climax.data import ShardReadError
 from climax.loop import Worker, train
+from climax.storage import arrow_s3
 from climax.tasks import get_task
 from jobs.common import error_line, final_error, init_ray, setup_logging
 from jobs.config import fail
@@ -90,19 +90,12 @@ def train_loop_per_worker(config: dict) -> None:
 # ----------------------------------------------------------------------------- driver side
 def storage(cfg: TrainConfig, filesystem_class=None):
     """(storage_path, pyarrow filesystem or None) for the RunConfig; ``filesystem_class`` (a
-    ``pyarrow.fs.S3FileSystem`` subclass, default that class) builds the S3 filesystem."""
+    ``pyarrow.fs.S3FileSystem`` subclass, default that class) builds the S3 filesystem from the
+    storage_options (``climax.storage.arrow_s3``)."""
     if cfg.storage_path.startswith("s3://"):
         if not cfg.storage_options:
             return cfg.storage_path, None
-        opts = cfg.storage_options
-        endpoint = opts.get("endpoint_url") or opts.get("client_kwargs", {}).get("endpoint_url")
-        kwargs: dict[str, Any] = {}
-        if endpoint:
-            scheme, _, host = endpoint.partition("://")
-            kwargs.update(endpoint_override=host, scheme=scheme)
-        if opts.get("key"):
-            kwargs.update(access_key=opts["key"], secret_key=opts.get("secret"))
-        return cfg.storage_path.removeprefix("s3://"), (filesystem_class or fs.S3FileSystem)(**kwargs)
+        return cfg.storage_path.removeprefix("s3://"), arrow_s3(cfg.storage_options, filesystem_class, strict=False)
     return str(Path(cfg.storage_path).expanduser().resolve()), None
 
 

@@ -31,6 +31,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+from climax.storage import write_bytes
 from pipelines import storage
 from pipelines.sources import SourceError
 
@@ -143,10 +144,7 @@ class Lease:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             return
-        tmp = f"{self._p}.{self.token}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, self._p)
+        write_bytes(self._p, data, tag=self.token)
 
     def _acquire_local(self) -> None:
         folder = os.path.dirname(self._p)

@@ -5,7 +5,7 @@ cannot be (NetCDF 3, which h5netcdf does not read, and ClimateBench pairs) is co
 
 * one folder per node, shared by the node's worker processes: ``$CLIMAX_FETCH_CACHE_DIR`` or
   ``<tempdir>/climax-fetch-cache``; an entry per object version (URL + ETag + size), downloaded
-  once under an exclusive ``flock`` on the entry's lock file, to a ``.part`` name then renamed;
+  once under an exclusive ``flock`` on the entry's lock file, to a temporary name then renamed;
 * bounded: ``$CLIMAX_FETCH_CACHE_MB`` (default 8192) for all entries together; before a download
   the least recently used entries (by modification time, refreshed on every use) are deleted
   until the new one fits. An object larger than the limit is refused with a message naming the
@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from climax.storage import atomic_path
 from pipelines import storage
 
 log = logging.getLogger("pipelines.node_cache")
@@ -157,13 +158,12 @@ def local_copy(url: str, storage_options: dict | None = None) -> Iterator[str]:
         if not dest.exists():
             _make_room(root, size, limit_bytes(), entry, url)
             entry.mkdir(parents=True, exist_ok=True)
-            part = entry / f".{name}.part"
-            try:
-                fs.get(p, str(part))
-            except Exception as exc:
-                shutil.rmtree(entry, ignore_errors=True)
-                raise storage.explain(exc, url, storage_options) from None
-            os.replace(part, dest)
+            with atomic_path(dest) as part:
+                try:
+                    fs.get(p, str(part))
+                except Exception as exc:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    raise storage.explain(exc, url, storage_options) from None
         _touch(entry)
         fcntl.flock(fd, fcntl.LOCK_SH)  # readers share; eviction needs it exclusive
         yield str(dest)

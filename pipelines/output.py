@@ -8,14 +8,13 @@ temporaries and those of dead owners (``tmp_owner``).
 from __future__ import annotations
 
 import errno
-import os
 import re
-import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from climax import shards as S
+from climax.storage import write_bytes
 from pipelines import storage
 
 __all__ = ["write_atomic", "table_bytes", "join", "tmp_owner"]
@@ -56,25 +55,14 @@ def write_atomic(path: str, data: bytes | memoryview, storage_options: dict | No
         except Exception as exc:  # e.g. a missing bucket: name it, the endpoint and what to check
             raise storage.explain(exc, path, storage_options) from None
         return
-    os.makedirs(os.path.dirname(p), exist_ok=True)
-    tag = f"{owner}." if owner else ""
-    tmp = os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.{tag}{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, p)
+        write_bytes(p, data, tag=owner or "", durable=durable)
     except OSError as exc:
         if exc.errno in FULL:  # the disk, a quota or a file-size limit: say which file and what to do
             raise OSError(exc.errno, f"no space left writing {p} ({exc.strerror}, {len(data)} bytes); free "
                                      "space there or set output to a folder with room (a re-run resumes: "
                                      "finished shards are kept)") from None
         raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def table_bytes(table: pa.Table, variables: list[str], compression_level: int) -> memoryview:

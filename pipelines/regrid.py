@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+
+from climax.storage import atomic_path
 
 __all__ = [
     "METHODS",
@@ -531,18 +532,8 @@ def _load_weights(path: Path) -> sp.csr_matrix | None:
 
 def _save_weights(path: Path, weights: sp.csr_matrix) -> None:
     """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sp.save_npz(f, weights)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        sp.save_npz(f, weights)
 
 
 def get_regridder(

@@ -1,14 +1,12 @@
-"""Local paths or object storage (``s3://``, ``gs://``) through fsspec / s3fs / gcsfs.
+"""The preprocessing's side of the storage layer (``climax.storage``): its errors and its reads.
 
-``storage_options`` follow s3fs, e.g. ``{"key": ..., "secret": ...,
-"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}``; the ``AWS_ENDPOINT_URL``
-environment variable is honoured when no endpoint is given. For ``gs://`` they follow gcsfs:
-anonymous by default (``token: anon``, for public buckets such as WeatherBench 2's); set
-``token`` (``google_default``, a service-account JSON path, ...) for private buckets, and
-``endpoint_url`` (or ``client_kwargs.endpoint_url``, as for S3) for another server. Remote inputs
-are read by byte ranges (:mod:`pipelines.streaming`); what needs a local file goes to the node's
-bounded download cache (:mod:`pipelines.node_cache`); :func:`local_copy` is a one-off temporary
-download.
+Resolution, credentials and atomic writes are :mod:`climax.storage`'s (re-exported here:
+:func:`filesystem`, :func:`is_remote`, :func:`protocol`, :func:`storage_options_for`); this module
+adds what a recipe's inputs need: errors that are ``SourceError`` s and say what to check
+(:func:`explain`: endpoint, credentials, bucket), globbing (:func:`expand_paths`) and a one-off
+temporary download (:func:`local_copy`). Remote inputs are read by byte ranges
+(:mod:`pipelines.streaming`); what needs a local file goes to the node's bounded download cache
+(:mod:`pipelines.node_cache`).
 """
 
 from __future__ import annotations
@@ -20,9 +18,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+from climax.storage import GCS_PROTOCOLS, endpoint_of, is_remote, protocol, storage_options_for
+from climax.storage import filesystem as resolve
 from pipelines.sources.base import SourceError
+
+__all__ = ["StorageError", "PathNotFoundError", "GCS_PROTOCOLS", "is_remote", "protocol", "storage_options_for",
+           "filesystem", "explain", "expand_paths", "local_copy"]
 
 
 class StorageError(SourceError):
@@ -33,72 +35,13 @@ class PathNotFoundError(StorageError, FileNotFoundError):
     """Nothing matches a path or pattern."""
 
 
-def is_remote(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
-def protocol(path: str) -> str:
-    return str(path).split("://", 1)[0] if is_remote(path) else "file"
-
-
-GCS_PROTOCOLS = ("gs", "gcs")
-
-
-def storage_options_for(path: str, storage_options: dict | None = None) -> dict:
-    """storage_options with ``AWS_ENDPOINT_URL`` filled in for s3 when no endpoint is set; for gs,
-    anonymous access unless a token is given, and ``client_kwargs.endpoint_url`` accepted."""
-    opts: dict[str, Any] = dict(storage_options or {})
-    if protocol(path) in GCS_PROTOCOLS:
-        ck = dict(opts.pop("client_kwargs", None) or {})
-        if "endpoint_url" in ck and "endpoint_url" not in opts:
-            opts["endpoint_url"] = ck.pop("endpoint_url")
-        opts.setdefault("token", "anon")
-        return opts
-    if protocol(path) in ("s3", "s3a"):
-        ck = dict(opts.get("client_kwargs") or {})
-        env = os.environ.get("AWS_ENDPOINT_URL")
-        if env and "endpoint_url" not in ck and "endpoint_url" not in opts:
-            ck["endpoint_url"] = env
-        if ck:
-            opts["client_kwargs"] = ck
-    return opts
-
-
-def _endpoint(opts: dict, path: str = "") -> str:
-    if protocol(path) in GCS_PROTOCOLS:
-        return (opts.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
-                or "the default GCS endpoint")
-    return (opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
-            or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint")
-
-
 def filesystem(path: str, storage_options: dict | None = None, *, asynchronous: bool = False):
-    """(fsspec filesystem, path without protocol) for a local path or URL.
-
-    ``asynchronous``: an async instance (for zarr's ``FsspecStore``; remote paths only).
-    """
-    import fsspec
-
-    if not is_remote(path):
-        p = str(path)[len("file://"):] if str(path).startswith("file://") else str(path)
-        return fsspec.filesystem("file"), os.path.abspath(p)
-    opts = storage_options_for(path, storage_options)
-    if asynchronous:
-        opts["asynchronous"] = True
+    """(fsspec filesystem, path without protocol) for a local path or URL (``climax.storage.filesystem``;
+    gs:// anonymous unless a token is given); a missing driver is a StorageError naming the package."""
     try:
-        if protocol(path) in GCS_PROTOCOLS:
-            # gcsfs.core's class, not the package's default: since 2026.x `gcsfs.GCSFileSystem` is an
-            # "experimental" subclass that asks the gRPC Storage Control API for each bucket's
-            # layout, which anonymous access and emulators cannot answer (retried, then ignored
-            # on every call). Plain JSON-API access is what public WeatherBench 2 buckets need.
-            from gcsfs.core import GCSFileSystem
-
-            return GCSFileSystem(**opts), GCSFileSystem._strip_protocol(str(path))
-        fs, p = fsspec.core.url_to_fs(str(path), **opts)
+        return resolve(path, storage_options, asynchronous=asynchronous)
     except ImportError as exc:
-        need = "gcsfs" if protocol(path) in GCS_PROTOCOLS else "s3fs"
-        raise StorageError(f"{path}: no filesystem for {protocol(path)}:// ({exc}); install {need}") from None
-    return fs, p
+        raise StorageError(str(exc)) from None
 
 
 def _bucket(stripped: str) -> str:
@@ -108,7 +51,7 @@ def _bucket(stripped: str) -> str:
 def explain(exc: BaseException, path: str, storage_options: dict | None = None) -> StorageError:
     """A StorageError with a message that says what to check."""
     opts = storage_options_for(path, storage_options)
-    ep = _endpoint(opts, path)
+    ep = endpoint_of(opts, path)
     name = type(exc).__name__
     bucket = _bucket(str(path).split("://", 1)[-1])
     if protocol(path) in GCS_PROTOCOLS:
@@ -203,7 +146,7 @@ def expand_paths(pattern: str, storage_options: dict | None = None) -> list[str]
         _check_bucket(fs, pattern, stripped, storage_options)
         raise PathNotFoundError(
             f"no object matches {pattern!r} at endpoint "
-            f"{_endpoint(storage_options_for(pattern, storage_options), pattern)}; check the key/pattern"
+            f"{endpoint_of(storage_options_for(pattern, storage_options), pattern)}; check the key/pattern"
         )
     return sorted(f"{proto}://{m}" for m in matches)
 

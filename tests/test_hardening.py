@@ -331,7 +331,7 @@ def test_rayignore_leaves_data_and_secrets_out():
 
 
 def test_atomic_write_replaces_whole_files(tmp_path):
-    from climax.atomic import staged_output, write_atomic
+    from climax.storage import staged_output, write_atomic
 
     target = tmp_path / "out" / "metrics.json"
     write_atomic(target, "old")

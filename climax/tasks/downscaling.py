@@ -28,7 +28,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from climax.atomic import write_atomic
 from climax.checkpoint import load_model, read_checkpoint
 from climax.data import ShardDataset
 from climax.downscaling import (METHODS, DownscalingLoader, DownscalingScores, evaluate_downscaling, make_downscaler,
@@ -37,6 +36,7 @@ from climax.evaluation import resolve_device, variable_units
 from climax.loop import Loaders
 from climax.normalization import checkpoint_record
 from climax.plots import plot_downscaling_maps
+from climax.storage import write_atomic
 from climax.tasks import Task
 from climax.tasks.forecast import build_model
 from climax.training import batch_where, forecast_loss, freeze_backbone

@@ -31,7 +31,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from climax.atomic import write_atomic
 from climax.checkpoint import load_checkpoint, read_checkpoint
 from climax.data import ShardDataset
 from climax.loop import Loaders
@@ -41,6 +40,7 @@ from climax.plots import plot_projection_maps
 from climax.projection import (LinearBaseline, ProjectionModel, climatebench_nrmse, freeze_projection, load_scenario,
                                window_targets, windows)
 from climax.redact import without_redacted
+from climax.storage import write_atomic
 from climax.tasks import Task, model_config
 from climax.training import MODEL_FILE, TrainState, autocast, freeze_backbone, read_train_state, unwrap
 

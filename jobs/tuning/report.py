@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-from climax.atomic import write_atomic
 from climax.redact import redact, redact_text
+from climax.storage import atomic_path, write_atomic
 from jobs.tuning.campaign import Campaign, planned_epochs, planned_trials, short_config, trial_config
 from jobs.tuning.runtime import ACTIVE, campaign_fs, error_text
 
@@ -100,8 +99,6 @@ def plot_history(histories: dict, best_id: str | None, metric: str, path: Path) 
 def export_checkpoint(campaign: Campaign, history, out: Path) -> tuple[str, dict]:
     """Copy the best checkpoint of one trial (by the metric, among those its run kept) to ``out``;
     returns its source path and the metrics stored in it."""
-    import shutil
-
     import pyarrow.fs
     import torch
 
@@ -115,13 +112,10 @@ def export_checkpoint(campaign: Campaign, history, out: Path) -> tuple[str, dict
     else:
         raise RuntimeError(f"no checkpoint of the best trial is left (searched {len(rows)} reported ones)")
     local = pyarrow.fs.LocalFileSystem()
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    local.create_dir(str(tmp))
-    pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=local)
-    metrics = torch.load(tmp / "model.pt", map_location="cpu", weights_only=True).get("metrics") or {}
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:  # a folder: copied whole, then swapped in
+        local.create_dir(str(tmp))
+        pyarrow.fs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=local)
+        metrics = torch.load(tmp / "model.pt", map_location="cpu", weights_only=True).get("metrics") or {}
     return path, metrics
 
 

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from climax.storage import atomic_path, replace_dir
 from pipelines.sample_data.atmosphere import G, Atmosphere
 from pipelines.sample_data.catalog import (CONSTANT_VARS, DEFAULT_FORMATS, FORMATS, PL_BASES, SAMPLE_VARS, SFC_VARS,
                                            grid, parse_name, resolution_tag)
@@ -107,14 +108,12 @@ class _GribWriter:
 
 
 def to_netcdf(ds, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     # uncompressed and contiguous, as WeatherBench's published 5.625/1.40625 deg files are (a year of
     # one single-level field at 5.625 deg is ~72 MB there too): readers and benchmarks then see the
     # layout users hold, not h5py's default tiny chunks
     encoding = {name: {"dtype": "float32"} for name in ds.data_vars}
-    ds.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        ds.to_netcdf(tmp, engine="h5netcdf", encoding=encoding)
 
 
 def _coords(lat, lon):
@@ -341,10 +340,7 @@ def generate(
     finally:
         bar.close()
     if "zarr" in formats:
-        import shutil
-
-        shutil.rmtree(zarr_path, ignore_errors=True)
-        os.replace(zarr_tmp, zarr_path)  # the store appears whole or not at all
+        replace_dir(zarr_tmp, zarr_path)  # the store appears whole or not at all
         paths["zarr"] = zarr_path
     return paths
 
@@ -431,11 +427,10 @@ def write_cmip6(
                                 coords={"time": time, **_coords(lat, lon)})
             ds.attrs.update(_global_attrs(seed), source_id=model_name, frequency="6hrPt")
             path = out / f"{name}_6hrPlevPt_{tail}_{span}.nc"
-            tmp = path.with_name(path.name + ".tmp")
             enc = {name: {"dtype": "float32", "zlib": True, "complevel": 1, "shuffle": True},
                    "time": {"units": "hours since 1850-01-01 00:00:00", "calendar": calendar, "dtype": "float64"}}
-            ds.to_netcdf(tmp, engine="h5netcdf", encoding=enc)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                ds.to_netcdf(tmp, engine="h5netcdf", encoding=enc)
     return out
 
 

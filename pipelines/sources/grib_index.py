@@ -47,6 +47,7 @@ import numpy as np
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
+from climax.storage import atomic_path
 from pipelines.sources.base import SourceError
 from pipelines.sources.grib_codes import KIND_KEYS, REDOWNLOAD, assemble_parts, decode_message, to_grid
 from pipelines.sources.grib_scan import scan
@@ -241,19 +242,8 @@ def _save(idx: GribIndex, target: str) -> None:
         for c in ("lat", "lon"):
             if c in g:
                 arrays[f"grid{i}_{c}"] = np.asarray(g[c], dtype=np.float64)
-    folder = os.path.dirname(target)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def _load(target: str, key: tuple) -> GribIndex | None:
