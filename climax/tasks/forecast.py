@@ -72,6 +72,11 @@ def build_model(cfg: Any, datasets: list, log=print) -> ClimaX:
     base_vars = list(mcfg.get("default_vars") or (state_meta or {}).get("model_config", {}).get("default_vars") or [])
     mcfg["default_vars"] = base_vars + [v for v in data_vars if v not in base_vars]
     mcfg["img_size"] = [len(datasets[0].lat), len(datasets[0].lon)]
+    # the data's history decides the neck (a checkpoint's neck is kept, refitted or left out to match)
+    history = list(getattr(cfg.data, "history_hours", None) or [0.0])
+    mcfg.pop("history_hours", None)
+    if len(history) > 1:
+        mcfg["history_hours"] = history
     model = ClimaX(**mcfg)
     if cfg.objective.uses_masking:  # before loading: a masked checkpoint's decoder continues
         attach_decoder(model, **cfg.objective.decoder.model_dump())
@@ -141,7 +146,8 @@ class ForecastTask(Task):
                                   seed=cfg.train.seed, rank=w.rank, world_size=w.world, shuffle=shuffle,
                                   drop_last=shuffle, region=region, prefetch=d.prefetch, max_batches=max_batches,
                                   pin_memory=w.device.type == "cuda", cache_mb=d.cache_mb, shuffle_mode=d.shuffle,
-                                  block_steps=d.block_steps, window_blocks=d.window_blocks, window_mb=d.window_mb)
+                                  block_steps=d.block_steps, window_blocks=d.window_blocks, window_mb=d.window_mb,
+                                  history=d.history_hours)
 
         train_loaders = []
         for ds in datasets:
@@ -178,7 +184,8 @@ class ForecastTask(Task):
     def describe(self, model: nn.Module, loaders: Loaders) -> str:
         cfg, w, net, region = self.cfg, self.worker, self.net, self.region
         n_params = sum(p.numel() for p in net.parameters())
-        return (f"ClimaX {n_params / 1e6:.2f} M parameters, grid {net.img_size}, patch {net.patch_size}"
+        hist = f", history {net.history_hours} h" if len(net.history_hours) > 1 else ""
+        return (f"ClimaX {n_params / 1e6:.2f} M parameters, grid {net.img_size}, patch {net.patch_size}{hist}"
                 f"{f', region {region.name} {region.shape}' if region else ''}; {w.world} worker(s) on {w.device}; "
                 f"{loaders.steps_per_epoch} steps per epoch x {cfg.train.epochs} epochs, batch {cfg.data.batch_size} "
                 "per worker")

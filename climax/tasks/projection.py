@@ -120,6 +120,7 @@ def build_model(cfg, in_vars: list[str], out_vars: list[str], grid: tuple[int, i
         else {}
     mcfg = {**mc, **{k: v for k, v in user.items() if k != "default_vars"}} if mc else dict(user or model_config(cfg))
     mcfg.update(default_vars=list(in_vars), img_size=list(grid))
+    mcfg.pop("history_hours", None)  # a forecast checkpoint's history neck: the years are this task's time axis
     backbone = ClimaX(**mcfg)
     if cfg.init_checkpoint:
         report = load_checkpoint(backbone, cfg.init_checkpoint, ckpt_vars=cfg.ckpt_vars)
