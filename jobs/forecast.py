@@ -303,7 +303,8 @@ def initial_conditions(cfg: ForecastConfig, model, meta: dict):
     step = float(np.median(np.diff(times)) / np.timedelta64(1, "h")) if len(times) > 1 else 6.0
     log.info("initial conditions from %s: %d times, %s -> %dx%d (%s)", src, len(rows), tuple(ds["lat"].shape + ds["lon"].shape),
              len(lat), len(lon), cfg.regrid)
-    init_index = np.searchsorted(times[rows], init_times)
+    # the rows of the initial times among those read (all of them, in order, without history)
+    init_index = np.searchsorted(times[rows], init_times) if len(history) > 1 else np.arange(len(rows))
     return (FieldDataset(fields, times[rows], in_vars, lat, lon, stats, constants=constants, units=units,
                          step_hours=step), in_vars, out_vars, init_index)
 
