@@ -49,6 +49,7 @@ class ModelConfig(BaseModel):
     drop_path: float = 0.1
     drop_rate: float = 0.1
     fast_var_agg: bool = True
+    history_hours: list[float] | None = None
 
     def user_keys(self, exclude: set[str] = frozenset()) -> dict[str, Any]:
         """The keys that were given (not defaulted), as plain data."""

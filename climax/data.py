@@ -43,7 +43,7 @@ import torch
 # the dataset's home is climax.dataset; these names stay importable from here
 from climax.dataset import ShardDataset, ShardReadError, tensor_column  # noqa: F401
 from climax.regions import Region
-from climax.sampling import ForecastSampler, block_layout
+from climax.sampling import ForecastSampler, block_layout, check_history, not_step_multiples
 
 __all__ = ["ShardDataset", "ShardReadError", "Batch", "ForecastLoader", "MixedLoader"]
 
@@ -53,7 +53,7 @@ _F32 = np.float32
 # ----------------------------------------------------------------------------- batches
 @dataclass
 class Batch:
-    x: torch.Tensor  # (B, len(in_vars), H, W) float32, normalised
+    x: torch.Tensor  # (B, len(in_vars), H, W) float32, normalised; (B, T, len(in_vars), H, W) with T history steps
     y: torch.Tensor  # (B, len(out_vars), H, W) float32, normalised
     lead_hours: torch.Tensor  # (B,) float32
     in_vars: list[str]
@@ -170,6 +170,10 @@ class ForecastLoader:
         rollout_steps: k > 1 (rollout finetuning, one fixed lead L, ``random_lead`` false): each
             sample also carries the targets at 2L, ..., kL (``Batch.y_steps``); only inputs whose k
             targets all exist are samples.
+        history: input times in hours relative to each input time (``data.history_hours``: <= 0,
+            oldest first, ending at 0, multiples of the data's step). Default [0]: x is (B, V, H, W)
+            as always; with T > 1 steps x is (B, T, V, H, W) and only inputs whose every history
+            step is on the split's time axis are sampled.
     """
 
     def __init__(self, dataset: ShardDataset, split: str, in_vars: Sequence[str], out_vars: Sequence[str],
@@ -178,7 +182,7 @@ class ForecastLoader:
                  prefetch: int = 2, max_batches: int | None = None, cache_mb: float = 1024.0,
                  superbatch_mb: float = 256.0, pin_memory: bool = False, shuffle_mode: str = "auto",
                  block_steps: int | None = None, window_blocks: int = 4, window_mb: float = 4096.0,
-                 decode_threads: int | None = None, rollout_steps: int = 1):
+                 decode_threads: int | None = None, rollout_steps: int = 1, history: Sequence[float] = (0.0,)):
         self.dataset, self.split = dataset, split
         self.in_vars, self.out_vars = list(in_vars), list(out_vars)
         if not self.in_vars or not self.out_vars:
@@ -195,7 +199,7 @@ class ForecastLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         leads = np.asarray(leads, dtype=np.float64)
-        off = leads[(leads <= 0) | (np.abs(leads / dataset.step_hours - np.round(leads / dataset.step_hours)) > 1e-9)]
+        off = leads[(leads <= 0) | np.isin(leads, not_step_multiples(leads, dataset.step_hours))]
         if len(leads) == 0 or len(off):
             raise ValueError(f"lead times {off.tolist() or leads.tolist()} h of dataset {dataset.name!r}: leads must be "
                              f"positive multiples of its {dataset.step_hours} h step")
@@ -213,9 +217,10 @@ class ForecastLoader:
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.shuffle, self.drop_last, self.region = shuffle, drop_last, region
         self.prefetch, self.max_batches, self.pin_memory = int(prefetch), max_batches, pin_memory
+        self.history = check_history(history, dataset.step_hours, f"history_hours {list(history)} (dataset {dataset.name!r})")
         self.axis = dataset.axis(split)
         self.sampler = ForecastSampler(self.axis, leads, random_lead=random_lead, seed=seed,
-                                       rollout_steps=rollout_steps)
+                                       rollout_steps=rollout_steps, history=self.history)
         #: (input, lead) pairs of the split that a gap removes (their input or target step is missing)
         self.skipped = self.sampler.skipped
         self.epoch = 0
@@ -249,8 +254,10 @@ class ForecastLoader:
             raise ValueError(f"shuffle_mode must be auto, global or block, got {shuffle_mode!r}")
         self.shuffle_mode = ("global" if resident else "block") if shuffle_mode == "auto" else shuffle_mode
         # random leads: about 0.37 of the halo rows are targets (docs/design.md, "Block shuffle")
+        # the history rows before a block widen its halo (by the oldest offset, in steps)
+        hist_steps = int(round(-self.history[0] / dataset.step_hours))
         self.block_steps, self.window_blocks = block_layout(
-            self.sampler.halo_steps, window_mb * 2**20 / self._row_bytes, block_steps, window_blocks,
+            self.sampler.halo_steps + hist_steps, window_mb * 2**20 / self._row_bytes, block_steps, window_blocks,
             halo_used=0.4 if self.random_lead else 1.0,
             samples_per_step=1.0 if self.random_lead else float(len(self.leads)))
         self._counts = {"rows_decoded": 0, "bytes_decoded": 0, "samples": 0}
@@ -324,15 +331,17 @@ class ForecastLoader:
     def _load(self, triples: np.ndarray, pieces: list[tuple[int, int, int, int]]) -> _Super:
         """Decode and normalise the unique rows a super-batch needs."""
         inp = triples[:, 0].astype(np.int64)
+        if len(self.history) > 1:  # (n, T) rows of every history step (the last is the input itself)
+            inp = self.sampler.history_rows[inp]
         tgt = triples[:, 1].astype(np.int64)
         # rollout finetuning: the targets of steps 2..k are target rows too
         more = self.sampler.rollout_targets(triples)[:, 1:].astype(np.int64) if self.rollout_steps > 1 else None
-        rows = np.concatenate([inp, tgt] if more is None else [inp, tgt, more.reshape(-1)])
+        rows = np.concatenate([inp.reshape(-1), tgt] if more is None else [inp.reshape(-1), tgt, more.reshape(-1)])
         uniq, inv = np.unique(rows, return_inverse=True)
         need = np.zeros(len(uniq), np.uint8)
         if self._in_tv:  # inputs made of constants only need no row
-            np.bitwise_or.at(need, inv[:len(inp)], 1)
-        np.bitwise_or.at(need, inv[len(inp):], 2)
+            np.bitwise_or.at(need, inv[:inp.size], 1)
+        np.bitwise_or.at(need, inv[inp.size:], 2)
         if self._cols[1] == self._cols[2]:
             need[:] = 3
         resident = self.resident
@@ -410,12 +419,12 @@ class ForecastLoader:
         if resident:
             return _Super(buf, inp, tgt, triples, pieces, more)
         at = pos[inv]
-        n = len(inp)
-        return _Super(buf, at[:n], at[n:2 * n], triples, pieces,
-                      None if more is None else at[2 * n:].reshape(more.shape))
+        n_in, n = inp.size, len(tgt)
+        return _Super(buf, at[:n_in].reshape(inp.shape), at[n_in:n_in + n], triples, pieces,
+                      None if more is None else at[n_in + n:].reshape(more.shape))
 
-    def _empty(self, n: int, v: int) -> tuple[torch.Tensor, np.ndarray]:
-        shape = (n, v, *self.shape)
+    def _empty(self, n: int, v: int, steps: int = 1) -> tuple[torch.Tensor, np.ndarray]:
+        shape = (n, v, *self.shape) if steps == 1 else (n, steps, v, *self.shape)
         if self.pin_memory:
             t = torch.empty(shape, dtype=torch.float32, pin_memory=True)
             return t, t.numpy()
@@ -425,7 +434,7 @@ class ForecastLoader:
         return torch.from_numpy(a), a
 
     def _pending(self, n: int) -> _Pending:
-        x_t, x = self._empty(n, len(self.in_vars))
+        x_t, x = self._empty(n, len(self.in_vars), len(self.history))
         y_t, y = self._empty(n, len(self.out_vars))
         p = _Pending(x_t, x, y_t, y, np.empty(n, _F32), np.empty(n, "datetime64[ns]"))
         if self.rollout_steps > 1:
@@ -439,8 +448,9 @@ class ForecastLoader:
         xi, yi = sb.inp[lo:hi], sb.tgt[lo:hi]
         rows = slice(off, off + hi - lo)
         x, y = p.x[rows], p.y[rows]
+        xj = x if xi.ndim == 1 else x.swapaxes(1, 2)  # (n, V, [T,] H, W) views: x[:, j] is one variable
         for j, v in enumerate(self.in_vars):
-            x[:, j] = self._const[v] if v in self._const else sb.buf[self._slot[v]][xi]
+            xj[:, j] = self._const[v] if v in self._const else sb.buf[self._slot[v]][xi]
         for j, v in enumerate(self.out_vars):
             y[:, j] = sb.buf[self._slot[v]][yi]
         if sb.more is not None:
@@ -463,7 +473,7 @@ class ForecastLoader:
         if windows is not None:
             return [(max(a, start), min(b, end)) for a, b in zip(windows[:-1], windows[1:])
                     if min(b, end) > max(a, start)]
-        cap = max(1, int(self.superbatch_mb * 2**20 // ((1 + self.rollout_steps) * B * self._row_bytes)))
+        cap = max(1, int(self.superbatch_mb * 2**20 // ((len(self.history) + self.rollout_steps) * B * self._row_bytes)))
         plan, s, k = [], start, 1
         while s < end:
             plan.append((s, min(end, s + k * B)))

@@ -53,6 +53,7 @@ import torch
 from climax.forecast_io import cf_units, forecast_dataset, history_line, write_netcdf  # the forecast files' home
 from climax.metrics import lat_weights
 from climax.regions import Region
+from climax.sampling import history_rows, not_step_multiples
 from climax.training import rollout_feed
 from climax.wb2 import WB2_REGIONS, ScoreSums, accumulate, area_weights, region_mask, region_weight_matrix
 
@@ -162,19 +163,23 @@ def _check_leads(dataset, leads: Sequence[float], rollout_step: float | None) ->
     if not leads or leads[0] <= 0:
         raise ValueError(f"lead times must be positive hours, got {leads}")
     step = float(dataset.step_hours)
-    bad = [x for x in leads if x % step]
+    bad = not_step_multiples(leads, step)
     if bad:
         raise ValueError(f"lead times {bad} h are not multiples of the dataset's {step:g} h time step")
-    if rollout_step is not None and (rollout_step <= 0 or rollout_step % step):
+    if rollout_step is not None and (rollout_step <= 0 or not_step_multiples([rollout_step], step)):
         raise ValueError(f"rollout_step {rollout_step} h must be a positive multiple of the dataset's "
                          f"{step:g} h time step")
     return leads
 
 
-def evaluation_inits(times: np.ndarray, leads: Sequence[float], max_samples: int | None = None) -> np.ndarray:
-    """Rows of ``times`` whose target exists at every lead, evenly thinned to ``max_samples``."""
+def evaluation_inits(times: np.ndarray, leads: Sequence[float], max_samples: int | None = None, *,
+                     history: Sequence[float] = (0.0,)) -> np.ndarray:
+    """Rows of ``times`` whose target exists at every lead (and, for a model with history input,
+    whose every ``history`` step exists), evenly thinned to ``max_samples``."""
     t = np.asarray(times, dtype="datetime64[ns]").astype(np.int64)
     ok = np.ones(len(t), dtype=bool)
+    if len(history) > 1:
+        ok &= (history_rows(times, history) >= 0).all(axis=1)
     for lead in leads:
         target = t + int(round(lead * _HOUR_NS))
         pos = np.minimum(np.searchsorted(t, target), len(t) - 1)
@@ -182,13 +187,42 @@ def evaluation_inits(times: np.ndarray, leads: Sequence[float], max_samples: int
     rows = np.flatnonzero(ok)
     if len(rows) == 0:
         span = (np.datetime64(int(t[0]), "ns"), np.datetime64(int(t[-1]), "ns")) if len(t) else ("-", "-")
+        hist = f" and every history step {list(history)} h" if len(history) > 1 else ""
         raise ValueError(f"no initial time of the split ({span[0]} .. {span[1]}) has targets at every lead "
-                         f"time up to {max(leads):g} h; use shorter lead times or a longer split")
+                         f"time up to {max(leads):g} h{hist}; use shorter lead times or a longer split")
     if max_samples is not None and max_samples < len(rows):
         if max_samples < 1:
             raise ValueError(f"max_samples must be at least 1, got {max_samples}")
         rows = rows[np.unique(np.linspace(0, len(rows) - 1, max_samples).round().astype(int))]
     return rows
+
+
+def model_history(model: Any) -> list[float]:
+    """The input times a model takes, in hours relative to the initial time ([0]: one)."""
+    return [float(h) for h in getattr(model, "history_hours", None) or [0.0]]
+
+
+def check_history_rollout(history: Sequence[float], rollout_step: float) -> None:
+    """A rollout with history slides a window of states one rollout step at a time: the history
+    must be spaced by the rollout step."""
+    if len(history) > 1 and not np.allclose(np.diff(history), rollout_step):
+        raise ValueError(f"the model takes history_hours {list(history)}, but a rollout at {rollout_step:g} h steps "
+                         f"can only feed back states {rollout_step:g} h apart; set rollout_step to the history's "
+                         "spacing, or forecast directly (rollout_step=null)")
+
+
+def _history_read(dataset, split: str, rows: np.ndarray, history: Sequence[float], variables: list[str]) -> np.ndarray:
+    """Raw fields at ``rows`` (n, V, H, W), or with history (n, T, V, H, W) (oldest first)."""
+    if len(history) == 1:
+        return np.asarray(dataset.read(split, rows, variables), dtype=np.float32)
+    times = dataset.axis(split).times
+    hist = history_rows(times, history, rows)
+    if (hist < 0).any():
+        bad = [str(times[r])[:16] for r in np.asarray(rows)[(hist < 0).any(axis=1)][:5]]
+        raise ValueError(f"initial time(s) {bad} of split {split!r} lack a history step ({list(history)} h) in the "
+                         "data; the model needs every one of them: choose later initial times")
+    out = np.asarray(dataset.read(split, hist.reshape(-1), variables), dtype=np.float32)
+    return out.reshape(len(rows), len(history), *out.shape[1:])
 
 
 def _rows_at(times_ns: np.ndarray, rows: np.ndarray, lead: float) -> np.ndarray:
@@ -211,15 +245,22 @@ class _Runner:
         return self.model(x, lead_t, self.in_vars, self.out_vars, region=self.region)
 
     def rollout(self, x: torch.Tensor, step: float, steps: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (k, prediction after k steps) for k = 1..steps."""
+        """Yield (k, prediction after k steps) for k = 1..steps. With history input (x of shape
+        (B, T, V, H, W), steps ``step`` apart), the window of states slides: the oldest drops out, the
+        new state (the current one with the outputs fed back) comes in last."""
         state = x.clone()
         src = torch.as_tensor([i for i, _ in self.feed], device=x.device)
         dst = torch.as_tensor([j for _, j in self.feed], device=x.device)
         for k in range(1, steps + 1):
             pred = self.direct(state, step)
             yield k, pred
-            state = state.clone()
-            state[:, src] = pred[:, dst].to(state.dtype)
+            if state.ndim == 5:
+                new = state[:, -1].clone()
+                new[:, src] = pred[:, dst].to(state.dtype)
+                state = torch.cat([state[:, 1:], new[:, None]], dim=1)
+            else:
+                state = state.clone()
+                state[:, src] = pred[:, dst].to(state.dtype)
 
 
 class _Eval:
@@ -355,6 +396,7 @@ def evaluate_model(
     device = resolve_device(device, model)
     _place(model, device)
     notes: list[str] = []
+    history = model_history(model) if model is not None else [0.0]
 
     roll_leads: list[float] = []
     if rollout_step is not None:
@@ -365,6 +407,7 @@ def evaluate_model(
             notes.append(f"rollout skipped: input variable(s) {blockers} are time-varying but not outputs, so "
                          "predictions cannot be fed back; a rollout needs every time-varying input among out_vars")
         else:
+            check_history_rollout(history, rollout_step)
             roll_leads = [x for x in leads if x % rollout_step == 0]
             off = [x for x in leads if x % rollout_step]
             if off:
@@ -380,10 +423,13 @@ def evaluate_model(
         inits = np.asarray(init_rows, dtype=np.int64)
         gapped = 0  # reported by whoever split the initial times
     else:
-        inits = evaluation_inits(axis.times, leads, max_samples)
+        inits = evaluation_inits(axis.times, leads, max_samples, history=history)
         # initial times inside the split's span that a gap (calendar or data) leaves without a target
+        # (or without a history step)
         longest = int(round(max(leads) * _HOUR_NS))
-        gapped = int(np.sum(times_ns + longest <= times_ns[-1])) - len(evaluation_inits(axis.times, leads))
+        oldest = int(round(history[0] * _HOUR_NS))
+        gapped = int(np.sum((times_ns + longest <= times_ns[-1]) & (times_ns + oldest >= times_ns[0]))) - \
+            len(evaluation_inits(axis.times, leads, history=history))
     if gapped > 0:
         notes.append(f"{gapped} initial times skipped: a target time at one of the leads is missing (calendar or "
                      "data gaps)")
@@ -422,7 +468,7 @@ def evaluate_model(
         # inputs (and persistence) at the initial times; only the outputs at the valid times
         targets = {lead: _rows_at(times_ns, rows, lead) for lead in leads}
         valid = np.unique(np.concatenate(list(targets.values())))
-        inputs = crop(np.asarray(dataset.read(split, rows, read_vars), dtype=np.float32))
+        inputs = crop(_history_read(dataset, split, rows, history, read_vars))
         truth = crop(np.asarray(dataset.read(split, valid, out_vars), dtype=np.float32))
         clim = crop(np.asarray(dataset.climatology(out_vars, axis.times[valid]), dtype=np.float32))
         return inputs, valid, truth, clim, targets
@@ -445,8 +491,9 @@ def evaluate_model(
             f = torch.from_numpy(inputs).to(device)
             y = torch.from_numpy(truth).to(device, torch.float64)
             c = torch.from_numpy(clim).to(device, torch.float64)
-            x = (f[:, in_pos] - in_mean) / in_std if in_vars else f[:, in_pos]
-            persistence = f[:, out_pos]
+            f_in = f[:, :, in_pos] if f.ndim == 5 else f[:, in_pos]  # (B, [T,] V, h, w)
+            x = (f_in - in_mean) / in_std if in_vars else f_in
+            persistence = (f[:, -1] if f.ndim == 5 else f)[:, out_pos]
             truth_of, clim_of = {}, {}
             for lead, trows in targets.items():
                 at = torch.as_tensor(np.searchsorted(valid, trows), device=device)
@@ -543,6 +590,8 @@ def forecast_fields(
         if blockers:
             raise ValueError(f"cannot roll out: input variable(s) {blockers} are time-varying but not outputs; "
                              "forecast directly (no rollout_step) or use a model whose outputs include them")
+        check_history_rollout(model_history(model), rollout_step)
+    history = model_history(model)
     device = resolve_device(device, model)
     _place(model, device)
     _, _, crop = _grid(dataset, region)
@@ -556,7 +605,7 @@ def forecast_fields(
     lead_pos = {lead: i for i, lead in enumerate(leads)}
 
     def load(rows):
-        return crop(np.asarray(dataset.read(split, rows, in_vars), dtype=np.float32))
+        return crop(_history_read(dataset, split, rows, history, in_vars))
 
     out: np.ndarray | None = None
     batches = [init_index[i:i + batch_size] for i in range(0, len(init_index), batch_size)]

@@ -54,9 +54,11 @@ from timm.models.vision_transformer import Block, PatchEmbed
 from torch import nn
 
 from climax.config import ModelConfig
+from climax.neck import TimeNeck
 from climax.regions import Region
+from climax.sampling import check_history
 
-__all__ = ["ClimaX", "get_1d_sincos_embed", "get_2d_sincos_pos_embed"]
+__all__ = ["ClimaX", "check_history", "get_1d_sincos_embed", "get_2d_sincos_pos_embed"]
 
 
 def get_1d_sincos_embed(embed_dim: int, positions: np.ndarray) -> np.ndarray:
@@ -103,10 +105,14 @@ class ClimaX(nn.Module):
         drop_path: stochastic-depth rate of the last block (rising linearly from 0 in the first).
         drop_rate: dropout after the embeddings and inside the blocks (projection and MLP).
         fast_var_agg: use the exact factorised variable aggregation (see module docstring).
+        history_hours: input times relative to the initial time, oldest first, ending at 0 (default
+            [0]: one input time, no neck). With several, ``x`` is (B, T, V, H, W) and a
+            ``climax.neck.TimeNeck`` (``neck``) merges the T steps' aggregated tokens before the position
+            and lead-time embeddings; it starts as the identity on the current step.
     """
 
     #: Top-level parameters without weight decay (ClimaX applies none to its embedding tables).
-    NO_WEIGHT_DECAY = ("var_embed", "var_query", "pos_embed", "lead_time_embed")
+    NO_WEIGHT_DECAY = ("var_embed", "var_query", "pos_embed", "lead_time_embed", "neck.embed", "neck.query")
     #: The backbone frozen by ``freeze_backbone``: the variable aggregation, position and lead-time
     #: embeddings and the transformer. Patch and variable embeddings (new variables must learn
     #: theirs) and the head stay trainable.
@@ -128,6 +134,7 @@ class ClimaX(nn.Module):
         drop_rate: float = 0.1,
         *,
         fast_var_agg: bool = True,
+        history_hours: Sequence[float] | None = None,
     ):
         super().__init__()
         if len(set(default_vars)) != len(default_vars):
@@ -150,6 +157,9 @@ class ClimaX(nn.Module):
             embed_dim=embed_dim, depth=depth, decoder_depth=decoder_depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, drop_path=drop_path, drop_rate=drop_rate,
         )
+        self.history_hours = check_history(history_hours)
+        if len(self.history_hours) > 1:  # recorded only then: one-step checkpoints stay as they were
+            self.config["history_hours"] = list(self.history_hours)
 
         V = len(self.default_vars)
         self.token_embeds = nn.ModuleList(
@@ -178,6 +188,10 @@ class ClimaX(nn.Module):
         head.append(nn.Linear(embed_dim, V * patch_size**2))
         self.head = nn.Sequential(*head)
         self.initialize_weights()
+        # after the initialisation above (which would overwrite its zero output projection), and
+        # created last so that a one-step model draws the same random numbers as before
+        self.neck = TimeNeck(embed_dim, num_heads, len(self.history_hours), residual=True) \
+            if len(self.history_hours) > 1 else None
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> ClimaX:
@@ -216,7 +230,8 @@ class ClimaX(nn.Module):
     # ------------------------------------------------------------------ parameter groups
     def no_weight_decay(self) -> set[str]:
         """Names of the parameters AdamW must not decay (timm's hook): the embedding tables."""
-        return {n for n, _ in self.named_parameters() if n.split(".")[0] in self.NO_WEIGHT_DECAY}
+        return {n for n, _ in self.named_parameters() if n.split(".")[0] in self.NO_WEIGHT_DECAY
+                or n in self.NO_WEIGHT_DECAY}
 
     def backbone_names(self) -> set[str]:
         """Names of the backbone's parameters (frozen when finetuning with ``freeze_backbone``)."""
@@ -332,11 +347,25 @@ class ClimaX(nn.Module):
                         var_mask: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens after the final norm, (B, L, D); L is the region's patch count when given.
 
+        ``x``: (B, V, H, W), or (B, T, V, H, W) for a model with ``history_hours`` of T steps (oldest
+        first; T = 1 is accepted by a one-step model).
         ``extra_embed`` (B, 1 or L, D): added with the position and lead-time embeddings (the
         projection task's time-in-window embedding, ``climax.projection``).
         Masked pretraining (``climax/masking.py``): ``var_mask`` (B, V) bool drops variables per sample
         before the aggregation; ``keep`` (B, L_keep) patch indices keeps only those tokens (MAE).
         """
+        T, steps = len(self.history_hours), None
+        if x.ndim == 5:  # (B, T, V, H, W): one field per history step, oldest first
+            if x.shape[1] != T:
+                raise ValueError(f"x holds {x.shape[1]} input times; this model takes {T} (history_hours "
+                                 f"{self.history_hours})")
+            steps = x.shape[:2]
+            x = x.flatten(0, 1)
+            if var_mask is not None:
+                var_mask = var_mask.repeat_interleave(T, dim=0)
+        elif T > 1:
+            raise ValueError(f"this model takes {T} input times (history_hours {self.history_hours}): x must be "
+                             f"(batch, {T}, variables, lat, lon), got {tuple(x.shape)}")
         if x.shape[1] != len(in_vars):
             raise ValueError(f"x has {x.shape[1]} channels but {len(in_vars)} variable names were given")
         self.check_grid(x, region)
@@ -345,6 +374,9 @@ class ClimaX(nn.Module):
             tokens = self.embed_and_aggregate(x, ids, var_mask)
         else:
             tokens = self._aggregate_reference(self.embed_tokens(x, ids) + self.var_embed[:, ids].unsqueeze(2), var_mask)
+        if steps is not None:  # history: the steps' tokens merged into one set (climax.neck)
+            tokens = tokens.unflatten(0, steps)
+            tokens = self.neck.merge(tokens) if self.neck is not None else tokens[:, 0]
         if region is None:
             tokens = tokens + self.pos_embed
         else:  # only the box's patches, with their own position embeddings

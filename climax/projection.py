@@ -6,7 +6,8 @@ Model (as ClimaX's ``ClimaXClimateBench``, Nguyen et al. 2023, section 4.3): the
 backbone encodes each of the last ``history`` years of forcing on its own, at lead time 0, with a
 learned time embedding (sin-cos initialised, one vector per year of the window) added to its tokens
 beside the position embedding; the final tokens are averaged over space; one learned query
-cross-attends over the ``history`` year vectors (``time_agg``); a linear head maps the pooled vector
+cross-attends over the ``history`` year vectors (both in ``climax.neck.TimeNeck``, the module
+forecasting's history input uses too); a linear head maps the pooled vector
 to every grid point of each target variable. The forcings (CO2, CH4, SO2, BC) are new variables, so
 the token and variable embeddings are initialised afresh (never taken from a checkpoint) and the
 backbone's forecasting head is dropped; by default the transformer blocks are frozen except their
@@ -37,6 +38,7 @@ from torch import nn
 from climax.config import resolve_model_config
 from climax.metrics import lat_weights
 from climax.model import ClimaX, get_1d_sincos_embed
+from climax.neck import TimeNeck
 
 __all__ = ["ProjectionModel", "freeze_projection", "Scenario", "load_scenario", "window_targets", "windows",
            "climatebench_nrmse", "global_mean", "LinearBaseline", "NRMSE_G_WEIGHT"]
@@ -66,13 +68,13 @@ class ProjectionModel(nn.Module):
         self.history = int(history)
         D = backbone.embed_dim
         h, w = backbone.img_size
-        self.time_pos_embed = nn.Parameter(torch.zeros(1, self.history, D))
-        self.time_query = nn.Parameter(torch.zeros(1, 1, D))
-        self.time_agg = nn.MultiheadAttention(D, backbone.num_heads, batch_first=True)
+        # the time embedding (sin-cos, one vector per year) and the one-query attention across years:
+        # climax.neck.TimeNeck, shared with forecasting's history input
+        self.neck = TimeNeck(D, backbone.num_heads, self.history, residual=False)
         self.head = nn.Linear(D, len(self.out_vars) * h * w)
-        self.time_pos_embed.data.copy_(torch.from_numpy(get_1d_sincos_embed(D, np.arange(self.history))).float()[None])
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.register_load_state_dict_pre_hook(_legacy_neck_names)
 
     @property
     def config(self) -> dict:
@@ -101,12 +103,26 @@ class ProjectionModel(nn.Module):
             raise ValueError(f"expected (batch, {self.history} years, variables, lat, lon), got {tuple(x.shape)}")
         B, T = x.shape[:2]
         lead = torch.zeros(B * T, device=x.device, dtype=x.dtype)  # the forcing of the year itself
-        time_embed = self.time_pos_embed.expand(B, -1, -1).reshape(B * T, 1, -1)
+        time_embed = self.neck.embed.expand(B, -1, -1).reshape(B * T, 1, -1)
         tokens = self.backbone.forward_encoder(x.flatten(0, 1), lead, in_vars, extra_embed=time_embed)
         years = tokens.mean(dim=1).unflatten(0, (B, T))  # (B, T, D): average over space
-        pooled, _ = self.time_agg(self.time_query.expand(B, -1, -1), years, years, need_weights=False)
+        pooled = self.neck.pool(years)
         h, w = self.backbone.img_size
-        return self.head(pooled[:, 0]).reshape(B, len(self.out_vars), h, w)
+        return self.head(pooled).reshape(B, len(self.out_vars), h, w)
+
+
+#: names of the projection model's time tensors before they moved into ``climax.neck.TimeNeck``
+_LEGACY_NECK = {"time_pos_embed": "neck.embed", "time_query": "neck.query", "time_agg.": "neck.attn."}
+
+
+def _legacy_neck_names(module, state_dict, prefix, *args, **kwargs) -> None:
+    """Load-state-dict pre-hook: projection checkpoints written before the shared neck load unchanged."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for old, new in _LEGACY_NECK.items():
+            if rest.startswith(old):
+                state_dict[prefix + new + rest[len(old):]] = state_dict.pop(key)
+                break
 
 
 def freeze_projection(model: ProjectionModel, *, blocks: bool = True, block_norms_trainable: bool = True) -> list[str]:

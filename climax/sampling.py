@@ -30,7 +30,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TimeAxis", "lead_hours", "ForecastSampler", "block_layout"]
+__all__ = ["TimeAxis", "lead_hours", "not_step_multiples", "check_history", "history_rows", "ForecastSampler", "block_layout"]
+
+
+def not_step_multiples(hours: Sequence[float], step_hours: float) -> list[float]:
+    """The values of ``hours`` that are not whole multiples of the data's time step (the one check of
+    lead times and history offsets against the step)."""
+    h = np.asarray(hours, dtype=np.float64)
+    return h[np.abs(h / step_hours - np.round(h / step_hours)) > 1e-9].tolist()
 
 
 @dataclass(frozen=True)
@@ -79,10 +86,38 @@ def lead_hours(min_hours: float, max_hours: float, step_hours: float) -> np.ndar
     """Every lead time from ``min_hours`` to ``max_hours`` in steps of the data's time step."""
     if min_hours <= 0 or max_hours < min_hours:
         raise ValueError(f"need 0 < min_hours <= max_hours, got {min_hours}, {max_hours}")
-    if min_hours % step_hours or max_hours % step_hours:
+    if not_step_multiples([min_hours, max_hours], step_hours):
         raise ValueError(f"lead times {min_hours}..{max_hours} h are not multiples of the data's "
                          f"{step_hours} h step")
     return np.arange(min_hours, max_hours + step_hours / 2, step_hours)
+
+
+def check_history(hours: Sequence[float] | None, step_hours: float | None = None, what: str = "history_hours") -> list[float]:
+    """History input times in hours relative to the initial time: each <= 0, strictly increasing (so
+    unique and sorted, oldest first), ending at 0, and with ``step_hours`` multiples of the data's time
+    step. None means [0] (one input time). Raises ValueError naming ``what``."""
+    if hours is None:
+        return [0.0]
+    h = [float(x) for x in hours]
+    if not h or h[-1] != 0 or any(x > 0 for x in h) or any(b <= a for a, b in zip(h, h[1:])):
+        raise ValueError(f"{what} {h}: give input times in hours relative to the initial time, each <= 0, sorted "
+                         "oldest first, without repeats, ending at 0 (e.g. [-12, -6, 0]; [0] is one input time)")
+    if step_hours is not None:
+        off = not_step_multiples(h, step_hours)
+        if off:
+            raise ValueError(f"{what}: {off} h are not multiples of the data's {step_hours:g} h time step")
+    return h
+
+
+def history_rows(times: np.ndarray, history: Sequence[float], rows: np.ndarray | None = None) -> np.ndarray:
+    """(n, T) rows of ``times`` at each history offset (hours, <= 0) of ``rows`` (default: every row);
+    -1 where that time is not on the axis (before its start, or in a gap)."""
+    t = np.asarray(times, dtype="datetime64[ns]").astype(np.int64)
+    rows = np.arange(len(t)) if rows is None else np.asarray(rows, dtype=np.int64)
+    want = t[rows][:, None] + np.round(np.asarray(history, dtype=np.float64) * 3.6e12).astype(np.int64)[None, :]
+    pos = np.searchsorted(t, want)
+    pos_c = np.minimum(pos, len(t) - 1)
+    return np.where((pos < len(t)) & (t[pos_c] == want), pos_c, -1)
 
 
 def block_layout(halo_steps: int, max_rows: float, block_steps: int | None = None, window_blocks: int = 4,
@@ -124,12 +159,16 @@ class ForecastSampler:
         rollout_steps: k > 1 (rollout finetuning, one fixed lead L): a pair exists only where the
             targets at L, 2L, ..., kL all exist; ``target`` is the first (at L), ``rollout_target``
             (inputs, leads, k) holds all k (-1 where missing).
+        history: input times in hours relative to the input time (<= 0, oldest first, ending at 0;
+            ``climax.model.check_history``); an input exists only where every one of them is on
+            the axis. ``history_rows`` (inputs, T) gives their rows.
     """
 
     def __init__(self, axis: TimeAxis, leads: Sequence[float], *, random_lead: bool = True, seed: int = 0,
-                 rollout_steps: int = 1):
+                 rollout_steps: int = 1, history: Sequence[float] = (0.0,)):
         self.axis, self.random_lead, self.seed = axis, random_lead, seed
         self.leads = np.asarray(leads, dtype=np.float64)
+        self.history = np.asarray(history, dtype=np.float64)
         self.rollout_steps = k = int(rollout_steps)
         if k < 1:
             raise ValueError(f"rollout_steps must be >= 1, got {rollout_steps}")
@@ -141,17 +180,22 @@ class ForecastSampler:
         pos_c = np.minimum(pos, len(t) - 1)
         found = (pos < len(t)) & (t[pos_c] == target_times)
         self.valid = found.all(axis=2)  # (inputs, leads): every step's target exists
+        #: (inputs, T) rows of each input's history steps (-1: not on the axis; then no pair)
+        self.history_rows = history_rows(axis.times, self.history)
+        if len(self.history) > 1:
+            self.valid &= (self.history_rows >= 0).all(axis=1)[:, None]
         self.rollout_target = np.where(self.valid[..., None], pos_c, -1)
         self.target = self.rollout_target[..., 0]
         if not self.valid.any():
+            extra = f" with history {self.history.tolist()} h" if len(self.history) > 1 else ""
             raise ValueError(f"no lead time in {self.leads.tolist()} h fits inside the split's "
-                             f"{len(t)} time steps; use shorter leads or a longer split")
-        #: (input, lead) pairs inside the split's span that a gap removes: the input or the target
-        #: time is missing (a model calendar's absent days, or steps a build allowed missing)
+                             f"{len(t)} time steps{extra}; use shorter leads or a longer split")
+        #: (input, lead) pairs inside the split's span that a gap removes: the input, a history step or
+        #: the target time is missing (a model calendar's absent days, or steps a build allowed missing)
         self.skipped = 0
         if axis.step is not None and len(t):
             step = int(np.timedelta64(axis.step, "ns").astype(np.int64))
-            span = t[-1] - t[0]
+            span = t[-1] - t[0] + int(np.round(self.history.min() * 3.6e12))  # history before the first input
             reach = lead_ns * k  # the furthest target a pair needs
             regular = np.where(reach <= span, (span - reach) // step + 1, 0)
             self.skipped = int(max(0, regular.sum() - self.valid.sum()))

@@ -200,10 +200,11 @@ def validate(model: nn.Module, batches: Iterable[Any], lat: np.ndarray, mean: np
         sums[1] += n
         phys_pred, phys_y = pred * std_t + mean_t, y * std_t + mean_t
         sums[2:2 + V] += ((phys_pred - phys_y) ** 2 * w).mean(dim=(-2, -1)).sqrt().sum(dim=0).double()
+        now = x[:, -1] if x.ndim == 5 else x  # history input: persistence of the current step
         for k, v in enumerate(batch.out_vars):
             if v in batch.in_vars:
                 i = batch.in_vars.index(v)
-                persist = x[:, i] * std_t[0, k] + mean_t[0, k]
+                persist = now[:, i] * std_t[0, k] + mean_t[0, k]
                 sums[2 + V + k] += ((persist - phys_y[:, k]) ** 2 * w).mean(dim=(-2, -1)).sqrt().sum().double()
                 sums[2 + 2 * V + k] += n
     if dist.is_available() and dist.is_initialized():

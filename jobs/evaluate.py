@@ -225,7 +225,8 @@ def _score_share(cfg: EvaluateConfig, in_vars: list[str], out_vars: list[str], r
                           device, region, baselines=cfg.baselines, progress=False, init_rows=rows, return_sums=True)
 
 
-def evaluate_distributed(cfg: EvaluateConfig, dataset, in_vars: list[str], out_vars: list[str]):
+def evaluate_distributed(cfg: EvaluateConfig, dataset, in_vars: list[str], out_vars: list[str], *,
+                         history: list[float] | None = None):
     """Split the scored initial times over ``cfg.workers`` Ray tasks and merge their sums exactly: the
     same table as one process (to float64 round-off), with a progress bar and ETA over the shares."""
     import ray
@@ -236,7 +237,8 @@ def evaluate_distributed(cfg: EvaluateConfig, dataset, in_vars: list[str], out_v
 
     axis = dataset.axis(cfg.split)
     leads = sorted({float(x) for x in cfg.leads})
-    inits = evaluation_inits(axis.times, leads, cfg.max_samples)
+    history = history or [0.0]  # the model's input times (climax.evaluation.model_history)
+    inits = evaluation_inits(axis.times, leads, cfg.max_samples, history=history)
     # shares of whole batches, a few per worker so that a slow one does not hold the rest up
     n_shares = max(1, min(len(inits) // cfg.batch_size or 1, 4 * cfg.workers))
     shares = [s for s in np.array_split(inits, n_shares) if len(s)]
@@ -258,8 +260,9 @@ def evaluate_distributed(cfg: EvaluateConfig, dataset, in_vars: list[str], out_v
     first = parts[0]
     notes = list(dict.fromkeys(n for p in parts for n in p["notes"]))
     times_ns = np.asarray(axis.times, dtype="datetime64[ns]").astype(np.int64)
-    longest = int(round(max(leads) * 3600e9))
-    gapped = int(np.sum(times_ns + longest <= times_ns[-1])) - len(evaluation_inits(axis.times, leads))
+    longest, oldest = int(round(max(leads) * 3600e9)), int(round(history[0] * 3600e9))
+    gapped = int(np.sum((times_ns + longest <= times_ns[-1]) & (times_ns + oldest >= times_ns[0]))) - \
+        len(evaluation_inits(axis.times, leads, history=history))
     if gapped > 0:
         notes.insert(0, f"{gapped} initial times skipped: a target time at one of the leads is missing (calendar or "
                         "data gaps)")
@@ -379,7 +382,9 @@ def _evaluate(cfg: EvaluateConfig):
         in_vars, out_vars = resolve_variables(model, meta, dataset, cfg.in_vars, cfg.out_vars, cfg.data)
         region = build_region(cfg.region, dataset, model.patch_size)
         if cfg.workers:
-            df = evaluate_distributed(cfg, dataset, in_vars, out_vars)
+            from climax.evaluation import model_history
+
+            df = evaluate_distributed(cfg, dataset, in_vars, out_vars, history=model_history(model))
         else:
             df = evaluate_model(model, dataset, cfg.split, in_vars, out_vars, cfg.leads, cfg.rollout_step,
                                 cfg.batch_size, cfg.device, region, cfg.max_samples, baselines=cfg.baselines,

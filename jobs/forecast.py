@@ -152,9 +152,9 @@ def run(cfg: ForecastConfig, argv: list[str]) -> str:
     if cfg.init_file is not None:
         from climax.forecast_io import INIT_SPLIT
 
-        dataset, in_vars, out_vars = initial_conditions(cfg, model, meta)
-        times = dataset.times
-        fields = forecast_fields(model, dataset, INIT_SPLIT, np.arange(len(times)), cfg.leads, in_vars, out_vars,
+        dataset, in_vars, out_vars, init_index = initial_conditions(cfg, model, meta)
+        times = dataset.times[init_index]
+        fields = forecast_fields(model, dataset, INIT_SPLIT, init_index, cfg.leads, in_vars, out_vars,
                                  rollout_step=cfg.rollout_step, batch_size=cfg.batch_size, device=cfg.device,
                                  progress=cfg.progress)
         lat, lon, region, source = dataset.lat, dataset.lon, None, cfg.init_file
@@ -237,7 +237,10 @@ def checkpoint_stats(meta: dict, folder: str | None, needed: list[str], source: 
 
 
 def initial_conditions(cfg: ForecastConfig, model, meta: dict):
-    """(FieldDataset on the checkpoint's grid, in_vars, out_vars) from ``cfg.init_file``."""
+    """(FieldDataset on the checkpoint's grid, in_vars, out_vars, rows of the initial times in it) from
+    ``cfg.init_file``. A model with history input also needs the file's fields at its history steps."""
+    from climax.evaluation import model_history
+
     from climax.forecast_io import FieldDataset
     from pipelines.regrid import Grid, RegridError, get_regridder
     from pipelines.sources import open_source
@@ -266,6 +269,22 @@ def initial_conditions(cfg: ForecastConfig, model, meta: dict):
             have = ", ".join(str(t)[:16] for t in times[:8]) + (" ..." if len(times) > 8 else "")
             raise ValueError(f"{src} has no fields at initial time(s) {absent}; its times are {have}")
         rows = np.array([int(np.flatnonzero(times == t)[0]) for t in wanted])
+    history = model_history(model)
+    init_times = times[rows]
+    if len(history) > 1:  # the history steps of every initial time are read too
+        offsets = np.round(np.asarray(history) * 3600e9).astype(np.int64).astype("timedelta64[ns]")
+        if wanted is None:  # every time of the file whose history steps it holds
+            have = set(times)
+            init_times = np.array([t for t in init_times if all(t + o in have for o in offsets)], dtype=times.dtype)
+            if not len(init_times):
+                raise ValueError(f"no time of {src} has the fields of the model's history_hours {history} before it; "
+                                 "give a file with several consecutive times")
+        needed = np.unique((init_times[:, None] + offsets[None, :]).reshape(-1))
+        absent = [str(t)[:16] for t in needed if t not in set(times)]
+        if absent:
+            raise ValueError(f"{src} has no fields at {absent[:5]}, which the model's history_hours {history} need "
+                             f"for the initial times asked; give a file with them, or later initial times")
+        rows = np.array([int(np.flatnonzero(times == t)[0]) for t in needed])
     try:
         regrid = get_regridder(Grid(np.asarray(ds["lat"].values), np.asarray(ds["lon"].values)), Grid(lat, lon),
                                cfg.regrid)
@@ -284,8 +303,10 @@ def initial_conditions(cfg: ForecastConfig, model, meta: dict):
     step = float(np.median(np.diff(times)) / np.timedelta64(1, "h")) if len(times) > 1 else 6.0
     log.info("initial conditions from %s: %d times, %s -> %dx%d (%s)", src, len(rows), tuple(ds["lat"].shape + ds["lon"].shape),
              len(lat), len(lon), cfg.regrid)
+    # the rows of the initial times among those read (all of them, in order, without history)
+    init_index = np.searchsorted(times[rows], init_times) if len(history) > 1 else np.arange(len(rows))
     return (FieldDataset(fields, times[rows], in_vars, lat, lon, stats, constants=constants, units=units,
-                         step_hours=step), in_vars, out_vars)
+                         step_hours=step), in_vars, out_vars, init_index)
 
 
 def main(argv: list[str] | None = None) -> str:

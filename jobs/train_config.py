@@ -62,6 +62,9 @@ class DataConfig(_Strict):
     leads: LeadConfig = Field(default_factory=LeadConfig)
     region: str | list[float] | None = Field(None, description="regional training: a name (Europe, NorthAmerica, ...) "
                                                                 "or [lat_min, lat_max, lon_min, lon_max]")
+    history_hours: list[float] = Field(default_factory=lambda: [0.0], description=(
+        "input times in hours relative to the initial time, oldest first, ending at 0, multiples of the data's "
+        "step (e.g. [-12, -6, 0]): a time neck merges them before the backbone (forecast task); [0]: one input"))
     prefetch: int = 2
     cache_mb: float = Field(1024, ge=0, description="per worker and split: keep decoded rows when the split's "
                                                     "needed variables fit in this many MiB (0: never)")
@@ -70,6 +73,14 @@ class DataConfig(_Strict):
                             "when rows are not kept), block (seeded blocks of contiguous time, samples shuffled "
                             "within windows of blocks: each row decoded about once per epoch), auto: global when "
                             "the split fits cache_mb, else block")
+
+    @field_validator("history_hours")
+    @classmethod
+    def _history(cls, v: list[float]) -> list[float]:
+        from climax.sampling import check_history
+
+        return check_history(v, what="data.history_hours")
+
     block_steps: int | None = Field(None, gt=0, description="block shuffle: block length in time steps "
                                                             "(default: from the longest lead)")
     window_blocks: int = Field(4, gt=0, description="block shuffle: blocks per window (more mixing, more memory)")
@@ -195,6 +206,10 @@ class TrainConfig(_Strict):
             raise ValueError(f"train.rollout_steps={k} trains on a rollout at one fixed lead, got {got}: set "
                              "data.leads.random=false and data.leads.hours to a single lead (e.g. [6]), or "
                              "train.rollout_steps=1")
+        if k > 1 and len(self.data.history_hours) > 1:
+            raise ValueError(f"train.rollout_steps={k} feeds each prediction back as the one next input; with "
+                             f"data.history_hours={self.data.history_hours} set train.rollout_steps=1 or "
+                             "data.history_hours=[0]")
         return self
 
     @model_validator(mode="after")
@@ -202,6 +217,13 @@ class TrainConfig(_Strict):
         if self.objective.uses_masking and self.task != "forecast":
             raise ValueError(f"objective.kind={self.objective.kind} pretrains the forecast task; "
                              f"task {self.task!r} trains with objective.kind=forecast")
+        if len(self.data.history_hours) > 1:
+            if self.task != "forecast":
+                raise ValueError(f"data.history_hours feeds several input times to the forecast task; task "
+                                 f"{self.task!r} takes data.history_hours=[0]")
+            if self.objective.uses_masking:
+                raise ValueError(f"objective.kind={self.objective.kind} reconstructs one input time; use "
+                                 "data.history_hours=[0] with it, or objective.kind=forecast")
         return self
 
 

@@ -65,9 +65,12 @@ def build_model(cfg: Any, datasets: list, log=print) -> ClimaX:
         _, meta, _ = read_checkpoint(cfg.init_checkpoint)
     mcfg = model_config(cfg, meta.get("model_config"))
     base_vars = list(mcfg.default_vars or [])
+    # the data's history decides the neck (a checkpoint's neck is kept, refitted or left out to match)
+    history = list(getattr(cfg.data, "history_hours", None) or [0.0])
     model = ClimaX.from_config(mcfg.model_copy(update={
         "default_vars": base_vars + [v for v in data_vars if v not in base_vars],
-        "img_size": (len(datasets[0].lat), len(datasets[0].lon))}))
+        "img_size": (len(datasets[0].lat), len(datasets[0].lon)),
+        "history_hours": history if len(history) > 1 else None}))
     if cfg.objective.uses_masking:  # before loading: a masked checkpoint's decoder continues
         attach_decoder(model, **cfg.objective.decoder.model_dump())
     if cfg.init_checkpoint:
@@ -137,7 +140,7 @@ class ForecastTask(Task):
                                   drop_last=shuffle, region=region, prefetch=d.prefetch, max_batches=max_batches,
                                   pin_memory=w.device.type == "cuda", cache_mb=d.cache_mb, shuffle_mode=d.shuffle,
                                   block_steps=d.block_steps, window_blocks=d.window_blocks, window_mb=d.window_mb,
-                                  **({"rollout_steps": rollout_steps} if rollout_steps > 1 else {}))
+                                  rollout_steps=rollout_steps, history=d.history_hours)
 
         k = self.rollout_steps
         if k > 1:  # predictions are fed back: every time-varying input must be an output (as evaluation's rollout)
@@ -189,7 +192,8 @@ class ForecastTask(Task):
     def describe(self, model: nn.Module, loaders: Loaders) -> str:
         cfg, w, net, region = self.cfg, self.worker, self.net, self.region
         n_params = sum(p.numel() for p in net.parameters())
-        return (f"ClimaX {n_params / 1e6:.2f} M parameters, grid {net.img_size}, patch {net.patch_size}"
+        hist = f", history {net.history_hours} h" if len(net.history_hours) > 1 else ""
+        return (f"ClimaX {n_params / 1e6:.2f} M parameters, grid {net.img_size}, patch {net.patch_size}{hist}"
                 f"{f', region {region.name} {region.shape}' if region else ''}; {w.world} worker(s) on {w.device}; "
                 f"{loaders.steps_per_epoch} steps per epoch x {cfg.train.epochs} epochs, batch {cfg.data.batch_size} "
                 "per worker" + (f"; rollout finetuning: {self.rollout_steps} steps at {cfg.data.leads.hours[0]:g} h"

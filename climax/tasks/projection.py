@@ -116,7 +116,9 @@ def build_model(cfg, in_vars: list[str], out_vars: list[str], grid: tuple[int, i
         model.load_state_dict(state, strict=True)
         log(f"loaded the projection checkpoint {cfg.init_checkpoint}")
         return model
-    mcfg = model_config(cfg, mc).model_copy(update={"default_vars": list(in_vars), "img_size": tuple(grid)})
+    # a forecast checkpoint's history neck is left out: the years are this task's time axis
+    mcfg = model_config(cfg, mc).model_copy(update={"default_vars": list(in_vars), "img_size": tuple(grid),
+                                                    "history_hours": None})
     backbone = ClimaX.from_config(mcfg)
     if cfg.init_checkpoint:
         report = load_checkpoint(backbone, cfg.init_checkpoint, ckpt_vars=cfg.ckpt_vars)
