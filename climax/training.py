@@ -131,7 +131,7 @@ def rollout_loss(model: nn.Module, batch: Any, lat: np.ndarray, device: torch.de
     lat_t = _lat(lat, device)
     state, losses = x, []
     for i, target in enumerate(targets):
-        with autocast(device, bf16):
+        with autocast(device, bf16=bf16):
             pred = model(state, lead, batch.in_vars, batch.out_vars, region=region)
         losses.append(lat_weighted_mse(pred.float(), target, lat_t))
         if i + 1 < len(targets):
