@@ -66,9 +66,10 @@ def _own_processes(session: int, marker: str) -> list[int]:
 
 
 def _stop(proc: subprocess.Popen, marker: str) -> None:
-    # SIGTERM, then SIGKILL what is left after 5 s (the raylet and its runtime-env agent take ~13 s to
-    # exit gracefully after a run; nothing of the head outlives the test: its temp dir is removed)
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+    # SIGTERM, then SIGKILL what is left after 1 s (the raylet and its runtime-env agent take ~13 s to
+    # exit gracefully after a run, longer than any wait here; nothing of the head outlives the test:
+    # its temp dir is removed)
+    for sig, wait in ((signal.SIGTERM, 1.0), (signal.SIGKILL, 5.0)):
         pids = _own_processes(proc.pid, marker)
         for pid in pids:
             try:

@@ -1,5 +1,5 @@
-"""Training on Ray Train against generated data: two nodes, a killed worker, a relaunch, finetuning
-from an original-format checkpoint on another grid, regional orientation.
+"""Training on Ray Train against generated data: two nodes, a killed worker, a relaunch (checkpoints on
+S3), finetuning from an original-format checkpoint on another grid, regional orientation.
 
 The jobs run as users run them (``python -m jobs.pretrain CONFIG key=value``) in subprocesses,
 against a two-node ``ray.cluster_utils.Cluster`` or a local Ray started by the job.
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -150,20 +151,45 @@ def test_killed_worker_restarts_from_the_last_checkpoint(dataset, tmp_path):
     assert m["step"] == 40 and m["epoch"] == 4 and m["restarts"] >= 1
 
 
-def test_relaunch_with_the_same_name_resumes(dataset, tmp_path, ray_local):
-    """Relaunching with the same name and storage_path continues the step counter and the schedule
-    (in-process, through the job's own ``fit``, on the session's local Ray)."""
+@pytest.fixture(scope="module")
+def relaunched_on_s3(forecast_shards, tmp_path_factory, moto_s3, ray_local):
+    """One run with ``storage_path`` on S3 (moto server), 2 epochs, then relaunched with the same name
+    and 3 epochs (in-process, through the job's own ``fit``, on the session's local Ray): the relaunch
+    and the S3 checkpoint tests both read it."""
+    import s3fs
+
     from jobs.train import TrainConfig, fit
 
-    cfg = config(dataset, tmp_path / "runs", **{"name": "resumed", "train.epochs": 2})
+    fs = s3fs.S3FileSystem(**moto_s3)
+    fs.mkdir("climax-runs")
+    tmp = tmp_path_factory.mktemp("relaunch")
+    cfg = config(forecast_shards, tmp, **{"name": "resumed", "storage_path": "s3://climax-runs/runs",
+                                          "storage_options": moto_s3, "train.epochs": 2})
     first = fit(TrainConfig.model_validate(cfg))
-    assert first.metrics["step"] == 10 and first.metrics["restarts"] == 0
+    first_found = fs.glob("climax-runs/runs/resumed/checkpoint_*/model.pt")
+    first_model = tmp / "first-model.pt"  # copied before the relaunch, whose checkpoints replace these
+    if first_found:
+        fs.get(first_found[-1], str(first_model))
     cfg["train"]["epochs"] = 3
     second = fit(TrainConfig.model_validate(cfg))
+    return SimpleNamespace(fs=fs, tmp=tmp, first=first, first_found=first_found, first_model=first_model,
+                           second=second)
+
+
+def test_relaunch_with_the_same_name_resumes(relaunched_on_s3):
+    """Relaunching with the same name and storage_path continues the step counter and the schedule."""
+    first, second, fs = relaunched_on_s3.first, relaunched_on_s3.second, relaunched_on_s3.fs
+    assert first.metrics["step"] == 10 and first.metrics["restarts"] == 0
     assert second.metrics["step"] == 15 and second.metrics["epoch"] == 3 and second.metrics["restarts"] == 1
     # the schedule was rebuilt at step 10 of 15, not restarted: the last learning rate is the end of the cosine
     assert second.metrics["lr"] == pytest.approx(0.0, abs=1e-12)
-    assert last_metrics(tmp_path / "runs" / "resumed")["step"] == 15
+    # the newest checkpoint in the bucket (by step) is the relaunch's last one
+    steps = []
+    for i, key in enumerate(fs.glob("climax-runs/runs/resumed/checkpoint_*/model.pt")):
+        local = relaunched_on_s3.tmp / f"model-{i}.pt"
+        fs.get(key, str(local))
+        steps.append(torch.load(local, map_location="cpu", weights_only=True)["metrics"]["step"])
+    assert max(steps) == 15, steps
 
 
 def test_original_checkpoint_finetunes_on_another_grid(dataset, tmp_path, ray_local):
@@ -221,25 +247,15 @@ def test_regional_orientation(tmp_path):
     assert north.mean() > 0.5 and south.mean() < -0.5, (north.mean(), south.mean())
 
 
-def test_checkpoints_to_s3(dataset, tmp_path, moto_s3, ray_local):
-    """storage_path on S3 (moto server): checkpoints land in the bucket and load back."""
-    import s3fs
-
+def test_checkpoints_to_s3(relaunched_on_s3):
+    """storage_path on S3 (moto server): checkpoints land in the bucket and load back (the first launch
+    of ``relaunched_on_s3``)."""
     from climax import load_model
-    from jobs.train import TrainConfig, fit
 
-    fs = s3fs.S3FileSystem(**moto_s3)
-    fs.mkdir("climax-runs")
-    cfg = TrainConfig.model_validate(config(dataset, tmp_path, **{
-        "name": "on-s3", "storage_path": "s3://climax-runs/runs", "storage_options": moto_s3,
-        "train.epochs": 1, "train.steps_per_epoch": 2}))
-    result = fit(cfg)
-    assert result.error is None and result.metrics["step"] == 2
-    found = fs.glob("climax-runs/runs/on-s3/checkpoint_*/model.pt")
-    assert found, fs.find("climax-runs")
-    local = tmp_path / "model.pt"
-    fs.get(found[0], str(local))
-    model, report = load_model(local)
+    result, found = relaunched_on_s3.first, relaunched_on_s3.first_found
+    assert result.error is None and result.metrics["step"] == 10
+    assert found, relaunched_on_s3.fs.find("climax-runs")
+    model, report = load_model(relaunched_on_s3.first_model)
     assert model.img_size == (16, 32) and report.exact
 
 

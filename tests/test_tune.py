@@ -1,12 +1,12 @@
 """Hyperparameter campaigns on Ray Tune (``jobs.tune``) against generated data.
 
-One campaign of 6 Optuna trials (ASHA, 2 at a time on the tests' 2-CPU local Ray) runs as a user
+One campaign of 4 Optuna trials (ASHA, 2 at a time on the tests' 2-CPU local Ray) runs as a user
 runs it (``jobs.tune`` through ``python -m tests.tune_fail_once CONFIG``, in a subprocess); it is
 interrupted with SIGINT once two trials have finished and relaunched with the same command. The first
 trial to start fails once (``tests/tune_fail_once.py``: ``CLIMAX_TUNE_TEST_FAIL_ONCE`` names a marker
 file) and is retried.
 The tests then read the table, the summary, the exported checkpoint and ``jobs.evaluate``'s
-metrics. Configuration errors are checked in-process, without Ray.
+metrics (in-process). Configuration errors are checked in-process, without Ray.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import yaml
 from tests.helpers import ROOT, tiny_model
 
 VARS = ["land_sea_mask", "orography", "2m_temperature", "geopotential_500", "temperature_850"]
-TRIALS = 6
+TRIALS = 4  # the third (Optuna, seed 0: lr 0.027) is far the worst at its first rung: ASHA stops it
 SPACE = {
     "optim.lr": {"type": "loguniform", "low": 1.0e-4, "high": 3.0e-2},
     "optim.weight_decay": {"type": "loguniform", "low": 1.0e-6, "high": 1.0e-2},
@@ -178,11 +178,12 @@ def test_best_is_the_table_minimum_and_evaluate_reproduces_it(campaign, ray_loca
     assert model.img_size == (16, 32)
 
     out = campaign.tmp / "eval"
-    proc = subprocess.run([sys.executable, "-m", "jobs.evaluate", f"checkpoint={ckpt}", f"data={campaign.dataset}",
-                           "split=val", "leads=[6]", "rollout_step=null", "baselines=false", "device=cpu",
-                           "progress=false", f"output={out}"], cwd=ROOT, env=_env(ray_local),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # jobs.evaluate's own entry point, in this process (its command line as a user gives it; the
+    # subprocess path of the jobs is covered by the campaign itself and by test_job_submit)
+    from jobs.evaluate import main as evaluate_main
+
+    evaluate_main([f"checkpoint={ckpt}", f"data={campaign.dataset}", "split=val", "leads=[6]", "rollout_step=null",
+                   "baselines=false", "device=cpu", "progress=false", f"output={out}"])
     metrics = pd.read_csv(out / "metrics.csv")
     # val_rmse is the per-sample mean (the ClimaX paper's convention): rmse_sample_mean, global
     direct = metrics[(metrics["method"] == "direct") & (metrics["region"] == "global")].set_index(
