@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from climax.pos_embed import get_1d_sincos_embed
+
 __all__ = ["TimeNeck"]
 
 
@@ -51,8 +53,6 @@ class TimeNeck(nn.Module):
             nn.init.zeros_(self.attn.out_proj.weight)
             nn.init.zeros_(self.attn.out_proj.bias)
         else:
-            from climax.model import get_1d_sincos_embed
-
             self.embed.data.copy_(torch.from_numpy(get_1d_sincos_embed(dim, np.arange(self.steps))).float()[None])
 
     def pool(self, seq: torch.Tensor) -> torch.Tensor:
