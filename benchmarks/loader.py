@@ -271,7 +271,6 @@ def hires_data(out: Path, days: int) -> Path:
 
 def hires(out: Path, days: int, batch_size: int) -> int:
     """Decode MB/s per core and streaming samples per CPU-second at 1.40625 deg, 48 variables."""
-    import numpy as np
     import pyarrow.parquet as pq
 
     from benchmarks.common import machine

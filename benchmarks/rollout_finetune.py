@@ -55,7 +55,8 @@ def train(args, shards: Path, name: str, steps: int, lr: float, init: str | None
           truncate: int = 0) -> tuple[Path, dict, float]:
     import torch
 
-    from climax.loop import Worker, train as run
+    from climax.loop import Worker
+    from climax.loop import train as run
     from climax.tasks.forecast import ForecastTask
     from jobs.train import TrainConfig
 

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from datetime import UTC, datetime
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from climax.storage import atomic_path, filesystem, is_remote, local_path, upload_folder
 from climax.sampling import TimeAxis
+from climax.storage import atomic_path, filesystem, is_remote, local_path, upload_folder
 from climax.variables import split_level
 
 __all__ = ["wb2_dataset", "write_zarr", "FieldDataset", "INIT_SPLIT", "forecast_dataset", "write_netcdf", "cf_units",

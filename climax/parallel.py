@@ -138,8 +138,7 @@ def load_full_state(model: nn.Module, state_dict: dict, optimizer: torch.optim.O
                     optim_state: dict | None = None) -> None:
     """Load full (unsharded) model and optimiser state into an FSDP, DDP or plain model; every rank
     passes the same full dicts (the checkpoint is read on each)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
-        set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     bare = _bare(model)
     opts = StateDictOptions(full_state_dict=True, strict=True)

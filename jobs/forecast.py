@@ -33,8 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from climax.redact import redact
 from jobs.common import error_line, setup_logging
 from jobs.config import fail, parse_args
-from jobs.evaluate import (build_region, iso_time, load_checkpoint_model, open_dataset, positive_leads,
-                           resolve_variables)
+from jobs.evaluate import build_region, iso_time, load_checkpoint_model, open_dataset, positive_leads, resolve_variables
 
 log = logging.getLogger("jobs.forecast")
 
@@ -240,11 +239,10 @@ def initial_conditions(cfg: ForecastConfig, model, meta: dict):
     """(FieldDataset on the checkpoint's grid, in_vars, out_vars, rows of the initial times in it) from
     ``cfg.init_file``. A model with history input also needs the file's fields at its history steps."""
     from climax.evaluation import model_history
-
     from climax.forecast_io import FieldDataset
+    from pipelines.names import parse_variable
     from pipelines.regrid import Grid, RegridError, get_regridder
     from pipelines.sources import open_source
-    from pipelines.names import parse_variable
 
     src = cfg.init_file
     in_vars = list(cfg.in_vars or meta.get("in_vars") or model.default_vars)

@@ -35,13 +35,38 @@ import sys
 import time
 
 from jobs.config import ConfigError, fail, parse_args
-from jobs.tuning.campaign import (DEFAULT_BASE, RESERVED, Campaign, CampaignConfig, Distribution,
-                                  SchedulerSpec, base_config, check_key, planned_epochs, planned_trials, resolve,
-                                  rebuild_experiment_fs, set_key, short_config, trial_config)
+from jobs.tuning.campaign import (
+    DEFAULT_BASE,
+    RESERVED,
+    Campaign,
+    CampaignConfig,
+    Distribution,
+    SchedulerSpec,
+    base_config,
+    check_key,
+    planned_epochs,
+    planned_trials,
+    rebuild_experiment_fs,
+    resolve,
+    set_key,
+    short_config,
+    trial_config,
+)
 from jobs.tuning.report import collect, export_checkpoint, plot_history, print_summary, write_report
-from jobs.tuning.runtime import (ACTIVE, DRIVER_MEMORY, REAP_EVERY_S, CampaignASHA,
-                                 CampaignLog, build_tuner, campaign_fs, error_text, max_concurrent, param_space,
-                                 reap_stopped_runs, run_trial)
+from jobs.tuning.runtime import (
+    ACTIVE,
+    DRIVER_MEMORY,
+    REAP_EVERY_S,
+    CampaignASHA,
+    CampaignLog,
+    build_tuner,
+    campaign_fs,
+    error_text,
+    max_concurrent,
+    param_space,
+    reap_stopped_runs,
+    run_trial,
+)
 
 #: the name campaigns saved before the split into jobs/tuning/ pickled (Tune's experiment state holds
 #: the filesystem's reducer): kept so that such a campaign still resumes

@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from climax.storage import write_bytes
 from pipelines import storage
@@ -49,7 +49,7 @@ class LeaseError(SourceError):
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _pid_alive(pid: int) -> bool:

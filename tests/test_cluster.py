@@ -3,12 +3,8 @@ job shares (``python -m jobs.NAME CONFIG.yaml [key=value ...]``), run as users r
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 import yaml
@@ -180,7 +176,10 @@ def _scheduler(prepared, monkeypatch):
 
 def _launch(scheduler, demands, unavailable=()):
     from ray.autoscaler._private.node_provider_availability_tracker import (
-        NodeAvailabilityRecord, NodeAvailabilitySummary, UnavailableNodeInformation)
+        NodeAvailabilityRecord,
+        NodeAvailabilitySummary,
+        UnavailableNodeInformation,
+    )
 
     summary = NodeAvailabilitySummary({t: NodeAvailabilityRecord(
         node_type=t, is_available=False, last_checked_timestamp=0,

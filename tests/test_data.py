@@ -252,7 +252,7 @@ def test_climatology_lookup_and_fallbacks(ds, root):
     doy, hour = table.column("dayofyear").to_numpy(), table.column("hour").to_numpy()
     clim = table.column("temperature_850").combine_chunks().to_numpy_ndarray()
     row = lambda d, h: clim[int(np.flatnonzero((doy == d) & (hour == h))[0])]
-    assert not np.any((doy == 366))  # the training year 2014 has no day 366
+    assert not np.any(doy == 366)  # the training year 2014 has no day 366
     np.testing.assert_array_equal(got[0, 0], row(60, 12))  # 1 March 2014
     np.testing.assert_array_equal(got[1, 0], row(60, 0))  # 29 February: day 60, as the build counts
     np.testing.assert_array_equal(got[2, 0], row(365, 0))  # day 366: the nearest day with that hour

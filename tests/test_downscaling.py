@@ -206,8 +206,8 @@ def test_downscaling_finetunes_beats_bilinear_and_freezes(pair, tmp_path, ray_lo
     from climax.data import ShardDataset
     from climax.downscaling import DownscalingLoader, make_downscaler
     from climax.optim import build_optimizer
-    from climax.training import freeze_backbone, train_step
     from climax.tasks.downscaling import build_net
+    from climax.training import freeze_backbone, train_step
     from jobs.train import TrainConfig
 
     cfg = TrainConfig.model_validate({**yaml.safe_load((ROOT / "configs/finetune/downscaling.yaml").read_text()),

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-
 VARS = ["2m_temperature", "geopotential_500", "temperature_850", "u_component_of_wind_850"]
 # climax-tiny.yaml's layout on a small grid (fast on 2 cores)
 TINY = dict(img_size=[16, 32], patch_size=4, embed_dim=192, depth=2, decoder_depth=1, num_heads=4,

@@ -254,7 +254,7 @@ def test_planted_pickle_in_train_state_is_refused(tmp_path):
     import torch
 
     from climax.optim import build_optimizer
-    from climax.training import (TrainState, UnsafeCheckpointError, load_train_state, save_train_state)
+    from climax.training import TrainState, UnsafeCheckpointError, load_train_state, save_train_state
     from tests.helpers import tiny_model
 
     model = tiny_model(["2m_temperature", "geopotential_500"])
@@ -280,8 +280,8 @@ def test_planted_pickle_in_train_state_is_refused(tmp_path):
 def test_projection_state_loads_with_weights_only(tmp_path):
     import torch
 
-    from climax.training import UnsafeCheckpointError
     from climax.tasks.projection import load_state
+    from climax.training import UnsafeCheckpointError
     from tests.helpers import tiny_model
 
     model = tiny_model(["2m_temperature"])

@@ -23,7 +23,7 @@ from climax.evaluation import evaluate_model, forecast_fields
 from climax.model import ClimaX
 from climax.neck import TimeNeck
 from climax.projection import ProjectionModel
-from climax.sampling import ForecastSampler, TimeAxis, check_history
+from climax.sampling import ForecastSampler, check_history
 
 H, W, STEP = 8, 16, 6
 DELTA = 2 * np.pi * 2 / W  # wavenumber 2, one grid cell per 6 h step

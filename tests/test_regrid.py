@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from pipelines import regrid
-from pipelines.regrid import Grid, RegridError, Regridder, get_regridder, target_grid
+from pipelines.regrid import Grid, Regridder, RegridError, get_regridder, target_grid
 
 # Source grids as they come from the archives.
 ERA5_3DEG = Grid(lat=np.linspace(90.0, -90.0, 61), lon=np.arange(120) * 3.0)  # north-first, poles

@@ -256,10 +256,9 @@ def test_rollout_needs_every_time_varying_input_among_outputs(forecast_shards):
 def test_rollout_finetune_through_the_job(forecast_shards, tmp_path):
     """``jobs.finetune`` with ``train.rollout_steps=2`` from a checkpoint on two DDP workers (the chain's
     forward passes before one backward), then scored by evaluation's rollout."""
+    from climax.checkpoint import load_model, save_checkpoint
     from climax.data import ShardDataset
     from climax.evaluation import evaluate_model
-    from climax.checkpoint import load_model
-    from climax.checkpoint import save_checkpoint
     from tests.test_train import TINY, checkpoints, config, last_metrics, run_job
 
     torch.manual_seed(0)  # the checkpoint it starts from: a tiny model of the data's variables and grid

@@ -7,7 +7,6 @@ bytes of every GET it answers; the client (s3fs, as users run it) is not touched
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -15,10 +14,10 @@ import numpy as np
 import pytest
 
 from climax import shards as S
-from pipelines import node_cache, storage, streaming
+from pipelines import node_cache, storage
 from pipelines.recipe import Recipe
-from pipelines.sources import grib_index as GI
 from pipelines.sources import SourceError, open_source
+from pipelines.sources import grib_index as GI
 
 BUCKET = "climax-stream"
 RES = 5.625

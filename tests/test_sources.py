@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipelines import storage
 from pipelines import names as V
+from pipelines import storage
 from pipelines import units as U
 from pipelines.sources import SourceError, detect_format, open_source
 from pipelines.sources import weatherbench as wb

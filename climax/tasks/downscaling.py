@@ -30,8 +30,14 @@ from torch import nn
 
 from climax.checkpoint import load_model, read_checkpoint
 from climax.data import ShardDataset
-from climax.downscaling import (METHODS, DownscalingLoader, DownscalingScores, evaluate_downscaling, make_downscaler,
-                                resolve_variables)
+from climax.downscaling import (
+    METHODS,
+    DownscalingLoader,
+    DownscalingScores,
+    evaluate_downscaling,
+    make_downscaler,
+    resolve_variables,
+)
 from climax.evaluation import resolve_device, variable_units
 from climax.loop import Loaders
 from climax.normalization import checkpoint_record

@@ -37,8 +37,15 @@ from climax.loop import Loaders
 from climax.metrics import lat_weighted_mse
 from climax.model import ClimaX
 from climax.plots import plot_projection_maps
-from climax.projection import (LinearBaseline, ProjectionModel, climatebench_nrmse, freeze_projection, load_scenario,
-                               window_targets, windows)
+from climax.projection import (
+    LinearBaseline,
+    ProjectionModel,
+    climatebench_nrmse,
+    freeze_projection,
+    load_scenario,
+    window_targets,
+    windows,
+)
 from climax.redact import without_redacted
 from climax.storage import write_atomic
 from climax.tasks import Task, model_config

@@ -13,6 +13,7 @@ from climax.storage import atomic_path, write_atomic
 from jobs.tuning.campaign import Campaign, planned_epochs, planned_trials, short_config, trial_config
 from jobs.tuning.runtime import ACTIVE, campaign_fs, error_text
 
+
 def collect(campaign: Campaign):
     """(table, histories): one row per trial; per trial the reported metrics by epoch."""
     import pandas as pd

@@ -184,6 +184,7 @@ def reap_stopped_runs() -> int:
     controllers of its own job, and ends their cleaners.
     """
     import ray
+
     # Private Ray API, kept on purpose while Ray is pinned (2.60): the public state API
     # (ray.util.state.list_placement_groups) does not report which actor created a placement group,
     # and that is how the groups of dead Train controllers of this job are told apart from live

@@ -40,14 +40,28 @@ This package imports no torch and no ray.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from pipelines.sample_data.atmosphere import A_EARTH, G, GAMMA, KL, OMEGA, RD, TREND_K_PER_YEAR, YEAR_DAYS, fields
-from pipelines.sample_data.catalog import (CONSTANT_VARS, DEFAULT_FORMATS, FORMATS, LEVELS, PL_BASES, SAMPLE_VARS,
-                                           SFC_VARS, grid, resolution_tag)
-from pipelines.sample_data.climatebench import (CLIMATEBENCH_RESPONSE, CLIMATEBENCH_SCENARIOS, climatebench_grid,
-                                                climatebench_response, write_climatebench)
+from pipelines.sample_data.atmosphere import A_EARTH, GAMMA, KL, OMEGA, RD, TREND_K_PER_YEAR, YEAR_DAYS, G, fields
+from pipelines.sample_data.catalog import (
+    CONSTANT_VARS,
+    DEFAULT_FORMATS,
+    FORMATS,
+    LEVELS,
+    PL_BASES,
+    SAMPLE_VARS,
+    SFC_VARS,
+    grid,
+    resolution_tag,
+)
+from pipelines.sample_data.climatebench import (
+    CLIMATEBENCH_RESPONSE,
+    CLIMATEBENCH_SCENARIOS,
+    climatebench_grid,
+    climatebench_response,
+    write_climatebench,
+)
 from pipelines.sample_data.writers import CMIP6_NAMES, generate, write_cmip6
 
 __all__ = [

@@ -7,8 +7,8 @@ Imports no torch and no ray.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

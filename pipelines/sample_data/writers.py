@@ -8,15 +8,24 @@ Imports no torch and no ray.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from climax.storage import atomic_path, replace_dir
-from pipelines.sample_data.atmosphere import G, Atmosphere
-from pipelines.sample_data.catalog import (CONSTANT_VARS, DEFAULT_FORMATS, FORMATS, PL_BASES, SAMPLE_VARS, SFC_VARS,
-                                           grid, parse_name, resolution_tag)
+from pipelines.sample_data.atmosphere import Atmosphere, G
+from pipelines.sample_data.catalog import (
+    CONSTANT_VARS,
+    DEFAULT_FORMATS,
+    FORMATS,
+    PL_BASES,
+    SAMPLE_VARS,
+    SFC_VARS,
+    grid,
+    parse_name,
+    resolution_tag,
+)
 
 #: WeatherBench 2 / ARCO-ERA5 units attributes (as their stores write them).
 _WB2_UNITS = {"geopotential": "m**2 s**-2", "temperature": "K", "u_component_of_wind": "m s**-1",
