@@ -4,12 +4,15 @@ One plain, in-process home (no Ray) used by ``jobs.evaluate``, ``jobs.forecast``
 job's validation:
 
 * :func:`evaluate_model` scores a model on a split of a shard dataset: RMSE (WeatherBench 2's and
-  the per-sample mean), bias and ACC (``climax.wb2``) per region, variable and lead time, in physical units, for the direct forecast,
-  the iterative rollout (the model applied again and again at a step lead, its outputs fed back as
-  inputs) and the persistence and climatology baselines, in one table.
+  the per-sample mean), bias and ACC (``climax.wb2``) per region, variable and lead time, in
+  physical units, for the direct forecast, the iterative rollout (the model applied again and
+  again at a step lead, its outputs fed back as inputs) and the persistence and climatology baselines, in one table.
 * :func:`forecast_fields` runs a model from given initial times to given lead times and returns
   physical fields; ``climax.forecast_io`` writes them (CF-1.8 NetCDF: ``forecast_dataset``,
-  ``write_netcdf``, re-exported here; WeatherBench 2's Zarr layout).
+  ``write_netcdf``, re-exported here; WeatherBench 2's Zarr layout). It lives in
+  ``climax.forecasting`` with the model-running machinery both share (checks, ``ModelRunner``,
+  batched reads); its public names are re-exported here, so ``from climax.evaluation import
+  forecast_fields`` keeps working.
 
 The dataset is duck-typed (``climax.data.ShardDataset`` is the real one): it needs ``lat``,
 ``lon``, ``variables`` (time-varying), ``constants``, ``step_hours``, ``manifest``,
@@ -41,9 +44,7 @@ Conventions, chosen once:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -51,16 +52,36 @@ import pandas as pd
 import torch
 
 from climax.forecast_io import cf_units, forecast_dataset, history_line, write_netcdf  # the forecast files' home
+from climax.forecasting import (  # the model-running machinery, and the forecast runner (re-exported)
+    EvalMode,
+    ForecastFn,
+    ForecastRequest,
+    ModelRunner,
+    check_history_rollout,
+    check_model_grid,
+    check_split,
+    check_variables,
+    forecast_fields,
+    grid_and_crop,
+    history_read,
+    model_history,
+    norm_stats,
+    place_model,
+    prefetched,
+    progress_bar,
+    resolve_device,
+    rollout_blockers,
+    variable_units,
+)
 from climax.metrics import lat_weights
 from climax.regions import Region
 from climax.sampling import history_rows, not_step_multiples
-from climax.training import rollout_feed
 from climax.wb2 import WB2_REGIONS, ScoreSums, accumulate, area_weights, region_mask, region_weight_matrix
 
 __all__ = [
     "METHODS", "ForecastRequest", "evaluate_model", "forecast_fields", "forecast_dataset", "write_netcdf",
     "check_variables", "rollout_blockers", "evaluation_inits", "resolve_device", "cf_units", "variable_units",
-    "history_line", "ForecastFn", "scores_frame",
+    "history_line", "ForecastFn", "scores_frame", "model_history", "check_history_rollout",
 ]
 
 log = logging.getLogger("climax.evaluation")
@@ -70,92 +91,6 @@ COLUMNS = ["variable", "lead_hours", "method", "region", "rmse", "rmse_sample_me
            "samples"]
 _HOUR_NS = 3_600_000_000_000
 
-
-@dataclass
-class ForecastRequest:
-    """What a ``forecast_fn`` is asked for: one batch of initial times at one lead time.
-
-    The answer is a (B, len(out_vars), h, w) array or tensor in physical units on the evaluation
-    grid (the region's crop when a region is given).
-    """
-
-    split: str
-    init_index: np.ndarray  # (B,) rows of the split's time axis
-    init_time: np.ndarray  # (B,) datetime64[ns]
-    lead_hours: float
-    valid_index: np.ndarray  # (B,) rows of the targets
-    valid_time: np.ndarray  # (B,) datetime64[ns]
-    x: torch.Tensor  # (B, len(in_vars), h, w) normalised inputs, as the model gets them
-    in_vars: list[str]
-    out_vars: list[str]
-
-
-ForecastFn = Callable[[ForecastRequest], "torch.Tensor | np.ndarray"]
-
-
-# ---------------------------------------------------------------------------------- checks
-def resolve_device(device: str | torch.device | None, model: Any = None) -> torch.device:
-    """``None`` -> the model's device (CPU for callables); ``"auto"`` -> CUDA when available."""
-    if device is None:
-        if isinstance(model, torch.nn.Module):
-            p = next(model.parameters(), None)
-            return p.device if p is not None else torch.device("cpu")
-        return torch.device("cpu")
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for but this machine has no CUDA GPU; use device=cpu "
-                         "or device=auto")
-    return device
-
-
-def _place(model: Any, device: torch.device) -> None:
-    """Move a module to ``device`` when it is elsewhere (in place, as ``Module.to`` does)."""
-    if isinstance(model, torch.nn.Module):
-        p = next(model.parameters(), None)
-        if p is not None and p.device != device:
-            model.to(device)
-
-
-def _splits(dataset) -> list[str]:
-    return list(dataset.manifest.raw.get("splits", {}))
-
-
-def _check_split(dataset, split: str) -> None:
-    if split not in _splits(dataset):
-        raise ValueError(f"the dataset has no split {split!r}; its splits are {_splits(dataset)}. "
-                         "Set split= to one of them, or rebuild the dataset with that split in its recipe")
-
-
-def check_variables(dataset, in_vars: Sequence[str], out_vars: Sequence[str], model: Any = None) -> None:
-    """Raise with what to do when the dataset or the model lacks a variable."""
-    have = set(dataset.variables) | set(dataset.constants)
-    missing = [v for v in in_vars if v not in have]
-    if missing:
-        raise ValueError(f"input variable(s) {missing} are not in the dataset (it has {sorted(have)}); set "
-                         "in_vars to variables the dataset holds, or rebuild the dataset with these variables")
-    missing = [v for v in out_vars if v not in set(dataset.variables)]
-    if missing:
-        const = [v for v in missing if v in set(dataset.constants)]
-        hint = f" ({const} are constants, which are not forecast)" if const else ""
-        raise ValueError(f"output variable(s) {missing} are not time-varying variables of the dataset{hint}; "
-                         f"it has {list(dataset.variables)}. Set out_vars to some of those")
-    known = getattr(model, "var_map", None)
-    if known is not None:
-        unknown = [v for v in [*in_vars, *out_vars] if v not in known]
-        if unknown:
-            raise ValueError(f"the model does not know variable(s) {unknown} (it knows {list(known)}); "
-                             "choose in_vars/out_vars among those, or finetune a model with them")
-
-
-def rollout_blockers(dataset, in_vars: Sequence[str], out_vars: Sequence[str]) -> list[str]:
-    """Time-varying inputs that are not outputs: a rollout cannot feed them back (empty: possible)."""
-    constants, outs = set(dataset.constants), set(out_vars)
-    return [v for v in in_vars if v not in outs and v not in constants]
 
 
 def _check_leads(dataset, leads: Sequence[float], rollout_step: float | None) -> list[float]:
@@ -196,130 +131,9 @@ def evaluation_inits(times: np.ndarray, leads: Sequence[float], max_samples: int
         rows = rows[np.unique(np.linspace(0, len(rows) - 1, max_samples).round().astype(int))]
     return rows
 
-
-def model_history(model: Any) -> list[float]:
-    """The input times a model takes, in hours relative to the initial time ([0]: one)."""
-    return [float(h) for h in getattr(model, "history_hours", None) or [0.0]]
-
-
-def check_history_rollout(history: Sequence[float], rollout_step: float) -> None:
-    """A rollout with history slides a window of states one rollout step at a time: the history
-    must be spaced by the rollout step."""
-    if len(history) > 1 and not np.allclose(np.diff(history), rollout_step):
-        raise ValueError(f"the model takes history_hours {list(history)}, but a rollout at {rollout_step:g} h steps "
-                         f"can only feed back states {rollout_step:g} h apart; set rollout_step to the history's "
-                         "spacing, or forecast directly (rollout_step=null)")
-
-
-def _history_read(dataset, split: str, rows: np.ndarray, history: Sequence[float], variables: list[str]) -> np.ndarray:
-    """Raw fields at ``rows`` (n, V, H, W), or with history (n, T, V, H, W) (oldest first)."""
-    if len(history) == 1:
-        return np.asarray(dataset.read(split, rows, variables), dtype=np.float32)
-    times = dataset.axis(split).times
-    hist = history_rows(times, history, rows)
-    if (hist < 0).any():
-        bad = [str(times[r])[:16] for r in np.asarray(rows)[(hist < 0).any(axis=1)][:5]]
-        raise ValueError(f"initial time(s) {bad} of split {split!r} lack a history step ({list(history)} h) in the "
-                         "data; the model needs every one of them: choose later initial times")
-    out = np.asarray(dataset.read(split, hist.reshape(-1), variables), dtype=np.float32)
-    return out.reshape(len(rows), len(history), *out.shape[1:])
-
-
 def _rows_at(times_ns: np.ndarray, rows: np.ndarray, lead: float) -> np.ndarray:
     target = times_ns[rows] + int(round(lead * _HOUR_NS))
     return np.searchsorted(times_ns, target)
-
-
-# ---------------------------------------------------------------------------------- model calls
-class _Runner:
-    """Calls a model on normalised fields: direct and rollout forecasts, no gradients."""
-
-    def __init__(self, model, in_vars, out_vars, region, device):
-        self.model, self.in_vars, self.out_vars = model, list(in_vars), list(out_vars)
-        self.region, self.device = region, device
-        # input channels fed back from the outputs during a rollout
-        self.feed = rollout_feed(self.in_vars, self.out_vars)
-
-    def direct(self, x: torch.Tensor, lead: float) -> torch.Tensor:
-        lead_t = torch.full((x.shape[0],), float(lead), device=x.device, dtype=torch.float32)
-        return self.model(x, lead_t, self.in_vars, self.out_vars, region=self.region)
-
-    def rollout(self, x: torch.Tensor, step: float, steps: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield (k, prediction after k steps) for k = 1..steps. With history input (x of shape
-        (B, T, V, H, W), steps ``step`` apart), the window of states slides: the oldest drops out, the
-        new state (the current one with the outputs fed back) comes in last."""
-        state = x.clone()
-        src = torch.as_tensor([i for i, _ in self.feed], device=x.device)
-        dst = torch.as_tensor([j for _, j in self.feed], device=x.device)
-        for k in range(1, steps + 1):
-            pred = self.direct(state, step)
-            yield k, pred
-            if state.ndim == 5:
-                new = state[:, -1].clone()
-                new[:, src] = pred[:, dst].to(state.dtype)
-                state = torch.cat([state[:, 1:], new[:, None]], dim=1)
-            else:
-                state = state.clone()
-                state[:, src] = pred[:, dst].to(state.dtype)
-
-
-class _Eval:
-    """Switches a module to eval mode and back."""
-
-    def __init__(self, model):
-        self.model = model if isinstance(model, torch.nn.Module) else None
-
-    def __enter__(self):
-        if self.model is not None:
-            self.was_training = self.model.training
-            self.model.eval()
-
-    def __exit__(self, *exc):
-        if self.model is not None:
-            self.model.train(self.was_training)
-
-
-def _stats(dataset, variables, device) -> tuple[torch.Tensor, torch.Tensor]:
-    mean, std = dataset.normalizer(list(variables))
-    shape = (1, len(variables), 1, 1)
-    return (torch.as_tensor(np.asarray(mean, dtype=np.float32)).reshape(shape).to(device),
-            torch.as_tensor(np.asarray(std, dtype=np.float32)).reshape(shape).to(device))
-
-
-def _grid(dataset, region: Region | None) -> tuple[np.ndarray, np.ndarray, Callable]:
-    lat, lon = np.asarray(dataset.lat, dtype=np.float64), np.asarray(dataset.lon, dtype=np.float64)
-    if region is None:
-        return lat, lon, lambda a: a
-    if tuple(region.grid_shape) != (len(lat), len(lon)):
-        raise ValueError(f"region {region.name!r} was cut from a {tuple(region.grid_shape)} grid; the dataset's "
-                         f"grid is {(len(lat), len(lon))}. Build the region from the dataset's lat/lon")
-    return region.lat(lat), region.lon(lon), region.crop
-
-
-def _check_model_grid(model, dataset) -> None:
-    img = getattr(model, "img_size", None)
-    if img is not None and tuple(img) != (len(dataset.lat), len(dataset.lon)):
-        raise ValueError(f"the model's grid {tuple(img)} differs from the dataset's {(len(dataset.lat), len(dataset.lon))}; "
-                         "evaluate on a dataset built at the model's resolution")
-
-
-def _prefetched(loader: Callable[[np.ndarray], Any], batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, Any]]:
-    """Load batch i + 1 on one background thread while batch i is computed (reads stay serial)."""
-    if not batches:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-read") as pool:
-        future = pool.submit(loader, batches[0])
-        for i, rows in enumerate(batches):
-            data = future.result()
-            if i + 1 < len(batches):
-                future = pool.submit(loader, batches[i + 1])
-            yield rows, data
-
-
-def _tqdm(iterable, total: int, desc: str, *, progress: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not progress, leave=False)
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -385,16 +199,16 @@ def evaluate_model(
     if model is None and forecast_fn is None:
         raise ValueError("give a model or a forecast_fn")
     in_vars, out_vars = list(in_vars), list(out_vars)
-    _check_split(dataset, split)
+    check_split(dataset, split)
     check_variables(dataset, in_vars if forecast_fn is None or model is not None else [], out_vars,
                     model if forecast_fn is None else None)
     if model is not None:
-        _check_model_grid(model, dataset)
+        check_model_grid(model, dataset)
     leads = _check_leads(dataset, leads, rollout_step)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = resolve_device(device, model)
-    _place(model, device)
+    place_model(model, device)
     notes: list[str] = []
     history = model_history(model) if model is not None else [0.0]
 
@@ -434,7 +248,7 @@ def evaluate_model(
         notes.append(f"{gapped} initial times skipped: a target time at one of the leads is missing (calendar or "
                      "data gaps)")
         log.warning("%s", notes[-1])
-    lat, lon, crop = _grid(dataset, region)
+    lat, lon, crop = grid_and_crop(dataset, region)
     # region weight matrices (h*w, R): WB2's area weights of the full grid (cropped with a model
     # region, never recomputed on the crop) and cos-latitude weights (climax.metrics)
     full_area = area_weights(np.asarray(dataset.lat, dtype=np.float64))
@@ -460,15 +274,15 @@ def evaluate_model(
     read_vars = list(dict.fromkeys([*in_vars, *out_vars]))
     in_pos = [read_vars.index(v) for v in in_vars]
     out_pos = [read_vars.index(v) for v in out_vars]
-    in_mean, in_std = _stats(dataset, in_vars, device) if in_vars else (None, None)
-    out_mean, out_std = _stats(dataset, out_vars, device)
-    runner = _Runner(model, in_vars, out_vars, region, device) if model is not None else None
+    in_mean, in_std = norm_stats(dataset, in_vars, device) if in_vars else (None, None)
+    out_mean, out_std = norm_stats(dataset, out_vars, device)
+    runner = ModelRunner(model, in_vars, out_vars, region, device) if model is not None else None
 
     def load(rows: np.ndarray):
         # inputs (and persistence) at the initial times; only the outputs at the valid times
         targets = {lead: _rows_at(times_ns, rows, lead) for lead in leads}
         valid = np.unique(np.concatenate(list(targets.values())))
-        inputs = crop(_history_read(dataset, split, rows, history, read_vars))
+        inputs = crop(history_read(dataset, split, rows, history, read_vars))
         truth = crop(np.asarray(dataset.read(split, valid, out_vars), dtype=np.float32))
         clim = crop(np.asarray(dataset.climatology(out_vars, axis.times[valid]), dtype=np.float32))
         return inputs, valid, truth, clim, targets
@@ -478,16 +292,17 @@ def evaluate_model(
     def add(method: str, lead: float, pred: torch.Tensor, truth: torch.Tensor, clim: torch.Tensor) -> None:
         pred = pred.to(device=truth.device, dtype=torch.float64)
         if tuple(pred.shape) != tuple(truth.shape):
-            raise ValueError(f"{method} forecast at {lead:g} h has shape {tuple(pred.shape)}, expected {tuple(truth.shape)}")
+            raise ValueError(f"{method} forecast at {lead:g} h has shape {tuple(pred.shape)}, "
+                             f"expected {tuple(truth.shape)}")
         if (method, lead) not in sums:
             sums[(method, lead)] = ScoreSums.zeros(len(out_vars), len(names), truth.device)
         accumulate(sums[(method, lead)], pred, truth, clim, area_m, cos_m)
 
     batches = [inits[i:i + batch_size] for i in range(0, len(inits), batch_size)]
     steps = int(round(max(roll_leads) / rollout_step)) if roll_leads else 0
-    with _Eval(model), torch.inference_mode():
-        for rows, (inputs, valid, truth, clim, targets) in _tqdm(
-                _prefetched(load, batches), len(batches), f"evaluate {split}", progress=progress):
+    with EvalMode(model), torch.inference_mode():
+        for rows, (inputs, valid, truth, clim, targets) in progress_bar(
+                prefetched(load, batches), len(batches), f"evaluate {split}", progress=progress):
             f = torch.from_numpy(inputs).to(device)
             y = torch.from_numpy(truth).to(device, torch.float64)
             c = torch.from_numpy(clim).to(device, torch.float64)
@@ -523,7 +338,8 @@ def evaluate_model(
 
 
 def scores_frame(sums: dict[tuple[str, float], ScoreSums], regions: Sequence[str], out_vars: Sequence[str],
-                 leads: Sequence[float], units: dict[str, str], notes: list[str], init_times: list[str]) -> pd.DataFrame:
+                 leads: Sequence[float], units: dict[str, str], notes: list[str],
+                 init_times: list[str]) -> pd.DataFrame:
     """The table of :func:`evaluate_model` from (merged) sums: one row per (method, variable, lead, region)."""
     records = []
     for method in METHODS:
@@ -545,87 +361,3 @@ def scores_frame(sums: dict[tuple[str, float], ScoreSums], regions: Sequence[str
 
 def _as_tensor(a) -> torch.Tensor:
     return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
-
-
-def variable_units(dataset, variables: Sequence[str]) -> dict[str, str]:
-    specs = dataset.manifest.raw.get("variables", {})
-    return {v: str(specs.get(v, {}).get("units", "")) for v in variables}
-
-
-# ---------------------------------------------------------------------------------- forecasts
-def forecast_fields(
-    model: Any,
-    dataset,
-    split: str,
-    init_index: Sequence[int] | np.ndarray,
-    leads: Sequence[float],
-    in_vars: Sequence[str],
-    out_vars: Sequence[str],
-    *,
-    rollout_step: float | None = None,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    region: Region | None = None,
-    progress: bool = True,
-) -> np.ndarray:
-    """Forecasts from rows ``init_index`` of ``split``: float32 (n_init, n_lead, V_out, h, w), physical.
-
-    Direct (one forward pass per lead) unless ``rollout_step`` is given; then every lead must be a
-    multiple of it and every time-varying input an output. Lead times need no target in the data.
-    """
-    in_vars, out_vars = list(in_vars), list(out_vars)
-    _check_split(dataset, split)
-    check_variables(dataset, in_vars, out_vars, model)
-    _check_model_grid(model, dataset)
-    leads = [float(x) for x in leads]
-    if not leads or min(leads) <= 0:
-        raise ValueError(f"lead times must be positive hours, got {leads}")
-    if rollout_step is not None:
-        if rollout_step <= 0:
-            raise ValueError(f"rollout_step must be positive, got {rollout_step}")
-        off = [x for x in leads if x % rollout_step]
-        if off:
-            raise ValueError(f"lead times {off} h are not multiples of the rollout step {rollout_step:g} h")
-        blockers = rollout_blockers(dataset, in_vars, out_vars)
-        if blockers:
-            raise ValueError(f"cannot roll out: input variable(s) {blockers} are time-varying but not outputs; "
-                             "forecast directly (no rollout_step) or use a model whose outputs include them")
-        check_history_rollout(model_history(model), rollout_step)
-    history = model_history(model)
-    device = resolve_device(device, model)
-    _place(model, device)
-    _, _, crop = _grid(dataset, region)
-    init_index = np.asarray(init_index, dtype=np.int64)
-    n_rows = len(dataset.axis(split))
-    if len(init_index) == 0 or init_index.min() < 0 or init_index.max() >= n_rows:
-        raise ValueError(f"initial rows {init_index.tolist()[:5]}... are outside the split's {n_rows} time steps")
-    in_mean, in_std = _stats(dataset, in_vars, device)
-    out_mean, out_std = _stats(dataset, out_vars, device)
-    runner = _Runner(model, in_vars, out_vars, region, device)
-    lead_pos = {lead: i for i, lead in enumerate(leads)}
-
-    def load(rows):
-        return crop(_history_read(dataset, split, rows, history, in_vars))
-
-    out: np.ndarray | None = None
-    batches = [init_index[i:i + batch_size] for i in range(0, len(init_index), batch_size)]
-    start = 0
-    with _Eval(model), torch.inference_mode():
-        for rows, fields in _tqdm(_prefetched(load, batches), len(batches), "forecast", progress=progress):
-            x = (torch.from_numpy(fields).to(device) - in_mean) / in_std
-            preds: dict[float, torch.Tensor] = {}
-            if rollout_step is None:
-                for lead in leads:
-                    preds[lead] = runner.direct(x, lead)
-            else:
-                steps = int(round(max(leads) / rollout_step))
-                for k, pred in runner.rollout(x, rollout_step, steps):
-                    if k * rollout_step in lead_pos:
-                        preds[k * rollout_step] = pred
-            if out is None:
-                h, w = fields.shape[-2:]
-                out = np.empty((len(init_index), len(leads), len(out_vars), h, w), dtype=np.float32)
-            for lead, pred in preds.items():
-                out[start:start + len(rows), lead_pos[lead]] = (pred.float() * out_std + out_mean).cpu().numpy()
-            start += len(rows)
-    return out

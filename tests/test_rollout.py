@@ -135,7 +135,7 @@ def test_task_loss_with_rollout_steps_1_is_forecast_loss(forecast_shards):
 
 
 def test_two_steps_are_the_mean_of_the_hand_computed_step_losses():
-    from climax.evaluation import _Runner
+    from climax.forecasting import ModelRunner
     from climax.training import rollout_loss
 
     batch, model = _batch(2), _model()
@@ -147,7 +147,7 @@ def test_two_steps_are_the_mean_of_the_hand_computed_step_losses():
         p2 = model(x2, batch.lead_hours, VARS, OUT)
         want = (_mse(p1, batch.y) + _mse(p2, batch.y_steps[:, 0])) / 2
         # the same chain as evaluation's rollout
-        preds = dict(_Runner(model, VARS, OUT, None, torch.device("cpu")).rollout(batch.x, 6.0, 2))
+        preds = dict(ModelRunner(model, VARS, OUT, None, torch.device("cpu")).rollout(batch.x, 6.0, 2))
     torch.testing.assert_close(loss.detach(), want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(preds[1], p1, rtol=0, atol=0)
     torch.testing.assert_close(preds[2], p2, rtol=1e-6, atol=1e-6)
