@@ -193,7 +193,8 @@ def run_child(spec: dict) -> dict:
         iterate = lambda e: iter(loader)  # noqa: E731
     else:
         ds = ShardDataset(str(root))
-        kw = {"stream": {"cache_mb": 0}, "stream-global": {"cache_mb": 0, "shuffle_mode": "global"}}.get(spec["which"], {})
+        kw = {"stream": {"cache_mb": 0},
+              "stream-global": {"cache_mb": 0, "shuffle_mode": "global"}}.get(spec["which"], {})
         loader = ForecastLoader(ds, spec["split"], in_vars, out_vars, lead_hours(6, 6 * (MAX_PREDICT_RANGE - 1), 6),
                                 random_lead=True, batch_size=spec["batch_size"], seed=0, **kw)
 
@@ -397,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
             bbest, bmed = summary("baseline", e)
             cpu = summary(which, e, "samples_per_cpu_s")[1]
             bcpu = summary("baseline", e, "samples_per_cpu_s")[1]
-            rps = "-" if which == "baseline" else f"{statistics.median(r['epochs'][e]['rows_per_sample'] for r in runs[which]):.2f}"
+            rps = "-" if which == "baseline" else \
+                f"{statistics.median(r['epochs'][e]['rows_per_sample'] for r in runs[which]):.2f}"
             print(f"| {which} | {min(fb):.3f} / {statistics.median(fb):.3f} s | {e + 1} | {best:.0f} / {med:.0f} | "
                   f"{best / bbest:.2f}x / {med / bmed:.2f}x | {cpu:.0f} | {cpu / bcpu:.2f}x | {rps} | "
                   f"{max(r['peak_rss_mb'] for r in runs[which]):.0f} MB |")
@@ -405,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [summary("stream", e)[1] / summary("baseline", e)[1] for e in range(args.epochs)]
     worst_rps = max(e["rows_per_sample"] for r in runs["stream"] for e in r["epochs"])
     print(f"\nstream (cache_mb=0, {runs['stream'][0]['shuffle_mode']} shuffle, blocks of "
-          f"{runs['stream'][0]['block_steps']} steps x {runs['stream'][0]['window_blocks']} per window) vs the original, "
+          f"{runs['stream'][0]['block_steps']} steps x {runs['stream'][0]['window_blocks']} per window) "
+          "vs the original, "
           f"median samples/s per epoch: {' '.join(f'{x:.2f}x' for x in ratios)} (target >= 1.0x in every epoch: "
           f"{'met' if min(ratios) >= 1.0 else 'MISSED'}); rows decoded per sample at most {worst_rps:.2f} "
           f"(target <= 1.2: {'met' if worst_rps <= 1.2 else 'MISSED'})")

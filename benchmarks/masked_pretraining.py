@@ -141,8 +141,8 @@ def step_flops(args, shards: Path) -> dict:
 
     ds = ShardDataset(str(shards))
     in_vars = ds.constants + ds.variables
-    batch = next(iter(ForecastLoader(ds, "train", in_vars, ds.variables, [6], random_lead=False, batch_size=args.batch_size,
-                                     max_batches=1)))
+    batch = next(iter(ForecastLoader(ds, "train", in_vars, ds.variables, [6], random_lead=False,
+                                     batch_size=args.batch_size, max_batches=1)))
     lat = torch.as_tensor(ds.lat, dtype=torch.float32)
     mcfg = yaml.safe_load((ROOT / (args.flops_model or args.model)).read_text())
     mcfg = {k: v for k, v in mcfg.items() if k not in ("default_vars", "img_size")}  # the data's

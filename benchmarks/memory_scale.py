@@ -100,7 +100,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpus", type=int, default=8)
     args = ap.parse_args()
-    print("| config | params | strategy | params+grads+AdamW per GPU (GB) | activations/sample, no AC (GB) | with AC (GB) |")
+    print("| config | params | strategy | params+grads+AdamW per GPU (GB) | activations/sample, no AC (GB) "
+          "| with AC (GB) |")
     for name, path in CONFIGS.items():
         n, cfg = count(path)
         for strategy in ("ddp", "fsdp"):

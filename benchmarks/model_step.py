@@ -100,7 +100,6 @@ def bench(cls, cfg, batch, steps, device, dtype):
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         act = saved_activation_bytes(model, x, lead, vars_) / 2**20
-    del model
     return statistics.median(times), act, peak
 
 

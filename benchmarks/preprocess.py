@@ -474,7 +474,8 @@ def run_grib_ours(files: list[str], out: str, num_cpus: int, resolution: float, 
     from pipelines.build import build
     from pipelines.recipe import Recipe
 
-    end = (np.datetime64(f"{FIRST_YEAR}-01-01T00:00") + np.timedelta64(days * 24 - step_hours, "h")).astype("datetime64[m]")
+    end = (np.datetime64(f"{FIRST_YEAR}-01-01T00:00")
+           + np.timedelta64(days * 24 - step_hours, "h")).astype("datetime64[m]")
     d = {"sources": [{"path": os.path.dirname(files[0]) + "/*.grib", "format": "grib"}], "variables": GRIB_VARS,
          "grid": {"resolution": resolution, "method": "conservative"},
          "time": {"start": f"{FIRST_YEAR}-01-01", "end": str(end), "step": f"{step_hours}h"},
@@ -749,7 +750,8 @@ def main(argv: list[str] | None = None) -> int:
         if "baseline" in results:
             b = results["baseline"]
             print(f"baseline: VmHWM {b['vm_hwm_mb']:.0f} MB (sampled {b['peak_main_mb']:.0f} MB, ru_maxrss "
-                  f"{b['ru_maxrss_mb']:.0f} MB); output {', '.join(f'{k} {v / MB:.1f} MB' for k, v in b['output_by_kind'].items())}, "
+                  f"{b['ru_maxrss_mb']:.0f} MB); output "
+                  f"{', '.join(f'{k} {v / MB:.1f} MB' for k, v in b['output_by_kind'].items())}, "
                   f"of which {b['repeated_constant_bytes'] / MB:.1f} MB are constants repeated per time step")
             base_peak = max(b["peak_main_mb"], b["vm_hwm_mb"])
             ratios = {

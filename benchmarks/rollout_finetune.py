@@ -107,8 +107,8 @@ def table(res: dict, leads: list[float]) -> str:
     for label, v in rows:
         for h in leads:
             h = int(h)
-            get = (lambda a: res["arms"][a]["score"]["normalised"][h]) if v == "normalised" else \
-                (lambda a: res["arms"][a]["score"]["rmse"][v][h])
+            get = (lambda a, h=h: res["arms"][a]["score"]["normalised"][h]) if v == "normalised" else \
+                (lambda a, v=v, h=h: res["arms"][a]["score"]["rmse"][v][h])
             vals = [get(a) for a in arms]
             lines.append(f"| {label} | {h} h | " + " | ".join(f"{x:.4g}" for x in vals) +
                          f" | {100 * (get(k) / get(one) - 1):+.1f} % |")
@@ -160,7 +160,8 @@ def main(argv=None) -> None:
           f"{f', truncate {args.truncate}' if args.truncate else ''}")
     for label, a in res["arms"].items():
         if "wall_s" in a:
-            print(f"  {label}: {a['wall_s']:.0f} s, train_loss {a['train_loss']:.4f}, val_loss (1 step) {a['val_loss']:.4f}")
+            print(f"  {label}: {a['wall_s']:.0f} s, train_loss {a['train_loss']:.4f}, "
+                  f"val_loss (1 step) {a['val_loss']:.4f}")
     print(f"evaluation: test split, rollout at {args.lead:g} h steps, {args.eval_samples} initial times, global "
           f"latitude-weighted RMSE\n")
     print(table(res, args.leads))

@@ -75,7 +75,8 @@ class LoadReport:
                 lines.append(f"  {title} ({len(items)}):")
                 lines += [f"    - {item}" for item in items]
         if self.decoder:  # one line: the masked-pretraining decoder is left out as a whole
-            lines.append(f"  ignored (pretraining decoder): {len(self.decoder)} tensors {self.decoder[0].split('.')[0]}.*")
+            lines.append(f"  ignored (pretraining decoder): {len(self.decoder)} tensors "
+                         f"{self.decoder[0].split('.')[0]}.*")
         return "\n".join(lines)
 
 
@@ -286,7 +287,8 @@ def load_checkpoint(
             old = _infer_grid(state[key].shape[1], meta, ckpt_grid, source)
             new_state[key] = interpolate_pos_embed(state[key], old, model.grid_size)
             used.add(key)
-            report.interpolated.append(f"pos_embed {old[0]}x{old[1]} -> {model.grid_size[0]}x{model.grid_size[1]} patches (bicubic)")
+            report.interpolated.append(f"pos_embed {old[0]}x{old[1]} -> {model.grid_size[0]}x{model.grid_size[1]} "
+                                       "patches (bicubic)")
         else:
             new_state[key] = init
             used.add(key)

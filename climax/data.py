@@ -23,6 +23,11 @@ block), so each row is decoded about once per epoch instead of about twice with 
 a batch that straddles two windows is assembled from both. ``loader.stats`` counts the rows
 decoded and the samples yielded.
 
+It stays one module (about 600 lines): ``ForecastLoader`` is one class (about 420 of them) whose
+plan, buffers, cache and two threads share its state, and splitting it would pass that state across
+modules; ``Batch``, the queue helpers and ``MixedLoader`` are the small pieces only it and its
+callers use.
+
 Imports neither Ray nor ``pipelines``.
 """
 
@@ -201,8 +206,8 @@ class ForecastLoader:
         leads = np.asarray(leads, dtype=np.float64)
         off = leads[(leads <= 0) | np.isin(leads, not_step_multiples(leads, dataset.step_hours))]
         if len(leads) == 0 or len(off):
-            raise ValueError(f"lead times {off.tolist() or leads.tolist()} h of dataset {dataset.name!r}: leads must be "
-                             f"positive multiples of its {dataset.step_hours} h step")
+            raise ValueError(f"lead times {off.tolist() or leads.tolist()} h of dataset {dataset.name!r}: leads "
+                             f"must be positive multiples of its {dataset.step_hours} h step")
         if region is not None and tuple(region.grid_shape) != dataset.shape:
             raise ValueError(f"region {region.name!r} is for a {region.grid_shape} grid, dataset {dataset.name!r} "
                              f"has {dataset.shape}")
@@ -217,7 +222,8 @@ class ForecastLoader:
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.shuffle, self.drop_last, self.region = shuffle, drop_last, region
         self.prefetch, self.max_batches, self.pin_memory = int(prefetch), max_batches, pin_memory
-        self.history = check_history(history, dataset.step_hours, f"history_hours {list(history)} (dataset {dataset.name!r})")
+        self.history = check_history(history, dataset.step_hours,
+                                     f"history_hours {list(history)} (dataset {dataset.name!r})")
         self.axis = dataset.axis(split)
         self.sampler = ForecastSampler(self.axis, leads, random_lead=random_lead, seed=seed,
                                        rollout_steps=rollout_steps, history=self.history)
@@ -473,7 +479,8 @@ class ForecastLoader:
         if windows is not None:
             return [(max(a, start), min(b, end)) for a, b in zip(windows[:-1], windows[1:])
                     if min(b, end) > max(a, start)]
-        cap = max(1, int(self.superbatch_mb * 2**20 // ((len(self.history) + self.rollout_steps) * B * self._row_bytes)))
+        batch_bytes = (len(self.history) + self.rollout_steps) * B * self._row_bytes
+        cap = max(1, int(self.superbatch_mb * 2**20 // batch_bytes))
         plan, s, k = [], start, 1
         while s < end:
             plan.append((s, min(end, s + k * B)))
@@ -570,8 +577,8 @@ class MixedLoader:
         self.loaders = list(loaders)
         if not self.loaders:
             raise ValueError("MixedLoader needs at least one loader")
-        self.lengths = [len(l) for l in self.loaders]
-        empty = [l.dataset.name for l, n in zip(self.loaders, self.lengths) if n == 0]
+        self.lengths = [len(ld) for ld in self.loaders]
+        empty = [ld.dataset.name for ld, n in zip(self.loaders, self.lengths) if n == 0]
         if empty:
             raise ValueError(f"loader(s) of {empty} have no batch in an epoch")
         w = np.asarray(self.lengths if weights is None else weights, dtype=np.float64)

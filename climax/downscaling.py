@@ -47,8 +47,8 @@ from climax.metrics import lat_weighted_bias, lat_weighted_mse, lat_weighted_pea
 from climax.model import ClimaX
 from climax.training import autocast, unwrap
 
-__all__ = ["resolve_variables", "make_downscaler", "paired_indices", "DownscalingLoader", "bilinear_matrix", "Downscaler", "DownscalingScores",
-           "evaluate_downscaling", "METHODS"]
+__all__ = ["resolve_variables", "make_downscaler", "paired_indices", "DownscalingLoader", "bilinear_matrix",
+           "Downscaler", "DownscalingScores", "evaluate_downscaling", "METHODS"]
 
 _F32 = np.float32
 METHODS = ("downscaled", "bilinear")
@@ -267,7 +267,8 @@ class Downscaler(nn.Module):
         self.register_buffer("a_lon", a_lon, persistent=False)
         cf = np.zeros((0, *self.fine_shape), _F32) if constant_fields is None else np.asarray(constant_fields, _F32)
         if cf.shape != (len(self.constants), *self.fine_shape):
-            raise ValueError(f"constant_fields has shape {cf.shape}, expected {(len(self.constants), *self.fine_shape)}")
+            raise ValueError(f"constant_fields has shape {cf.shape}, "
+                             f"expected {(len(self.constants), *self.fine_shape)}")
         self.register_buffer("constant_fields", torch.from_numpy(cf.copy()), persistent=False)
 
         def buf(name, values):

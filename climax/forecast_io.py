@@ -105,7 +105,7 @@ def wb2_dataset(
         coords["level"] = ("level", np.asarray(levels, dtype=np.int64), {"units": "hPa", "long_name": "pressure level"})
     ds = xr.Dataset(data_vars, coords=coords)
     ds.attrs = {"title": "ClimaX forecasts (WeatherBench 2 layout)", **dict(attrs or {})}
-    for name, da in ds.data_vars.items():
+    for da in ds.data_vars.values():
         chunks = tuple(1 if d == "time" else ds.sizes[d] for d in da.dims)
         da.encoding.update(chunks=chunks, dtype="float32", _FillValue=np.float32(np.nan))
     return ds

@@ -128,7 +128,7 @@ def fit(task: Any, model: nn.Module, loaders: Loaders, optim: tuple[torch.optim.
             step = state.step
             loss, tag = task.loss(model, batch, step)
             losses.append(optimizer_step(model, loss, optimizer, scheduler, cfg.optim.grad_clip,
-                                         lambda: task.where(batch, step)))
+                                         lambda batch=batch, step=step: task.where(batch, step)))
             if tag:  # a share of the steps with their own loss (masked steps of a schedule)
                 tagged.setdefault(tag, []).append(losses[-1])
             state.step += 1

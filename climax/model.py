@@ -256,7 +256,8 @@ class ClimaX(nn.Module):
         out = torch.einsum("blhd,hed->blhe", mixed, w_v.reshape(H, dh, D)) + b_v.reshape(H, dh)
         return self.var_agg.out_proj(out.reshape(B, L, D))
 
-    def embed_and_aggregate(self, x: torch.Tensor, ids: list[int], var_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_and_aggregate(self, x: torch.Tensor, ids: list[int],
+                            var_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embedding, variable embedding and aggregation fused: (B, V, H, W) -> (B, L, D).
 
         Exactly ``aggregate_variables(embed_tokens(x, ids) + var_embed)`` (see the module
@@ -351,7 +352,8 @@ class ClimaX(nn.Module):
         if self.fast_var_agg:
             tokens = self.embed_and_aggregate(x, ids, var_mask)
         else:
-            tokens = self._aggregate_reference(self.embed_tokens(x, ids) + self.var_embed[:, ids].unsqueeze(2), var_mask)
+            tokens = self._aggregate_reference(self.embed_tokens(x, ids) + self.var_embed[:, ids].unsqueeze(2),
+                                               var_mask)
         if steps is not None:  # history: the steps' tokens merged into one set (climax.neck)
             tokens = tokens.unflatten(0, steps)
             tokens = self.neck.merge(tokens) if self.neck is not None else tokens[:, 0]

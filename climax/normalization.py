@@ -80,7 +80,8 @@ def release_statistics(folder: str | Path) -> dict[str, tuple[float, float]]:
         for k in m.files:
             mean, std = np.asarray(m[k], np.float64).reshape(-1), np.asarray(s[k], np.float64).reshape(-1)
             if mean.size != 1 or std.size != 1:
-                raise ValueError(f"{paths[0]}: {k} holds {mean.size} values; expected one mean and one std per variable")
+                raise ValueError(f"{paths[0]}: {k} holds {mean.size} values; expected one mean and one std per "
+                                 "variable")
             out[NAME_ALIASES.get(k, k)] = (float(mean[0]), float(std[0]))
     return out
 
@@ -116,7 +117,8 @@ def apply_statistics(dataset, stats: Mapping[str, tuple[float, float]], source: 
     dataset.use_statistics(use)
     if diff:
         (warn or log.warning)(
-            f"warning: dataset {dataset.name} statistics differ by more than {tolerance * 100:g} % from those of {source} "
+            f"warning: dataset {dataset.name} statistics differ by more than {tolerance * 100:g} % from those of "
+            f"{source} "
             f"for {', '.join(diff)}; inputs are normalised with the checkpoint's (statistics=dataset uses the "
             "dataset's)")
     return diff

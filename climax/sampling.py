@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TimeAxis", "lead_hours", "not_step_multiples", "check_history", "history_rows", "ForecastSampler", "block_layout"]
+__all__ = ["TimeAxis", "lead_hours", "not_step_multiples", "check_history", "history_rows", "ForecastSampler",
+           "block_layout"]
 
 
 def not_step_multiples(hours: Sequence[float], step_hours: float) -> list[float]:
@@ -92,7 +93,8 @@ def lead_hours(min_hours: float, max_hours: float, step_hours: float) -> np.ndar
     return np.arange(min_hours, max_hours + step_hours / 2, step_hours)
 
 
-def check_history(hours: Sequence[float] | None, step_hours: float | None = None, what: str = "history_hours") -> list[float]:
+def check_history(hours: Sequence[float] | None, step_hours: float | None = None,
+                  what: str = "history_hours") -> list[float]:
     """History input times in hours relative to the initial time: each <= 0, strictly increasing (so
     unique and sorted, oldest first), ending at 0, and with ``step_hours`` multiples of the data's time
     step. None means [0] (one input time). Raises ValueError naming ``what``."""

@@ -120,7 +120,8 @@ def shard_schema(variables: Sequence[str], shape: Sequence[int], metadata: dict 
     return pa.schema(fields, metadata=meta)
 
 
-def table_from_arrays(times: np.ndarray | None, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> pa.Table:
+def table_from_arrays(times: np.ndarray | None, arrays: dict[str, np.ndarray],
+                      metadata: dict | None = None) -> pa.Table:
     """Build a shard table; ``times`` None gives a time-free table (constants, one row)."""
     first = next(iter(arrays.values()))
     shape = first.shape[-2:]
@@ -226,7 +227,7 @@ def read_climatology(root: str, variable: str, filesystem: Any = None, *, verify
     for rel in manifest.raw["climatology"]["parts"]:
         path, expected = f"{base}/{rel}", manifest.file_info(rel)
         if verify:
-            verify_sha256(path, expected, lambda: fs.open_input_stream(path))
+            verify_sha256(path, expected, lambda path=path: fs.open_input_stream(path))
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
             check_rows(path, pf.metadata.num_rows, expected)

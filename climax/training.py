@@ -39,8 +39,9 @@ from climax.metrics import lat_weighted_mse, lat_weights
 from climax.model import ClimaX
 from climax.storage import atomic_path
 
-__all__ = ["TrainState", "autocast", "forecast_loss", "rollout_loss", "rollout_feed", "optimizer_step", "batch_where", "train_step", "validate", "save_train_state", "load_train_state",
-           "read_train_state", "UnsafeCheckpointError", "freeze_backbone", "unwrap", "BACKBONE"]
+__all__ = ["TrainState", "autocast", "forecast_loss", "rollout_loss", "rollout_feed", "optimizer_step", "batch_where",
+           "train_step", "validate", "save_train_state", "load_train_state", "read_train_state",
+           "UnsafeCheckpointError", "freeze_backbone", "unwrap", "BACKBONE"]
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"

@@ -149,7 +149,8 @@ def parse_args(model: type[BaseModel], description: str, argv: list[str] | None 
             if not isinstance(cfg, dict):
                 fail(f"configuration file {path} must hold a mapping of keys, not a {type(cfg).__name__}")
     try:
-        config = validate(model, apply_overrides(cfg, args.overrides), source=f"configuration {args.config or ''}".strip())
+        config = validate(model, apply_overrides(cfg, args.overrides),
+                          source=f"configuration {args.config or ''}".strip())
     except ConfigError as e:
         fail(str(e))
     print("effective configuration:")

@@ -287,8 +287,8 @@ def initial_conditions(cfg: ForecastConfig, model, meta: dict):
         regrid = get_regridder(Grid(np.asarray(ds["lat"].values), np.asarray(ds["lon"].values)), Grid(lat, lon),
                                cfg.regrid)
     except RegridError as e:
-        raise ValueError(f"{src}: its {ds.sizes['lat']}x{ds.sizes['lon']} grid cannot give checkpoint {cfg.checkpoint}'s "
-                         f"{len(lat)}x{len(lon)} grid: {e}") from None
+        raise ValueError(f"{src}: its {ds.sizes['lat']}x{ds.sizes['lon']} grid cannot give checkpoint "
+                         f"{cfg.checkpoint}'s {len(lat)}x{len(lon)} grid: {e}") from None
     fields = np.empty((len(rows), len(in_vars), len(lat), len(lon)), dtype=np.float32)
     for j, v in enumerate(in_vars):
         if v == "latitude":
@@ -299,8 +299,8 @@ def initial_conditions(cfg: ForecastConfig, model, meta: dict):
         fields[:, j] = regrid(values)
     units = {v: parse_variable(v).units for v in [*in_vars, *out_vars]}
     step = float(np.median(np.diff(times)) / np.timedelta64(1, "h")) if len(times) > 1 else 6.0
-    log.info("initial conditions from %s: %d times, %s -> %dx%d (%s)", src, len(rows), tuple(ds["lat"].shape + ds["lon"].shape),
-             len(lat), len(lon), cfg.regrid)
+    log.info("initial conditions from %s: %d times, %s -> %dx%d (%s)", src, len(rows),
+             tuple(ds["lat"].shape + ds["lon"].shape), len(lat), len(lon), cfg.regrid)
     # the rows of the initial times among those read (all of them, in order, without history)
     init_index = np.searchsorted(times[rows], init_times) if len(history) > 1 else np.arange(len(rows))
     return (FieldDataset(fields, times[rows], in_vars, lat, lon, stats, constants=constants, units=units,

@@ -39,7 +39,8 @@ class ObjectiveSpec(_Strict):
     @model_validator(mode="after")
     def _check(self) -> ObjectiveSpec:
         if self.kind == "schedule" and self.masked_steps == 0:
-            raise ValueError("objective.kind=schedule needs objective.masked_steps > 0 (masked steps before forecasting)")
+            raise ValueError("objective.kind=schedule needs objective.masked_steps > 0 "
+                             "(masked steps before forecasting)")
         return self
 
     @property

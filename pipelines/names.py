@@ -206,7 +206,8 @@ def check_range(values: np.ndarray, name: str, source: str, times: list[str] | N
     raise ValueError(
         f"{source}: variable {name}{when} {found}, outside its physical range {valid[0]:g} .. {valid[1]:g} "
         f"{parse_variable(name).units}{more}: fill values without a _FillValue attribute or wrong units; fix the "
-        f"file, or for unusual data set {override_hint}: {{{name}: [min, max]}} (or null to skip the check) in the recipe")
+        f"file, or for unusual data set {override_hint}: {{{name}: [min, max]}} (or null to skip the check) "
+        "in the recipe")
 
 
 def level_name(base: str, level_hpa: float) -> str:

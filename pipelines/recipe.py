@@ -34,7 +34,8 @@ class SourceSpec(_Strict):
     path: str = Field(description="local, s3:// or gs:// glob, a WeatherBench folder, or a Zarr store")
     format: Literal["auto", "grib", "netcdf", "weatherbench", "climatebench", "zarr"] = "auto"
     member: int | None = Field(None, description="ensemble member to select, for files with several")
-    storage_options: dict = Field(default_factory=dict, description="s3fs or gcsfs options (endpoint_url, key, token, ...)")
+    storage_options: dict = Field(default_factory=dict,
+                                  description="s3fs or gcsfs options (endpoint_url, key, token, ...)")
 
 
 class GridSpec(_Strict):
@@ -48,8 +49,8 @@ class TimeSpec(_Strict):
     step: str = Field("1h", description="time step, e.g. 1h, 6h, 1D")
     missing: Literal["error", "allow"] = Field(
         "error", description="time steps the sources lack (a model calendar's absent days are not missing): "
-                             "error (stop, naming them) or allow (leave them out; the manifest lists the gaps and training skips "
-                             "the samples that need them)")
+                             "error (stop, naming them) or allow (leave them out; the manifest lists the gaps "
+                             "and training skips the samples that need them)")
 
     @field_validator("start", "end", mode="before")
     @classmethod
@@ -131,7 +132,8 @@ class Recipe(_Strict):
     output: str = Field(description="output folder or s3:// prefix")
     storage_options: dict = Field(default_factory=dict, description="s3fs options for the output")
     shard_bytes: int = Field(16 * 2**20, description="target uncompressed bytes per shard (bounds task memory)")
-    compression_level: int = Field(-1, description="zstd level of the shards (-1: fastest, about 1.3x level 1 at the same size on weather fields; 1-9: slower, at most a few % smaller)")
+    compression_level: int = Field(-1, description="zstd level of the shards (-1: fastest, about 1.3x level 1 at the "
+                                   "same size on weather fields; 1-9: slower, at most a few % smaller)")
     regrid_cache: str | None = Field(None, description="local folder caching regridding weights")
     max_task_mb: int = Field(
         768, ge=1, description="memory one build task may hold (MiB), decoding and regridding included; "

@@ -39,7 +39,8 @@ def _lightning(model, old_names=False):
     state = {}
     for k, v in model.state_dict().items():
         if old_names:
-            k = k.replace("var_embed", "channel_embed").replace("var_query", "channel_query").replace("var_agg", "channel_agg")
+            k = (k.replace("var_embed", "channel_embed").replace("var_query", "channel_query")
+                 .replace("var_agg", "channel_agg"))
         state["net." + k] = v
     state["climatology_buffer"] = torch.zeros(3)  # a non-net entry, as Lightning modules carry
     return {"state_dict": state, "epoch": 3, "global_step": 100, "pytorch-lightning_version": "1.9.0",

@@ -129,14 +129,16 @@ def test_normaliser_from_manifest(ds):
     mean, std = ds.normalizer(["orography", "2m_temperature"])
     assert mean.dtype == std.dtype == np.float32
     stats = ds.manifest.raw["statistics"]
-    assert mean[1] == pytest.approx(stats["2m_temperature"]["mean"]) and std[0] == pytest.approx(stats["orography"]["std"])
+    assert mean[1] == pytest.approx(stats["2m_temperature"]["mean"])
+    assert std[0] == pytest.approx(stats["orography"]["std"])
 
 
 def test_every_batch_is_the_normalised_raw_pair(ds, root):
     """A whole epoch: x at t and y at t + lead equal the raw shard rows, normalised with the manifest."""
     ld = loader(ds, batch_size=64)
     triples = ld.triples(0)
-    np.testing.assert_array_equal(triples, ForecastSampler(ds.axis("train"), [12, 24, 36, 48, 72], random_lead=True, seed=0).epoch(0))
+    np.testing.assert_array_equal(
+        triples, ForecastSampler(ds.axis("train"), [12, 24, 36, 48, 72], random_lead=True, seed=0).epoch(0))
     seen = 0
     for b in ld:
         assert isinstance(b, Batch) and b.dataset == "era5-test"
@@ -175,8 +177,8 @@ def test_pair_across_a_shard_boundary_equals_shard_rows(ds, root):
 
 def test_cache_modes_and_column_sets_agree(ds):
     """Resident rows, streamed super-batches, inputs and targets with different columns: same batches."""
-    kw = dict(in_vars=["orography", "temperature_850", "2m_temperature"], out_vars=["geopotential_500", "2m_temperature"],
-              batch_size=8, max_batches=12, superbatch_mb=0.05)
+    kw = dict(in_vars=["orography", "temperature_850", "2m_temperature"],
+              out_vars=["geopotential_500", "2m_temperature"], batch_size=8, max_batches=12, superbatch_mb=0.05)
     a = [b for e in (0, 1) for b in loader(ds, cache_mb=1024, **kw).iterate(e)]
     b = [b for e in (0, 1) for b in loader(ds, cache_mb=0, shuffle_mode="global", **kw).iterate(e)]
     assert len(a) == len(b) == 24
@@ -191,12 +193,16 @@ def test_cache_modes_and_column_sets_agree(ds):
         np.testing.assert_array_equal(p.x.numpy(), q.x.numpy())
         np.testing.assert_array_equal(p.y.numpy(), q.y.numpy())
     raw = ds.read("train", np.searchsorted(ds.axis("train").times, a[5].input_time), ["temperature_850"])
-    np.testing.assert_allclose(a[5].x[:, 1].numpy(), normalise(ds, raw, ["temperature_850"])[:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a[5].x[:, 1].numpy(), normalise(ds, raw, ["temperature_850"])[:, 0],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_same_seed_same_order_and_epochs_differ(ds):
     a, b = loader(ds, seed=7, max_batches=5), loader(ds, seed=7, max_batches=5)
-    order = lambda ld: np.concatenate([np.stack([x.input_time.astype(np.int64), x.lead_hours.numpy()], 1) for x in ld])
+
+    def order(ld):
+        return np.concatenate([np.stack([x.input_time.astype(np.int64), x.lead_hours.numpy()], 1) for x in ld])
+
     first = order(a)
     np.testing.assert_array_equal(first, order(b))
     np.testing.assert_array_equal(first, order(a))  # an epoch repeats until set_epoch
@@ -210,7 +216,8 @@ def test_ranks_get_disjoint_equal_parts(ds):
     parts = []
     for r in range(3):
         ld = loader(ds, rank=r, world_size=3, batch_size=32)
-        parts.append({(int(t), float(l)) for b in ld for t, l in zip(b.input_time.astype(np.int64), b.lead_hours.numpy())})
+        parts.append({(int(t), float(lead)) for b in ld
+                      for t, lead in zip(b.input_time.astype(np.int64), b.lead_hours.numpy())})
         assert len(parts[-1]) == len(ld) * 32
     assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
     evals = [loader(ds, rank=r, world_size=3, shuffle=False, random_lead=False, leads=[24], drop_last=False)
@@ -251,7 +258,10 @@ def test_climatology_lookup_and_fallbacks(ds, root):
     table = S.read_climatology(str(root), "temperature_850")
     doy, hour = table.column("dayofyear").to_numpy(), table.column("hour").to_numpy()
     clim = table.column("temperature_850").combine_chunks().to_numpy_ndarray()
-    row = lambda d, h: clim[int(np.flatnonzero((doy == d) & (hour == h))[0])]
+
+    def row(d, h):
+        return clim[int(np.flatnonzero((doy == d) & (hour == h))[0])]
+
     assert not np.any(doy == 366)  # the training year 2014 has no day 366
     np.testing.assert_array_equal(got[0, 0], row(60, 12))  # 1 March 2014
     np.testing.assert_array_equal(got[1, 0], row(60, 0))  # 29 February: day 60, as the build counts
@@ -345,7 +355,8 @@ def test_s3_dataset_reads_like_local(ds, root, moto_s3):
 
 # ----------------------------------------------------------------------------- block shuffle
 def pairs_of(batches) -> list[tuple[int, float]]:
-    return [(int(t), float(l)) for b in batches for t, l in zip(b.input_time.astype(np.int64), b.lead_hours.numpy())]
+    return [(int(t), float(lead)) for b in batches
+            for t, lead in zip(b.input_time.astype(np.int64), b.lead_hours.numpy())]
 
 
 def test_block_shuffle_is_the_default_when_rows_do_not_fit(ds):

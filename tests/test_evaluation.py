@@ -190,12 +190,12 @@ def test_direct_and_rollout_match_the_model_by_hand(mem, model):
             state[:, 1:] = pred  # constants stay, outputs fed back
             y = torch.from_numpy(mem.read("test", inits + k, OUT)).double()
             row = df[(df.method == "rollout") & (df.lead_hours == 6 * k)]
-            np.testing.assert_allclose(row.rmse_sample_mean, lat_weighted_rmse(_denorm(mem, pred, OUT).double(), y, lat),
-                                       rtol=1e-4)
+            np.testing.assert_allclose(row.rmse_sample_mean,
+                                       lat_weighted_rmse(_denorm(mem, pred, OUT).double(), y, lat), rtol=1e-4)
             direct = model(x, torch.full((len(x),), 6.0 * k), IN, OUT)
             row = df[(df.method == "direct") & (df.lead_hours == 6 * k)]
-            np.testing.assert_allclose(row.rmse_sample_mean, lat_weighted_rmse(_denorm(mem, direct, OUT).double(), y, lat),
-                                       rtol=1e-4)
+            np.testing.assert_allclose(row.rmse_sample_mean,
+                                       lat_weighted_rmse(_denorm(mem, direct, OUT).double(), y, lat), rtol=1e-4)
     one = df[df.lead_hours == 6].set_index(["method", "variable"])
     np.testing.assert_allclose(one.loc["direct"].rmse, one.loc["rollout"].rmse, rtol=1e-6)
     assert model.training is False
@@ -371,8 +371,9 @@ def test_known_forecasts_on_the_pipeline_climatology(dataset):
     direct = truth[truth.method == "direct"]
     np.testing.assert_array_equal(direct.rmse, 0.0)
     np.testing.assert_allclose(direct.acc, 1.0, atol=1e-9)
-    clim = evaluate_model(None, dataset, "test", SHARD_VARS, SHARD_OUT, leads, forecast_fn=lambda r: dataset.climatology(
-        r.out_vars, r.valid_time), max_samples=20, progress=False)
+    clim = evaluate_model(None, dataset, "test", SHARD_VARS, SHARD_OUT, leads,
+                          forecast_fn=lambda r: dataset.climatology(r.out_vars, r.valid_time), max_samples=20,
+                          progress=False)
     direct = clim[clim.method == "direct"]
     np.testing.assert_array_equal(direct.acc, 0.0)
     assert (direct.rmse > 0).all() and np.isfinite(direct.rmse).all()
@@ -411,7 +412,8 @@ def test_evaluate_job_writes_tables_and_plots(shards, dataset, checkpoint, tmp_p
     n_regions = len(df.attrs["regions"])
     assert set(csv.region) == set(df.attrs["regions"]) and "global" in set(csv.region)
     assert (csv.rmse >= csv.rmse_sample_mean * (1 - 1e-12)).all()
-    assert len(csv) == 4 * 3 * len(SHARD_OUT) * n_regions and set(csv.method) == {"direct", "rollout", "persistence", "climatology"}
+    assert len(csv) == 4 * 3 * len(SHARD_OUT) * n_regions
+    assert set(csv.method) == {"direct", "rollout", "persistence", "climatology"}
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["samples"] == 12 and len(doc["metrics"]) == len(csv) and doc["out_vars"] == SHARD_OUT
     np.testing.assert_allclose(csv.rmse, df.rmse)
@@ -448,7 +450,8 @@ def test_evaluate_job_on_a_region(shards, checkpoint, tmp_path, capsys):
     cfg = _write_yaml(tmp_path / "evaluate.yaml", {"checkpoint": str(checkpoint), "data": str(shards)})
     df = evaluate.main([cfg, "leads=[12]", "rollout_step=null", "max_samples=4", "region=Europe",
                         f"output={tmp_path / 'eu'}", "progress=false", "out_vars=[2m_temperature]"])
-    assert set(df.method) == {"direct", "persistence", "climatology"} and list(df.variable.unique()) == ["2m_temperature"]
+    assert set(df.method) == {"direct", "persistence", "climatology"}
+    assert list(df.variable.unique()) == ["2m_temperature"]
     assert (tmp_path / "eu" / "maps_2m_temperature.png").is_file()
 
 

@@ -141,8 +141,8 @@ def test_missing_variable_statistics_grid_and_time_say_what(grib, trained, tmp_p
                                                 for v in IN})
     np.savez(release / "normalize_std.npz", **{("lattitude" if v == "latitude" else v): np.array([stats[v]["std"]])
                                                for v in IN})
-    out = forecast.main([f"checkpoint={tmp_path / 'bare'}", f"init_file={grib}", "leads=[6]", f"ckpt_statistics={release}",
-                         f"output={tmp_path / 'bare.nc'}", "progress=false"])
+    out = forecast.main([f"checkpoint={tmp_path / 'bare'}", f"init_file={grib}", "leads=[6]",
+                         f"ckpt_statistics={release}", f"output={tmp_path / 'bare.nc'}", "progress=false"])
     assert out == str(tmp_path / "bare.nc")
     # a regional analysis cannot cover the checkpoint's global grid
     europe = shared_data / "era5" / "era5-single-level-scalar-time.grib"

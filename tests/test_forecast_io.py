@@ -73,7 +73,8 @@ def test_zarr_in_wb2_layout_scores_like_wb2(tmp_path):
     f = fc["temperature"].sel(prediction_timedelta=lead, level=850)
     f = f.assign_coords(time=f["time"] + lead)  # WB2 by valid time
     t = truth["temperature"].sel(time=f["time"], level=850)
-    mse = ((f.astype("float64") - t.astype("float64")) ** 2).weighted(weights).mean(["latitude", "longitude"])  # WB2's MSE per time
+    # WB2's MSE per time
+    mse = ((f.astype("float64") - t.astype("float64")) ** 2).weighted(weights).mean(["latitude", "longitude"])
     wb2_rmse = float(np.sqrt(mse.mean("time")))
 
     # ours: ScoreSums on the original (north-first) arrays

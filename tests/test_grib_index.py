@@ -133,7 +133,7 @@ def test_gfs_multi_field_messages(shared_data):
 def _match_cfgrib(cand, datasets):
     attrs = cand.data.attrs
     for ds in datasets:
-        for name, da in ds.data_vars.items():
+        for da in ds.data_vars.values():
             if (da.attrs.get("GRIB_shortName") == attrs["GRIB_shortName"]
                     and da.attrs.get("GRIB_typeOfLevel") == attrs["GRIB_typeOfLevel"]
                     and da.attrs.get("GRIB_stepType") == attrs["GRIB_stepType"]):
@@ -264,7 +264,7 @@ def test_cache_round_trip_and_rebuild(small, tmp_path, monkeypatch, shared_data)
         GI.clear_memory_cache()
         built = []
         real = GI.build_index
-        monkeypatch.setattr(GI, "build_index", lambda p: built.append(p) or real(p))
+        monkeypatch.setattr(GI, "build_index", lambda p, built=built, real=real: built.append(p) or real(p))
         again = GI.get_index(str(path))
         assert built == [] and again is not first  # from disk
         _same(first, again)

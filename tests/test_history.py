@@ -192,7 +192,8 @@ def test_projection_uses_the_shared_neck_and_loads_its_old_names():
     assert isinstance(model.neck, TimeNeck) and not model.neck.residual
     old = {}
     for k, v in model.state_dict().items():  # the names before the neck was shared
-        k = k.replace("neck.embed", "time_pos_embed").replace("neck.query", "time_query").replace("neck.attn.", "time_agg.")
+        k = (k.replace("neck.embed", "time_pos_embed").replace("neck.query", "time_query")
+             .replace("neck.attn.", "time_agg."))
         old[k] = v.clone() + 1
     fresh = ProjectionModel(ClimaX(["CO2", "SO2"], img_size=(H, W), **TINY), ["tas"], history=4)
     fresh.load_state_dict(old, strict=True)

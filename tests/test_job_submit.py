@@ -112,7 +112,8 @@ def head():
         deadline = time.time() + 120
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}:\n{(Path(temp_dir) / 'ray-start.log').read_text()}")
+                log_text = (Path(temp_dir) / "ray-start.log").read_text()
+                pytest.fail(f"ray start exited with {proc.returncode}:\n{log_text}")
             try:
                 JobSubmissionClient(address).list_jobs()
                 break

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 REPORT = {"epoch": 1, "step": 5, "train_loss": 0.5, "lr": 1e-3, "samples_per_s": 12.0, "restarts": 0,
-          "val_loss": 0.4, "val_rmse": 0.9, "val_rmse/2m_temperature@6h": 1.25, "val_persistence_rmse/2m_temperature@6h": 2.0}
+          "val_loss": 0.4, "val_rmse": 0.9, "val_rmse/2m_temperature@6h": 1.25,
+          "val_persistence_rmse/2m_temperature@6h": 2.0}
 
 
 def read_tensorboard_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:

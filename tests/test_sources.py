@@ -126,7 +126,8 @@ def test_ecmwf_grib2_forecasts_flatten_to_valid_times(shared_data):
     ds = open_source(str(path))
     check_contract(ds)
     assert ds.sizes == {"time": 8, "lat": 19, "lon": 36}
-    expected = np.arange(np.datetime64("2024-06-03T00"), np.datetime64("2024-06-05T00"), np.timedelta64(6, "h")).astype("datetime64[ns]")
+    expected = np.arange(np.datetime64("2024-06-03T00"), np.datetime64("2024-06-05T00"),
+                         np.timedelta64(6, "h")).astype("datetime64[ns]")
     np.testing.assert_array_equal(ds.time.values, expected)
     levels = (1000, 850, 700, 500, 400, 300)
     for base in ("geopotential", "temperature", "u_component_of_wind", "v_component_of_wind",
@@ -476,7 +477,8 @@ def make_weatherbench(root):
     lat = np.linspace(-87.1875, 87.1875, 4)
     lon = np.arange(0, 360, 45.0)
     for year in (2015, 2016):
-        times = np.arange(np.datetime64(f"{year}-01-01T00"), np.datetime64(f"{year}-01-01T12"), np.timedelta64(3, "h")).astype("datetime64[ns]")
+        times = np.arange(np.datetime64(f"{year}-01-01T00"), np.datetime64(f"{year}-01-01T12"),
+                          np.timedelta64(3, "h")).astype("datetime64[ns]")
         n = len(times)
         val = (year - 2015) * 100 + np.arange(n)[:, None, None] + np.zeros((n, 4, 8))
         folder = root / "2m_temperature"

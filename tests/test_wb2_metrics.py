@@ -100,8 +100,8 @@ def test_scores_match_wb2_formulas_per_region(name, lat_slices, lon_slices):
     s = sums.merge(rest).scores()  # ... merged: exactly one pass
     region = dict(lat_slices=lat_slices, lon_slices=lon_slices)
     np.testing.assert_allclose(s["rmse"][:, 0], wb2_rmse(fc, truth, lat, lon, **region), rtol=1e-6)
-    np.testing.assert_allclose(s["rmse_sample_mean"][:, 0], wb2_rmse_sqrt_before_time_avg(fc, truth, lat, lon, **region),
-                               rtol=1e-6)
+    np.testing.assert_allclose(s["rmse_sample_mean"][:, 0],
+                               wb2_rmse_sqrt_before_time_avg(fc, truth, lat, lon, **region), rtol=1e-6)
     np.testing.assert_allclose(s["bias"][:, 0], wb2_bias(fc, truth, lat, lon, **region), rtol=1e-6, atol=1e-9)
     assert (s["rmse"] >= s["rmse_sample_mean"]).all()
 

@@ -197,7 +197,8 @@ class ForecastTask(Task):
                 f"{f', region {region.name} {region.shape}' if region else ''}; {w.world} worker(s) on {w.device}; "
                 f"{loaders.steps_per_epoch} steps per epoch x {cfg.train.epochs} epochs, batch {cfg.data.batch_size} "
                 "per worker" + (f"; rollout finetuning: {self.rollout_steps} steps at {cfg.data.leads.hours[0]:g} h"
-                                f"{f', input detached every {cfg.train.rollout_truncate} step(s)' if cfg.train.rollout_truncate else ''}"
+                                + (f", input detached every {cfg.train.rollout_truncate} step(s)"
+                                   if cfg.train.rollout_truncate else "")
                                 if self.rollout_steps > 1 else ""))
 
     # ------------------------------------------------------------------ steps
@@ -223,7 +224,8 @@ class ForecastTask(Task):
         metrics: dict[str, float] = {}
         val_losses = []
         for hours, vl in val.items():
-            res = validate(model, vl, self.lat, mean, std, self.val_out, device, bf16=cfg.train.bf16, region=self.region)
+            res = validate(model, vl, self.lat, mean, std, self.val_out, device, bf16=cfg.train.bf16,
+                           region=self.region)
             val_losses.append(res["val_loss"])
             for k, v in res.items():
                 if k.startswith("val_rmse/") or k.startswith("val_persistence_rmse/"):

@@ -86,8 +86,8 @@ def variables(cfg, dataset) -> tuple[list[str], list[str]]:
     missing = [v for v in in_vars + out_vars if v not in have]
     if missing or not in_vars or not out_vars:
         raise ValueError(f"dataset {dataset.name!r} ({dataset.root}) lacks {missing or 'forcings or targets'}; it has "
-                         f"{sorted(have)}. A projection run needs ClimateBench shards (configs/recipes/climatebench.yaml) "
-                         "or data.in_vars / data.out_vars that the dataset has")
+                         f"{sorted(have)}. A projection run needs ClimateBench shards "
+                         "(configs/recipes/climatebench.yaml) or data.in_vars / data.out_vars that the dataset has")
     return in_vars, out_vars
 
 
@@ -315,8 +315,9 @@ class ProjectionTask(Task):
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return (f"projection: {self.in_vars} -> {self.out_vars} on {list(self.grid)}, {spec.history}-year windows; "
                 f"{len(self.train_samples)} training / {len(self.val_samples)} validation windows from "
-                f"{', '.join(s.name for s in self.scenarios)}; {n_params / 1e6:.2f} M parameters ({n_train / 1e6:.2f} M "
-                f"trained, {len(self.frozen)} tensors frozen); {w.world} worker(s) on {w.device}; "
+                f"{', '.join(s.name for s in self.scenarios)}; {n_params / 1e6:.2f} M parameters "
+                f"({n_train / 1e6:.2f} M trained, {len(self.frozen)} tensors frozen); "
+                f"{w.world} worker(s) on {w.device}; "
                 f"{loaders.steps_per_epoch} steps per epoch x {cfg.train.epochs} epochs, batch {cfg.data.batch_size} "
                 "per worker")
 
@@ -376,8 +377,9 @@ def evaluate(checkpoint: str | Path, test_root: str, train_roots: list[str], out
     test = load_scenario(test_ds, in_vars, out_vars)
     targets = window_targets(test.years, history, first=test_years[0], last=test_years[1])
     if not len(targets):
-        raise ValueError(f"test dataset {test_root} has no {history}-year window ending in {test_years[0]}..{test_years[1]} "
-                         f"(its years: {test.years[0]}..{test.years[-1]}); check projection.test_years")
+        raise ValueError(f"test dataset {test_root} has no {history}-year window ending in "
+                         f"{test_years[0]}..{test_years[1]} (its years: {test.years[0]}..{test.years[-1]}); "
+                         "check projection.test_years")
     xw = windows(test.x, targets, history)
     truth = test.y[targets]
     pred = predict(model, xw, in_vars, xnorm, ynorm)

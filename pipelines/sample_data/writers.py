@@ -206,7 +206,8 @@ def _wb2_dataset(times, lat, lon, data: dict, parsed: dict, model, seed: int, *,
         levels = sorted(lev for (b, lev) in parsed.values() if b == base)
         if levels:
             arr = np.stack([data[f"{base}_{lev}"][:, flip] for lev in levels], axis=1)
-            out[base] = (("time", "level", "latitude", "longitude"), arr, {"units": _WB2_UNITS[base], "long_name": base})
+            out[base] = (("time", "level", "latitude", "longitude"), arr,
+                         {"units": _WB2_UNITS[base], "long_name": base})
     if constants:
         if "land_sea_mask" in parsed:
             out["land_sea_mask"] = (dims[1:], model.lsm[flip].astype(np.float32), {"units": "(0 - 1)"})

@@ -74,8 +74,8 @@ class GribIndex:
     ``kind``: the row of ``kinds`` (shortName, paramId, cfVarName, units, typeOfLevel, level,
     number (None when not defined), stepType, stepRange, edition, grid); ``ref_time`` and
     ``valid_time``: int64 ns since 1970 (forecast base time, and base time + step).
-    ``grids``: descriptors (:data:`~pipelines.sources.grib_codes.GRID_KEYS`) with ``lat``/``lon`` 1-D coordinate arrays in the
-    order of the data (for regular_ll / regular_gg grids).
+    ``grids``: descriptors (:data:`~pipelines.sources.grib_codes.GRID_KEYS`) with ``lat``/``lon`` 1-D coordinate
+    arrays in the order of the data (for regular_ll / regular_gg grids).
     """
 
     path: str
@@ -454,7 +454,7 @@ class GribArray(BackendArray):
             ranges += list(self._parts[e]) if e in self._parts else [(off, n)]
         data = iter(streaming.read_ranges(fs, p, ranges, self.path, self._storage_options))
         done: dict[int, np.ndarray] = {}
-        for e, (off, n) in order.items():
+        for e, (off, _n) in order.items():
             if e in self._parts:
                 chunks = [next(data) for _ in self._parts[e]]
                 total = sum(len(c) for c in chunks) + 4

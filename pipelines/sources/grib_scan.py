@@ -204,7 +204,7 @@ class Scanner:
         if p != end or not fields:
             raise _corrupt(self.path, f"GRIB 2 message at byte {o} has no data section")
         discipline = mm[o + 6]
-        for fi, secs in enumerate(fields):
+        for secs in fields:
             s1p, s1l = secs[1]
             s1 = mm[s1p:s1p + s1l]
             if s1l < 21:
@@ -218,12 +218,16 @@ class Scanner:
             raw_ref = bytes(s1[12:18])
             if len(fields) == 1:
                 part = -1
-                buf_fn = (lambda o=o, length=length: mm[o:o + length])
+
+                def buf_fn(o=o, length=length):
+                    return mm[o:o + length]
             else:
                 ranges = [(o, 16)] + [secs[k] for k in (1, 2, 3, 4, 5, 6, 7) if k in secs]
                 part = len(self.parts)
                 self.parts.append(ranges)
-                buf_fn = (lambda ranges=ranges: assemble_parts(_MMFile(mm), ranges))
+
+                def buf_fn(ranges=ranges):
+                    return assemble_parts(_MMFile(mm), ranges)
             self._add(o, length, part, sig, buf_fn, raw_ref, _parse_g2_ref, cacheable=cacheable)
 
 
