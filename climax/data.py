@@ -4,7 +4,8 @@
   time steps by index, statistics, climatology, time mean.
 * ``ForecastLoader``: (x at t, y at t + lead) batches of one split for one rank, in the order of
   ``climax.sampling.ForecastSampler`` (the one home of lead-time sampling), read in the background.
-* ``MixedLoader``: several ``ForecastLoader`` (e.g. five CMIP6 datasets) mixed by weight.
+* ``MixedLoader`` (``climax.mixing``, re-exported here): several ``ForecastLoader`` (e.g. five
+  CMIP6 datasets) mixed by weight.
 
 How a ``ForecastLoader`` reads (``docs/design.md``, "Training data"): it takes the next k batches of
 its epoch's triples (a "super-batch"; k starts at 1 so that the first batch comes quickly, then
@@ -23,10 +24,9 @@ block), so each row is decoded about once per epoch instead of about twice with 
 a batch that straddles two windows is assembled from both. ``loader.stats`` counts the rows
 decoded and the samples yielded.
 
-It stays one module (about 600 lines): ``ForecastLoader`` is one class (about 420 of them) whose
+It stays one module (about 560 lines): ``ForecastLoader`` is one class (about 420 of them) whose
 plan, buffers, cache and two threads share its state, and splitting it would pass that state across
-modules; ``Batch``, the queue helpers and ``MixedLoader`` are the small pieces only it and its
-callers use.
+modules; ``Batch`` and the queue helpers are the small pieces only it and its callers use.
 
 Imports neither Ray nor ``pipelines``.
 """
@@ -47,6 +47,7 @@ import torch
 
 # the dataset's home is climax.dataset; these names stay importable from here
 from climax.dataset import ShardDataset, ShardReadError, tensor_column  # noqa: F401
+from climax.mixing import MixedLoader  # noqa: F401  (its home is climax.mixing)
 from climax.regions import Region
 from climax.sampling import ForecastSampler, block_layout, check_history, not_step_multiples
 
@@ -560,71 +561,3 @@ class ForecastLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iterate(self.epoch)
-
-
-class MixedLoader:
-    """Several ForecastLoaders (e.g. five CMIP6 datasets) mixed by weight in one run.
-
-    Each step draws which loader gives the batch from ``rng(seed, epoch)``: the same draw on every
-    rank, so DDP ranks use the same variable set each step. Each loader's batches form one endless
-    stream over its own epochs 0, 1, 2, ...; a loader that runs out restarts on its next epoch, and
-    where a mixed epoch starts in each stream follows from the draws of the earlier epochs, so
-    ``set_epoch`` resumes exactly. ``weights`` default to the loaders' lengths (each loader then
-    passes through about one of its epochs per mixed epoch).
-    """
-
-    def __init__(self, loaders: Sequence[ForecastLoader], weights: Sequence[float] | None = None, seed: int = 0):
-        self.loaders = list(loaders)
-        if not self.loaders:
-            raise ValueError("MixedLoader needs at least one loader")
-        self.lengths = [len(ld) for ld in self.loaders]
-        empty = [ld.dataset.name for ld, n in zip(self.loaders, self.lengths) if n == 0]
-        if empty:
-            raise ValueError(f"loader(s) of {empty} have no batch in an epoch")
-        w = np.asarray(self.lengths if weights is None else weights, dtype=np.float64)
-        if w.shape != (len(self.loaders),) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"weights must be {len(self.loaders)} non-negative numbers, not all zero; got {weights}")
-        self.weights = w / w.sum()
-        self.seed, self.epoch = seed, 0
-        self._consumed: dict[int, np.ndarray] = {0: np.zeros(len(self.loaders), np.int64)}
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return sum(self.lengths)
-
-    def draws(self, epoch: int) -> np.ndarray:
-        """Which loader gives each step of ``epoch`` (the same on every rank)."""
-        return np.random.default_rng([self.seed, epoch]).choice(len(self.loaders), size=len(self), p=self.weights)
-
-    def _start(self, epoch: int) -> np.ndarray:
-        """Batches each loader's stream gave before ``epoch``."""
-        e = max(k for k in self._consumed if k <= epoch)
-        acc = self._consumed[e].copy()
-        for k in range(e, epoch):
-            acc += np.bincount(self.draws(k), minlength=len(self.loaders))
-            self._consumed[k + 1] = acc.copy()
-        return acc
-
-    def __iter__(self) -> Iterator[Batch]:
-        draws = self.draws(self.epoch)
-        pos = self._start(self.epoch)
-        iters: list[Iterator[Batch] | None] = [None] * len(self.loaders)
-        try:
-            for i in draws:
-                while True:
-                    if iters[i] is None:
-                        ep, off = divmod(int(pos[i]), self.lengths[i])
-                        iters[i] = self.loaders[i].iterate(ep, off)
-                    batch = next(iters[i], None)
-                    if batch is not None:
-                        break
-                    iters[i] = None  # this loader's epoch ended: the next one starts
-                    pos[i] = -(-pos[i] // self.lengths[i]) * self.lengths[i]
-                pos[i] += 1
-                yield batch
-        finally:
-            for it in iters:
-                if it is not None:
-                    it.close()

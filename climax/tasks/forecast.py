@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from climax.checkpoint import load_checkpoint, read_checkpoint
-from climax.data import ForecastLoader, MixedLoader, ShardDataset
+from climax.data import ForecastLoader, ShardDataset
 from climax.loop import Loaders
 from climax.masking import MaskedAutoencoder, MaskedObjective, attach_decoder, step_generator, validate_masked
+from climax.mixing import MixedLoader
 from climax.model import ClimaX
 from climax.normalization import apply_statistics, checkpoint_record, checkpoint_statistics, release_statistics
 from climax.regions import Region
